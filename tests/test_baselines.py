@@ -1,0 +1,113 @@
+"""Baselines (Grad-CAM, occlusion, LIME, RISE, gradient) behind explain(): shapes and sanity."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from retina_fgvis.baselines import (
+    BASELINES,
+    _WeightedRidge,
+    explain,
+    find_last_spatial_layer,
+    restrict_to_fov,
+    rise_masks,
+)
+
+torch.set_num_threads(1)
+
+
+def tiny_cnn() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 6, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(6, 8, 3, padding=1), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 3),
+    ).eval()
+
+
+FAST = {
+    "gradcam": {},
+    "occlusion": {"window": 8, "stride": 8},
+    "lime": {"n_samples": 40, "n_segments": 10},
+    "rise": {"n_masks": 32, "grid": 4, "batch_size": 16},
+    "gradient": {},
+}
+
+
+@pytest.mark.parametrize("method", BASELINES)
+def test_baseline_shapes(method):
+    model = tiny_cnn()
+    x = torch.randn(2, 3, 32, 24)
+    imp = explain(method, model, x, torch.tensor([0, 2]), **FAST[method])
+    assert imp.shape == (2, 32, 24)
+    assert imp.dtype == torch.float32 and imp.device.type == "cpu"
+    assert torch.isfinite(imp).all()
+    # single int target broadcasts
+    assert explain(method, model, x[:1], 1, **FAST[method]).shape == (1, 32, 24)
+
+
+def test_gradcam_layer_is_last_conv_stage():
+    model = tiny_cnn()
+    layer = find_last_spatial_layer(model, torch.randn(1, 3, 16, 16))
+    assert layer is model[4]  # ReLU after the second conv, before global pooling
+
+
+def test_rise_and_lime_are_deterministic():
+    model = tiny_cnn()
+    x = torch.randn(1, 3, 16, 16)
+    for m in ("rise", "lime"):
+        a = explain(m, model, x, 0, **FAST[m])
+        b = explain(m, model, x, 0, **FAST[m])
+        assert torch.equal(a, b), m
+
+
+def test_rise_masks_range_and_shape():
+    g = torch.Generator().manual_seed(0)
+    m = rise_masks(10, (20, 13), grid=5, p=0.5, generator=g)
+    assert m.shape == (10, 20, 13)
+    assert m.min() >= 0 and m.max() <= 1
+    assert 0.2 < m.mean() < 0.8
+
+
+def test_occlusion_finds_the_evidence():
+    # The model looks only at the top-left 8x8 corner: occlusion must rank it first.
+    class Corner(nn.Module):
+        def forward(self, x):
+            s = x[:, :, :8, :8].sum(dim=(1, 2, 3))
+            return torch.stack([torch.zeros_like(s), s], dim=1)
+
+    x = torch.ones(1, 3, 32, 32) * 0.05
+    imp = explain("occlusion", Corner(), x, 1, window=8, stride=8)
+    assert imp[0, :8, :8].min() > imp[0, 8:, 8:].max()
+
+
+def test_weighted_ridge_recovers_linear_function():
+    g = torch.Generator().manual_seed(0)
+    X = (torch.rand(200, 5, generator=g) < 0.5).float()
+    coef = torch.tensor([1.0, -2.0, 0.5, 0.0, 3.0])
+    y = X @ coef + 0.7
+    w = torch.rand(200, generator=g) + 0.5
+    r = _WeightedRidge(alpha=1e-6)
+    r.fit([(X, y, w)])
+    assert torch.allclose(r.representation()[0], coef, atol=1e-4)
+    assert torch.allclose(r(X), y, atol=1e-4)
+
+
+def test_fov_restriction_puts_outside_last():
+    imp = torch.tensor([[[5.0, -3.0], [2.0, 9.0]]])
+    fov = torch.tensor([[[True, True], [True, False]]])
+    out = restrict_to_fov(imp, fov)
+    assert out[0, 1, 1] < out[0][fov[0]].min()
+    assert torch.equal(out[0][fov[0]], imp[0][fov[0]])
+    model = tiny_cnn()
+    x = torch.randn(1, 3, 16, 16)
+    fov = torch.zeros(1, 16, 16, dtype=torch.bool)
+    fov[:, 4:12, 4:12] = True
+    imp = explain("gradient", model, x, 0, fov_mask=fov)
+    assert imp[0][~fov[0]].max() < imp[0][fov[0]].min()
+
+
+def test_unknown_method():
+    with pytest.raises(ValueError, match="unknown method"):
+        explain("bogus", tiny_cnn(), torch.zeros(1, 3, 8, 8), 0)
