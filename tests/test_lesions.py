@@ -1,0 +1,99 @@
+"""Region finding on a synthetic phantom with planted blobs, plus the overlay drawer."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from skimage.morphology import disk
+
+from retina_fgvis.lesions import LesionRegion, RegionSettings, find_regions, flag_pixels, regions_table
+from retina_fgvis.report.overlay import GT_COLORS, draw_overlay
+
+H, W = 120, 160
+
+
+def _phantom():
+    yy, xx = np.mgrid[:H, :W]
+    fov = (yy - 60) ** 2 + (xx - 80) ** 2 <= 55 ** 2
+    rgb = np.zeros((H, W, 3), np.uint8)
+    rgb[fov] = (180, 90, 40)
+    imp = np.full((H, W), 0.3, np.float32)            # diffuse, below threshold
+    blob = np.zeros((H, W), bool)
+    blob[35:46, 45:56] = disk(5).astype(bool)          # red lesion: 81 px, importance .9
+    rgb[blob] = (110, 40, 20)
+    imp[blob] = 0.9
+    rgb[80:88, 100:110] = (240, 220, 120)              # bright lesion: 8 x 10 = 80 px, .7
+    imp[80:88, 100:110] = 0.7
+    imp[60:62, 30:32] = 0.95                           # 4-px speck: below min_area
+    imp[0:10, 0:10] = 1.0                              # outside the FOV: ignored
+    return imp, fov, rgb
+
+
+def test_phantom_regions():
+    imp, fov, rgb = _phantom()
+    labels, regions = find_regions(imp, fov, rgb)
+    assert labels.dtype == np.int32 and labels.shape == (H, W)
+    assert len(regions) == 2
+    red, bright = regions                               # ordered by mean importance
+    assert (red.id, red.kind, red.area, red.bbox) == (1, "red", 81, (35, 45, 46, 56))
+    assert red.centroid == pytest.approx((40.0, 50.0))
+    assert red.mean_importance == pytest.approx(0.9)
+    assert red.mean_rgb == pytest.approx((110, 40, 20))
+    assert red.contrast == pytest.approx((40 - 90) / 90)
+    assert (bright.id, bright.kind, bright.area, bright.bbox) == (2, "bright", 80, (80, 100, 88, 110))
+    assert bright.centroid == pytest.approx((83.5, 104.5))
+    assert set(np.unique(labels)) == {0, 1, 2}
+    assert (labels == 1).sum() == 81 and (labels[0:10, 0:10] == 0).all()
+    assert list(regions_table(regions).columns[:2]) == ["id", "row0"]
+
+
+def test_threshold_and_area_cap():
+    imp, fov, rgb = _phantom()
+    # absolute level .8: only the disk (and the speck, dropped by min_area)
+    _, regions = find_regions(imp, fov, rgb, RegionSettings(threshold=0.8))
+    assert [r.area for r in regions] == [81]
+    # area cap: budget of 85 FOV pixels keeps the top 85 = speck (4 x .95) + disk (81 x .9)
+    frac = 85.5 / fov.sum()
+    flagged = flag_pixels(imp, fov, RegionSettings(max_fov_fraction=frac))
+    assert flagged.sum() == 85
+    _, regions = find_regions(imp, fov, rgb, RegionSettings(max_fov_fraction=frac))
+    assert [(r.area, r.kind) for r in regions] == [(81, "red")]
+    # no cap: 0.3 everywhere is still below the .5 level
+    assert flag_pixels(imp, fov, RegionSettings(max_fov_fraction=1.0)).sum() == 81 + 80 + 4
+
+
+def test_closing_merges_fragments():
+    imp = np.zeros((40, 40), np.float32)
+    imp[10:14, 10:14] = 1.0
+    imp[10:14, 15:19] = 1.0                             # one-pixel gap at col 14
+    fov = np.ones((40, 40), bool)
+    rgb = np.full((40, 40, 3), 100, np.uint8)
+    s = RegionSettings(max_fov_fraction=1.0, min_area=4)
+    assert len(find_regions(imp, fov, rgb, s)[1]) == 1
+    assert len(find_regions(imp, fov, rgb, s.replace(closing_radius=0))[1]) == 2
+
+
+def test_bad_inputs():
+    imp, fov, rgb = _phantom()
+    with pytest.raises(ValueError, match="fov shape"):
+        find_regions(imp, fov[:-1], rgb)
+    with pytest.raises(ValueError):
+        RegionSettings(max_fov_fraction=0)
+    labels, regions = find_regions(np.zeros_like(imp), fov, rgb)
+    assert regions == [] and labels.max() == 0
+
+
+def test_overlay():
+    imp, fov, rgb = _phantom()
+    labels, regions = find_regions(imp, fov, rgb)
+    gt = np.zeros((H, W), bool)
+    gt[30:50, 40:60] = True
+    before = rgb.copy()
+    out = draw_overlay(rgb, labels, {"H": gt}, regions=regions, legend=False, caption=None, thickness=1)
+    assert out.shape == rgb.shape and out.dtype == np.uint8
+    assert np.array_equal(rgb, before)                  # input untouched
+    assert tuple(out[30, 50]) == GT_COLORS["H"]         # GT outline (top edge)
+    assert not np.array_equal(out[40, 50], rgb[40, 50])  # region filled
+    assert np.array_equal(out[100, 20], rgb[100, 20])   # elsewhere unchanged
+    boxes = draw_overlay(rgb, regions, None, legend=True)
+    assert boxes.shape == rgb.shape and not np.array_equal(boxes, rgb)
+    assert isinstance(regions[0], LesionRegion)
