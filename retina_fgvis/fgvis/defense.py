@@ -1,0 +1,304 @@
+"""FGVis adversarial defence (Wagner et al. 2019, §3.2, Eq. 4-6) for any CNN.
+
+Why per *call* and not per module: ResNet reuses one in-place ``nn.ReLU`` module three times
+per block (17 modules, 49 calls per forward pass) and DenseNet/GoogLeNet call ``F.relu``
+directly. Bounds recorded per module silently mix activations of different layers; bounds
+recorded per call in call order are exact.
+
+How calls are caught: a :class:`torch.overrides.TorchFunctionMode` sees every Python-level
+call of ``torch.relu``, ``F.relu``, ``Tensor.relu_``, ``F.hardtanh`` (``nn.ReLU6``), ... no
+matter whether it comes from a module, a functional call or a tensor method, in-place or not.
+Nothing global is patched: the mode is thread-local and popped in ``__exit__``; the two hooks
+on the root module (which delimit one forward pass) are removed there too, also when the body
+raises.
+
+What happens in a call:
+
+* clean pass (inside ``__enter__``): ``h(x)`` is recorded per call and per sample;
+* later forward passes: the nonlinearity runs unchanged (the defence is the identity in the
+  forward pass, activations are *not* clamped) and a gradient hook multiplies the incoming
+  gradient by Eq. 6's indicator ``[b_l <= h(e) <= b_u]`` with ``b_u = max(0, h(x))`` and
+  ``b_l = min(0, h(x))``.
+
+Softmax / log-softmax (the final classification layer) are never clipped. Nonlinearities for
+which the bound argument has not been checked (PReLU, SELU, Mish, ...) raise
+:class:`UnsupportedNonlinearityError` rather than silently leaving a hole in the defence.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+
+__all__ = [
+    "ActivationBounds",
+    "activation_bounds",
+    "DefenseError",
+    "UnsupportedNonlinearityError",
+    "CallSequenceError",
+    "SUPPORTED_NONLINEARITIES",
+]
+
+
+class DefenseError(RuntimeError):
+    """Base class of the defence's errors (one line, names the op)."""
+
+
+class UnsupportedNonlinearityError(DefenseError):
+    """The model calls a nonlinearity whose Eq. 4 bounds the defence does not implement."""
+
+
+class CallSequenceError(DefenseError):
+    """A forward pass calls nonlinearities in another order/shape than the clean pass did."""
+
+
+def _names(*funcs: Callable[..., Any]) -> dict[Callable[..., Any], str]:
+    return {f: getattr(f, "__name__", repr(f)).rstrip("_") for f in funcs}
+
+
+# Nonlinearities whose output is always >= 0 (b_l = 0, so only the upper bound can be left).
+_NONNEGATIVE = _names(
+    F.relu, F.relu_, torch.relu, torch.relu_, torch.Tensor.relu, torch.Tensor.relu_,
+    F.relu6, F.sigmoid, torch.sigmoid, torch.sigmoid_, torch.Tensor.sigmoid, torch.Tensor.sigmoid_,
+    F.hardsigmoid,
+)
+# Signed nonlinearities: both bounds apply.
+_SIGNED = _names(
+    F.hardtanh, F.hardtanh_, F.leaky_relu, F.leaky_relu_, F.elu, F.elu_,
+    F.silu, F.gelu, F.hardswish, F.tanh, torch.tanh, torch.tanh_, torch.Tensor.tanh,
+    torch.Tensor.tanh_,
+)
+# Known nonlinearities the defence refuses, loudly.
+_UNSUPPORTED = _names(
+    F.prelu, torch.prelu, F.selu, torch.selu, torch.selu_, F.celu, torch.celu, torch.celu_,
+    F.mish, F.softplus, F.rrelu, F.rrelu_, torch.rrelu, torch.rrelu_, F.glu, F.logsigmoid,
+    F.threshold, F.threshold_, torch.threshold, torch.threshold_, F.softsign, F.tanhshrink,
+    F.softshrink, F.hardshrink,
+)
+SUPPORTED_NONLINEARITIES: frozenset[str] = frozenset(_NONNEGATIVE.values()) | frozenset(_SIGNED.values())
+
+
+def _hardtanh_is_nonnegative(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
+    min_val = kwargs.get("min_val", args[1] if len(args) > 1 else -1.0)
+    return float(min_val) >= 0.0
+
+
+@dataclass
+class CallRecord:
+    """One nonlinearity call of the clean pass: op name, output shape, h(x)."""
+
+    op: str
+    shape: tuple[int, ...]
+    reference: torch.Tensor  # h(x), detached copy, batch-first
+    nonnegative: bool
+
+
+class _BoundsMode(TorchFunctionMode):
+    """Intercepts nonlinearity calls while the explained model's forward pass runs."""
+
+    def __init__(self, owner: "ActivationBounds") -> None:
+        super().__init__()
+        self.owner = owner
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+        kwargs = kwargs or {}
+        owner = self.owner
+        if not owner._in_forward:
+            return func(*args, **kwargs)
+        if func in _UNSUPPORTED:
+            raise UnsupportedNonlinearityError(
+                f"activation_bounds: the model calls '{_UNSUPPORTED[func]}', a nonlinearity the "
+                f"FGVis defence does not support (supported: {', '.join(sorted(SUPPORTED_NONLINEARITIES))})"
+            )
+        name = _NONNEGATIVE.get(func) or _SIGNED.get(func)
+        if name is None:
+            return func(*args, **kwargs)
+        nonnegative = func in _NONNEGATIVE or (name == "hardtanh" and _hardtanh_is_nonnegative(args, kwargs))
+        out = func(*args, **kwargs)
+        owner._on_call(name, out, nonnegative)
+        return out
+
+
+class ActivationBounds:
+    """Context manager implementing Eq. 6 for ``model`` around the original batch ``x``.
+
+    Use::
+
+        with activation_bounds(model, x) as bounds:
+            logits = model(mask * x)      # forward unchanged, backward clipped per Eq. 6
+            loss.backward()
+
+    ``bounds.select(indices)`` restricts later passes to a subset of the original samples
+    (the games drop finished samples from the batch); ``bounds.records`` lists the clean
+    pass's calls; ``bounds.last_violation_fraction`` is the share of units outside their
+    bounds in the latest pass (a diagnostic, computed only when ``track_violations``).
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        x: torch.Tensor,
+        *,
+        tolerance: float = 0.0,
+        track_violations: bool = False,
+    ) -> None:
+        self.model = model
+        self.x = x
+        self.tolerance = float(tolerance)
+        self.track_violations = track_violations
+        self.records: list[CallRecord] = []
+        self._recording = False
+        self._in_forward = False
+        self._call_index = 0
+        self._selection: torch.Tensor | None = None
+        self._selected_refs: list[torch.Tensor] | None = None
+        self._handles: list[Any] = []
+        self._mode: _BoundsMode | None = None
+        self._violations: list[torch.Tensor] = []
+        self.last_violation_fraction: float | None = None
+
+    # ----------------------------------------------------------------- context protocol
+    def __enter__(self) -> "ActivationBounds":
+        self._handles.append(self.model.register_forward_pre_hook(self._forward_starts))
+        self._handles.append(self.model.register_forward_hook(self._forward_ends, always_call=True))
+        self._mode = _BoundsMode(self)
+        self._mode.__enter__()
+        try:
+            self._recording = True
+            with torch.no_grad():
+                self.model(self.x)
+            self._recording = False
+            if not self.records:
+                raise UnsupportedNonlinearityError(
+                    f"activation_bounds: {type(self.model).__name__} called no supported "
+                    "nonlinearity in its forward pass; nothing to defend"
+                )
+        except BaseException:
+            self._cleanup()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._cleanup()
+
+    def _cleanup(self) -> None:
+        if self._mode is not None:
+            self._mode.__exit__(None, None, None)
+            self._mode = None
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self._in_forward = False
+        self._recording = False
+
+    # ----------------------------------------------------------------- public helpers
+    @property
+    def num_calls(self) -> int:
+        return len(self.records)
+
+    def select(self, indices: torch.Tensor | None) -> None:
+        """Restrict following passes to the original samples ``indices`` (None = all)."""
+        if indices is None:
+            self._selection, self._selected_refs = None, None
+            return
+        indices = indices.to(self.x.device)
+        if self._selection is not None and torch.equal(indices, self._selection):
+            return
+        self._selection = indices
+        self._selected_refs = [r.reference.index_select(0, indices) for r in self.records]
+
+    def bounds(self, call: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(b_l, b_u) of Eq. 5 for call number ``call`` (all samples)."""
+        ref = self.records[call].reference
+        return ref.clamp(max=0), ref.clamp(min=0)
+
+    # ----------------------------------------------------------------- hooks
+    def _forward_starts(self, module: torch.nn.Module, args: Any) -> None:
+        self._in_forward = True
+        self._call_index = 0
+        self._violations = []
+
+    def _forward_ends(self, module: torch.nn.Module, args: Any, output: Any) -> None:
+        was_in_forward, self._in_forward = self._in_forward, False
+        if not was_in_forward or self._recording:
+            return
+        if self._call_index < len(self.records):  # more calls already raised in _on_call
+            raise CallSequenceError(
+                f"activation_bounds: this forward pass made {self._call_index} nonlinearity calls, "
+                f"the clean pass made {len(self.records)}"
+            )
+        if self.track_violations and self._violations:
+            total = sum(v[1] for v in self._violations)
+            self.last_violation_fraction = float(sum(v[0] for v in self._violations) / max(total, 1))
+
+    def _on_call(self, op: str, out: torch.Tensor, nonnegative: bool) -> None:
+        if self._recording:
+            self.records.append(CallRecord(op, tuple(out.shape), out.detach().clone(), nonnegative))
+            return
+        k = self._call_index
+        self._call_index += 1
+        if k >= len(self.records):
+            raise CallSequenceError(
+                f"activation_bounds: call #{k} ('{op}') has no counterpart in the clean pass "
+                f"({len(self.records)} calls)"
+            )
+        record = self.records[k]
+        ref = record.reference if self._selected_refs is None else self._selected_refs[k]
+        if record.op != op or tuple(out.shape) != tuple(ref.shape):
+            raise CallSequenceError(
+                f"activation_bounds: call #{k} is '{op}' with shape {tuple(out.shape)}, the clean "
+                f"pass had '{record.op}' with shape {tuple(ref.shape)}"
+            )
+        if not (torch.is_grad_enabled() and out.requires_grad):
+            return
+        inside = self._indicator(out.detach(), ref, record.nonnegative)
+        if self.track_violations:
+            self._violations.append(((~inside).sum(), inside.numel()))
+        out.register_hook(_MultiplyBy(inside))
+
+    def _indicator(self, h: torch.Tensor, ref: torch.Tensor, nonnegative: bool) -> torch.Tensor:
+        """Eq. 6: [b_l <= h(e) <= b_u]; for h >= 0 the lower bound b_l = 0 always holds."""
+        tol = self.tolerance
+        upper = ref.clamp(min=0)
+        if tol:
+            upper = upper + tol * (1 + upper)
+        inside = h <= upper
+        if not nonnegative:
+            lower = ref.clamp(max=0)
+            if tol:
+                lower = lower - tol * (1 - lower)
+            inside &= h >= lower
+        return inside
+
+
+class _MultiplyBy:
+    """Gradient hook: multiplies the incoming gradient by a fixed 0/1 indicator."""
+
+    __slots__ = ("indicator",)
+
+    def __init__(self, indicator: torch.Tensor) -> None:
+        self.indicator = indicator
+
+    def __call__(self, grad: torch.Tensor) -> torch.Tensor:
+        return grad * self.indicator
+
+
+def activation_bounds(
+    model: torch.nn.Module, x: torch.Tensor, *, tolerance: float = 0.0, track_violations: bool = False
+) -> ActivationBounds:
+    """Defend ``model`` for explanations of the batch ``x`` (Eq. 4-6). See :class:`ActivationBounds`."""
+    return ActivationBounds(model, x, tolerance=tolerance, track_violations=track_violations)
+
+
+def count_nonlinearity_calls(model: torch.nn.Module, x: torch.Tensor) -> list[str]:
+    """Names of the supported nonlinearity calls in one forward pass (diagnostics, tests)."""
+    with activation_bounds(model, x) as bounds:
+        return [r.op for r in bounds.records]
+
+
+def iter_unsupported() -> Iterator[str]:
+    """Names of the nonlinearities the defence refuses (for documentation)."""
+    return iter(sorted(set(_UNSUPPORTED.values())))

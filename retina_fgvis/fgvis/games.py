@@ -1,0 +1,334 @@
+"""The four FGVis games (paper §3.1, Eq. 1-3), batched, with an adaptive sparsity weight λ.
+
+Each game optimises a per-pixel, per-channel mask ``m in [0,1]^{3xHxW}`` and explains with
+``e = m*x + (1-m)*r`` (``r`` = 0 in normalised space by default, i.e. the data-mean colour):
+
+=============  =====  ======================================  =========================
+game           m0     similarity term                          sparsity term
+=============  =====  ======================================  =========================
+deletion       1      minimise evidence of the target         λ·mean(1-m)  (remove few)
+preservation   1      keep the evidence of the target         λ·mean(m)    (keep few)
+generation     0      create the evidence of the target       λ·mean(m)    (add few)
+repression     0      keep the target's evidence away         λ·mean(1-m)  (add many)
+=============  =====  ======================================  =========================
+
+Choices the paper leaves open (the README's method section gives the measurements):
+
+* **Goal.** A game succeeds when the target probability crosses ``goal_prob``: for deletion /
+  repression ``p <= goal_prob``, for preservation / generation ``p >= goal_prob``. The level is
+  a fixed probability (``goal="threshold"``), a fraction of the original probability
+  (``goal="fraction"``) or the probability of the reference image ``r`` itself
+  (``goal="reference"``: "the model sees no more evidence than in a blank image").
+* **λ rule.** λ is per sample and adapted at every check (``check_every`` steps): multiplied by
+  ``lambda_up`` while the goal holds (restore pixels: fewer changes), by ``lambda_down`` while it
+  does not (the similarity term dominates). The returned mask is the goal-reaching snapshot
+  with the least removed mass, so λ only has to visit the right range, not settle in it.
+* **Stopping.** A sample stops once it reached the goal and its best snapshot has not improved
+  for ``patience`` checks, or at ``max_iterations``. Finished samples leave the batch (and the
+  defence's bounds are sub-selected), so they cost nothing.
+* **Optimiser.** Adam on the mask, projected onto [0,1] after each step, with a tiny epsilon:
+  under the defence the gradient reaching the mask is ~1000× smaller than without it, and
+  Adam's usual eps=1e-8 would then silently scale the steps down. ``sgd_normalized`` (steps of
+  ``lr`` times the gradient divided by its per-sample maximum) and ``sign`` are alternatives.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import asdict, dataclass, replace
+from typing import Callable, Iterator, Literal
+
+import torch
+
+from retina_fgvis.fgvis.defense import activation_bounds
+from retina_fgvis.fgvis.result import FGVisResult
+
+GameName = Literal["deletion", "preservation", "generation", "repression"]
+
+
+@dataclass(frozen=True)
+class GameSpec:
+    mask_init: float
+    removes_evidence: bool  # deletion/repression push the target probability down
+
+    def sparsity(self, m: torch.Tensor) -> torch.Tensor:
+        """Per-element sparsity cost whose mean the game minimises (times λ)."""
+        return 1 - m if self.removes_evidence else m
+
+
+GAMES: dict[str, GameSpec] = {
+    "deletion": GameSpec(mask_init=1.0, removes_evidence=True),
+    "preservation": GameSpec(mask_init=1.0, removes_evidence=False),
+    "generation": GameSpec(mask_init=0.0, removes_evidence=False),
+    "repression": GameSpec(mask_init=0.0, removes_evidence=True),
+}
+
+
+@dataclass(frozen=True)
+class FGVisSettings:
+    """Every knob of the optimisation. Defaults come from the study in evaluation/game-study/."""
+
+    optimizer: Literal["adam", "sgd_normalized", "sign"] = "sgd_normalized"
+    lr: float = 0.1
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    adam_eps: float = 1e-12
+    max_iterations: int = 300
+    check_every: int = 10
+    similarity: Literal["prob", "log_prob", "log_odds"] = "log_odds"
+    lambda_schedule: Literal["adaptive", "fixed"] = "adaptive"
+    lambda_init: float = 1.0
+    lambda_up: float = 1.5
+    lambda_down: float = 0.5
+    lambda_min: float = 1e-4
+    lambda_max: float = 1e3
+    warmup_iterations: int = 0  # λ = 0 for these first steps
+    goal: Literal["threshold", "fraction", "reference"] = "threshold"
+    goal_level: float = 0.5
+    goal_fraction: float = 0.1
+    patience: int = 3  # checks without improvement after the goal is reached
+    defense_tolerance: float = 1e-6
+    autocast: bool = False  # CUDA only: bf16 forward/backward (the mask stays fp32)
+
+    def validate(self) -> "FGVisSettings":
+        if self.optimizer not in ("adam", "sgd_normalized", "sign"):
+            raise ValueError(f"unknown optimizer '{self.optimizer}'")
+        if self.similarity not in ("prob", "log_prob", "log_odds"):
+            raise ValueError(f"unknown similarity '{self.similarity}'")
+        if self.lambda_schedule not in ("adaptive", "fixed"):
+            raise ValueError(f"unknown lambda_schedule '{self.lambda_schedule}'")
+        if self.goal not in ("threshold", "fraction", "reference"):
+            raise ValueError(f"unknown goal '{self.goal}'")
+        if self.max_iterations < 1 or self.check_every < 1:
+            raise ValueError("max_iterations and check_every must be >= 1")
+        return self
+
+
+@contextlib.contextmanager
+def _explaining(model: torch.nn.Module) -> Iterator[None]:
+    """Eval mode and frozen parameters for the duration of a game, restored afterwards.
+
+    Eval mode keeps samples independent (BatchNorm running statistics); frozen parameters
+    skip the weight gradients, roughly a third of a backward pass.
+    """
+    was_training = model.training
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    try:
+        model.eval()
+        for p, _ in flags:
+            p.requires_grad_(False)
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+        model.train(was_training)
+
+
+class _Optimizer:
+    """Per-element optimiser state over the full batch; updates only the active samples."""
+
+    def __init__(self, settings: FGVisSettings, like: torch.Tensor) -> None:
+        self.s = settings
+        if settings.optimizer == "adam":
+            self.m1 = torch.zeros_like(like)
+            self.m2 = torch.zeros_like(like)
+
+    def step(self, grad: torch.Tensor, idx: torch.Tensor, t: int) -> torch.Tensor:
+        s = self.s
+        if s.optimizer == "adam":
+            b1, b2 = s.adam_betas
+            m1 = self.m1[idx].mul_(b1).add_(grad, alpha=1 - b1)
+            m2 = self.m2[idx].mul_(b2).addcmul_(grad, grad, value=1 - b2)
+            self.m1[idx], self.m2[idx] = m1, m2
+            denom = (m2 / (1 - b2**t)).sqrt_().add_(s.adam_eps)
+            return s.lr * (m1 / (1 - b1**t)) / denom
+        if s.optimizer == "sgd_normalized":
+            scale = grad.flatten(1).abs().amax(1).clamp_min(1e-30).view(-1, 1, 1, 1)
+            return s.lr * grad / scale
+        return s.lr * grad.sign()
+
+
+class FGVis:
+    """Fine-grained visual explanations (Wagner et al., CVPR 2019), Captum-style.
+
+    ``FGVis(model, defense=True).attribute(x, target=1, game="deletion")`` runs the game for a
+    batch ``x`` (B,3,H,W, normalised as the model expects) and returns an
+    :class:`FGVisResult`. ``model`` must return logits; softmax is applied here and is never
+    clipped by the defence (the paper's "besides the final layer").
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        defense: bool = True,
+        reference: float | torch.Tensor = 0.0,
+        settings: FGVisSettings | None = None,
+        **overrides: object,
+    ) -> None:
+        self.model = model
+        self.defense = defense
+        self.reference = reference
+        base = settings or FGVisSettings()
+        self.settings = replace(base, **overrides).validate() if overrides else base.validate()
+
+    # ------------------------------------------------------------------ helpers
+    def _log_probs(self, e: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """log p(target) and the log-odds log p/(1-p), both computed stably from the logits.
+
+        A confident classifier gives p = 1.0 exactly in float32, where the softmax score has a
+        zero gradient; the log-odds keep a usable gradient at any confidence.
+        """
+        with self._autocast(e.device):
+            logits = self.model(e)
+        log_p = torch.log_softmax(logits.float(), dim=1)
+        log_pt = log_p.gather(1, target[:, None])[:, 0]
+        others = log_p.scatter(1, target[:, None], float("-inf"))
+        return log_pt, log_pt - torch.logsumexp(others, dim=1)
+
+    def _probs(self, e: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return self._log_probs(e, target)[0].exp()
+
+    def _similarity(self, log_pt: torch.Tensor, log_odds: torch.Tensor) -> torch.Tensor:
+        s = self.settings.similarity
+        return log_pt.exp() if s == "prob" else log_pt if s == "log_prob" else log_odds
+
+    def _autocast(self, device: torch.device) -> contextlib.AbstractContextManager:
+        if self.settings.autocast and device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def _goal(self, spec: GameSpec, p_before: torch.Tensor, ref: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        s = self.settings
+        if s.goal == "fraction":
+            return p_before * s.goal_fraction
+        if s.goal == "reference" and spec.removes_evidence:
+            with torch.no_grad():
+                return self._probs(ref.expand(len(target), *ref.shape[1:]).contiguous(), target)
+        return torch.full_like(p_before, s.goal_level)
+
+    # ------------------------------------------------------------------ the game
+    def attribute(
+        self,
+        inputs: torch.Tensor,
+        target: int | torch.Tensor,
+        game: GameName = "deletion",
+        fov_mask: torch.Tensor | None = None,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> FGVisResult:
+        """Run ``game`` for class ``target`` on the batch ``inputs``.
+
+        ``fov_mask`` (B,H,W) or (B,1,H,W) bool: pixels outside it keep m0 and are not counted in
+        the sparsity term or the changed-pixel fraction (a fundus photo's black surround is no
+        evidence of anything). ``progress(iteration, active_samples)`` is called at each check.
+        """
+        if game not in GAMES:
+            raise ValueError(f"unknown game '{game}' (choose from {', '.join(GAMES)})")
+        if inputs.dim() != 4:
+            raise ValueError(f"inputs must be (B, C, H, W), got shape {tuple(inputs.shape)}")
+        spec, s = GAMES[game], self.settings
+        x = inputs.detach()
+        device, B = x.device, x.shape[0]
+        target = torch.as_tensor(target, device=device, dtype=torch.long).expand(B).contiguous()
+        ref = torch.as_tensor(self.reference, dtype=x.dtype, device=device)
+        ref = ref.expand_as(x[:1]).contiguous() if ref.dim() < 4 else ref.to(device)
+        if fov_mask is None:
+            fov = torch.ones(B, 1, *x.shape[2:], dtype=torch.bool, device=device)
+        else:
+            fov = fov_mask.to(device=device, dtype=torch.bool)
+            fov = fov[:, None] if fov.dim() == 3 else fov
+        fov_pixels = fov.flatten(1).sum(1).clamp_min(1)
+
+        m0 = spec.mask_init
+        mask = torch.full_like(x, m0)
+        best = mask.clone()
+        best_mass = torch.full((B,), float("inf"), device=device)
+        reached = torch.zeros(B, dtype=torch.bool, device=device)
+        since_best = torch.zeros(B, dtype=torch.long, device=device)
+        iterations = torch.zeros(B, dtype=torch.long, device=device)
+        lam = torch.full((B,), s.lambda_init, device=device)
+        lam_hist: list[list[float]] = [[] for _ in range(B)]
+        prob_hist: list[list[float]] = [[] for _ in range(B)]
+        active = torch.arange(B, device=device)
+        optimizer = _Optimizer(s, mask)
+        sign = 1.0 if spec.removes_evidence else -1.0
+
+        with _explaining(self.model):
+            with torch.no_grad():
+                p_before = self._probs(x, target)
+                goal = self._goal(spec, p_before, ref, target)
+            defended = activation_bounds(self.model, x, tolerance=s.defense_tolerance) if self.defense else None
+            with defended if defended is not None else contextlib.nullcontext():
+                for t in range(1, s.max_iterations + 1):
+                    if defended is not None:
+                        defended.select(None if len(active) == B else active)
+                    xa, fa = x[active], fov[active]
+                    m = mask[active].requires_grad_(True)
+                    e = m * xa + (1 - m) * ref
+                    log_pt, log_odds = self._log_probs(e, target[active])
+                    p = log_pt.exp()
+                    sim = self._similarity(log_pt, log_odds)
+                    sparse = (spec.sparsity(m) * fa).flatten(1).sum(1) / (fov_pixels[active] * x.shape[1])
+                    lam_now = lam[active] if t > s.warmup_iterations else torch.zeros_like(sim)
+                    loss = (sign * sim + lam_now * sparse).sum()
+                    (grad,) = torch.autograd.grad(loss, m)
+                    with torch.no_grad():
+                        m_used = m.detach()
+                        new = (m_used - optimizer.step(grad, active, t)).clamp_(0, 1)
+                        mask[active] = torch.where(fa, new, torch.full_like(new, m0))
+                        iterations[active] += 1
+                    if t % s.check_every and t != s.max_iterations:
+                        continue
+                    # ---- check: the only host-device synchronisation of the loop
+                    with torch.no_grad():
+                        p_now = p.detach()
+                        ok = p_now <= goal[active] if spec.removes_evidence else p_now >= goal[active]
+                        mass = ((m_used - m0).abs() * fa).flatten(1).sum(1) / (fov_pixels[active] * x.shape[1])
+                        better = ok & (mass < best_mass[active])
+                        if better.any():
+                            idx = active[better]
+                            best[idx] = m_used[better]
+                            best_mass[idx] = mass[better]
+                        reached[active] |= ok
+                        since_best[active] = torch.where(better, 0, since_best[active] + 1)
+                        if s.lambda_schedule == "adaptive" and t > s.warmup_iterations:
+                            lam_a = lam[active]
+                            lam[active] = torch.where(ok, lam_a * s.lambda_up, lam_a * s.lambda_down).clamp_(
+                                s.lambda_min, s.lambda_max
+                            )
+                        lam_log = lam[active] if t > s.warmup_iterations else torch.zeros_like(p_now)
+                        for i, pi, li in zip(active.tolist(), p_now.tolist(), lam_log.tolist()):
+                            prob_hist[i].append(pi)
+                            lam_hist[i].append(li)
+                        finished = reached[active] & (since_best[active] > s.patience)
+                        active = active[~finished]
+                    if progress is not None:
+                        progress(t, len(active))
+                    if len(active) == 0:
+                        break
+
+            with torch.no_grad():
+                final = torch.where(reached[:, None, None, None], best, mask)
+                explanation = final * x + (1 - final) * ref
+                p_after = self._probs(explanation, target)
+
+        comp = 1 - final if spec.removes_evidence else final
+        moved = ((final - m0).abs() > 0.5).any(1, keepdim=True) & fov
+        removed = ((final - m0).abs() * fov).flatten(1).sum(1) / (fov_pixels * x.shape[1])
+        cpu = lambda t_: t_.detach().cpu()  # noqa: E731
+        return FGVisResult(
+            game=game,
+            mask=cpu(final),
+            explanation=cpu(explanation),
+            complementary_mask=cpu(comp),
+            mean_mask=cpu(comp.mean(1)),
+            target=cpu(target),
+            target_prob_before=cpu(p_before),
+            target_prob_after=cpu(p_after),
+            goal_prob=cpu(goal),
+            goal_reached=cpu(reached),
+            iterations=cpu(iterations),
+            changed_fraction=cpu(moved.flatten(1).sum(1) / fov_pixels),
+            removed_mass=cpu(removed),
+            final_lambda=cpu(lam),
+            lambda_trajectory=lam_hist,
+            prob_trajectory=prob_hist,
+            settings={"defense": self.defense, **asdict(self.settings)},
+        )
