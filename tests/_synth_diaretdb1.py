@@ -21,7 +21,8 @@ def fov_mask() -> np.ndarray:
 
 def make_layout(root: Path, specs: dict[str, dict[str, list[tuple[int, int, int, int, int]]]],
                 train: list[str], test: list[str], write_test_images: bool = True) -> Path:
-    """``specs[name][lesion] = [(row0, col0, row1, col1, grey), ...]`` rectangles.
+    """``specs[name][lesion] = [(row0, col0, row1, col1, grey), ...]`` rectangles; the key
+    ``"rgb_only"`` paints a dark-red blob without any ground truth (a false positive bait).
 
     Each image gets a dark-red background, red lesions darker, bright lesions paler, so the
     type guess has something to work with. Returns the folder holding ``diaretdb1_v_1_1``.
@@ -41,6 +42,8 @@ def make_layout(root: Path, specs: dict[str, dict[str, list[tuple[int, int, int,
         rgb = np.zeros((H, W, 3), np.uint8)
         rgb[fov] = (180, 90, 40)
         spec = specs.get(name, {})
+        for r0, c0, r1, c1, _ in spec.get("rgb_only", []):   # painted, but no ground truth
+            rgb[r0:r1, c0:c1] = (120, 40, 20)
         for lesion, folder in FOLDERS.items():
             gt = np.zeros((H, W), np.uint8)
             for r0, c0, r1, c1, grey in spec.get(lesion, []):

@@ -1,0 +1,110 @@
+"""``retina-fgvis evaluate diaretdb1``: paper Table 3 on the official DiaretDB1 layout.
+
+Thin: parses options, builds the classifier + FGVis explainer, shows progress and prints
+where the outputs went. The work is in :mod:`retina_fgvis.evaluation_diaretdb1`.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+
+def _parse_floats(text: str, what: str) -> tuple[float, ...]:
+    try:
+        vals = tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise typer.BadParameter(f"{what} must be comma-separated numbers, got {text!r}") from None
+    if not vals:
+        raise typer.BadParameter(f"{what} is empty")
+    return vals
+
+
+def register(app: typer.Typer, evaluate_app: typer.Typer) -> None:
+    @evaluate_app.command("diaretdb1")
+    def evaluate_diaretdb1_cmd(
+        data_dir: Path = typer.Option(..., "--data-dir", help="Folder holding diaretdb1_v_1_1 (official layout)."),
+        out: Path = typer.Option(..., "--out", help="Output folder (CSVs, summary.md, overlays, cache)."),
+        split: str = typer.Option("test", "--split", help="Official split: train | test | all."),
+        limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Only the first N images of the split."),
+        weights: Optional[Path] = typer.Option(None, "--weights", help="Classifier checkpoint "
+                                               "(default: $RETINA_FGVIS_WEIGHTS or weights/rdr-effnet-lite0.pt)."),
+        threshold: float = typer.Option(0.5, "--threshold", help="Absolute importance level for a flagged pixel."),
+        max_fov_fraction: float = typer.Option(0.05, "--max-fov-fraction",
+                                               help="Flag at most this share of FOV pixels (1 = no cap)."),
+        min_area: int = typer.Option(10, "--min-area", help="Drop regions smaller than this (original px)."),
+        closing_radius: int = typer.Option(2, "--closing-radius", help="Disk closing radius (original px)."),
+        mode: str = typer.Option("coverage", "--mode", help="Default overlap mode: coverage | precision | iou."),
+        aggregate: str = typer.Option("union", "--aggregate", help="GT region vs union of touching proposals "
+                                      "(union) or best single proposal (pair)."),
+        froc_thresholds: str = typer.Option("0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9", "--froc-thresholds",
+                                            help="Importance levels swept for the FROC."),
+        max_iterations: Optional[int] = typer.Option(None, "--max-iterations",
+                                                     help="FGVis iterations per image (default: engine's)."),
+        device: str = typer.Option("cpu", "--device", help="torch device for the classifier and the game."),
+        overlays: bool = typer.Option(True, "--overlays/--no-overlays", help="Write per-image overlay PNGs."),
+    ) -> None:
+        """Lesion regions from FGVis deletion masks scored against DiaretDB1 (paper Table 3).
+
+        Research use only, not a diagnosis.
+        """
+        from retina_fgvis.datasets.diaretdb1 import DiaretDB1, DiaretDB1Error
+        from retina_fgvis.evaluation_diaretdb1 import EvalSettings, FGVisExplainer, evaluate_diaretdb1
+        from retina_fgvis.lesions import RegionSettings
+        from retina_fgvis.metrics.detection import AGGREGATIONS, OVERLAP_MODES
+
+        if mode not in OVERLAP_MODES:
+            raise typer.BadParameter(f"--mode must be one of {', '.join(OVERLAP_MODES)}")
+        if aggregate not in AGGREGATIONS:
+            raise typer.BadParameter(f"--aggregate must be one of {', '.join(AGGREGATIONS)}")
+        try:
+            regions = RegionSettings(threshold=threshold, max_fov_fraction=max_fov_fraction,
+                                     min_area=min_area, closing_radius=closing_radius)
+        except ValueError as exc:
+            raise typer.BadParameter(str(exc)) from None
+        settings = EvalSettings(regions=regions, default_mode=mode, aggregate=aggregate,
+                                froc_thresholds=_parse_floats(froc_thresholds, "--froc-thresholds"),
+                                overlays=overlays)
+        try:
+            dataset = DiaretDB1(data_dir, split)
+        except DiaretDB1Error as exc:
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(2)
+
+        from retina_fgvis.classifier.model import WeightsError, load_classifier
+
+        try:
+            classifier = load_classifier(weights, device=device)
+        except WeightsError as exc:
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(2)
+        fgvis_overrides = {} if max_iterations is None else {"max_iterations": int(max_iterations)}
+        explainer = FGVisExplainer(classifier, target=1, game="deletion", defense=True, **fgvis_overrides)
+
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        n = min(limit, len(dataset)) if limit else len(dataset)
+        meta = {"weights": str(classifier.path) if classifier.path else "default",
+                "data": str(dataset.resources)}
+        with Progress(TextColumn("[bold]DiaretDB1[/] {task.description}"), BarColumn(), MofNCompleteColumn(),
+                      TimeElapsedColumn(), transient=False) as bar:
+            task = bar.add_task(split, total=n)
+            try:
+                result = evaluate_diaretdb1(dataset, explainer, out, settings=settings, limit=limit,
+                                            progress=lambda i, total, name: bar.update(
+                                                task, completed=i, description=f"{split} {name}"),
+                                            meta=meta)
+            except DiaretDB1Error as exc:
+                typer.echo(f"error: {exc}", err=True)
+                raise typer.Exit(2)
+        s = result.sensitivity
+        default = s[s["mode"] == mode]
+        for ov in sorted(set(default.overlap)):
+            row = default[default.overlap == ov].set_index("lesion").sensitivity
+            typer.echo(f"sensitivity @{100 * ov:g}% ({mode}): " +
+                       "  ".join(f"{t} {100 * row.get(t, float('nan')):.1f}" for t in ("H", "HE", "SE", "RSD")))
+        fp = float(result.lesion_level.fp_per_image.iloc[0]) if len(result.lesion_level) else float("nan")
+        typer.echo(f"false-positive regions / image: {fp:.2f}; {result.seconds_total:.0f} s "
+                   f"({result.n_cached} cached)")
+        typer.echo(f"wrote {out / 'summary.md'} — Research use only, not a diagnosis")

@@ -1,0 +1,114 @@
+"""DiaretDB1 evaluation pipeline on a tiny synthetic official-layout folder with a fake
+explainer (no model): outputs, golden scores, cache re-use, CLI errors.
+
+Scene (60 x 80 px, FOV circle r = 28): the fake explainer removes (importance 1.0) every
+pixel whose colour differs from the background, i.e. every painted blob.
+  image001: H 6x6 (grey 189 -> GT, 36 px, dark)  + HE 4x4 at grey 168 (not GT: FP, bright)
+  image002: HE 4x4 (252 -> GT, bright)            + RSD 2x2 (210 -> GT, dark)
+  image003: SE only outside the FOV (no GT)       + dark 3x3 blob without GT (FP)
+=> coverage 100 % for H, HE, RSD (1/1 image each), SE undefined (0 images);
+   5 regions, 2 false positives over 3 images = 0.667 / image; type guess 3/3 agree.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from _synth_diaretdb1 import make_layout
+from retina_fgvis.datasets.diaretdb1 import DiaretDB1
+from retina_fgvis.evaluation_diaretdb1 import EvalSettings, evaluate_diaretdb1, read_csv
+from retina_fgvis.lesions import RegionSettings
+
+SPECS = {
+    "image001": {"H": [(20, 20, 26, 26, 189)], "HE": [(30, 40, 34, 44, 168)]},
+    "image002": {"HE": [(30, 40, 34, 44, 252)], "RSD": [(10, 38, 12, 40, 210)]},
+    "image003": {"SE": [(0, 0, 5, 5, 252)], "rgb_only": [(28, 10, 31, 13, 0)]},
+}
+SETTINGS = EvalSettings(regions=RegionSettings(min_area=1, max_fov_fraction=1.0, closing_radius=0),
+                        froc_thresholds=(0.5, 1.5))
+
+
+class FakeExplainer:
+    identity = {"fake": 1}
+
+    def __init__(self):
+        self.calls = 0
+
+    def __call__(self, rgb, fov):
+        self.calls += 1
+        return (np.abs(rgb.astype(int) - np.array([180, 90, 40])).sum(axis=2) > 0).astype(np.float32)
+
+
+@pytest.fixture()
+def dataset(tmp_path):
+    root = make_layout(tmp_path / "data", SPECS, train=list(SPECS), test=["image009"],
+                       write_test_images=False)
+    return DiaretDB1(root, "train")
+
+
+def test_pipeline_golden_and_outputs(dataset, tmp_path):
+    out = tmp_path / "out"
+    fake = FakeExplainer()
+    res = evaluate_diaretdb1(dataset, fake, out, settings=SETTINGS)
+    assert fake.calls == 3
+    sens = read_csv(out / "sensitivity.csv")
+    assert list(sens.columns) == ["lesion", "overlap", "mode", "n_images", "detected", "sensitivity"]
+    cov = sens[sens["mode"] == "coverage"].set_index(["lesion", "overlap"])
+    for lesion in ("H", "HE", "RSD"):
+        assert cov.loc[(lesion, 0.5), "sensitivity"] == 1.0 and cov.loc[(lesion, 0.5), "n_images"] == 1
+    assert cov.loc[("SE", 0.25), "n_images"] == 0 and np.isnan(cov.loc[("SE", 0.25), "sensitivity"])
+    ll = res.lesion_level
+    assert ll.fp_regions.iloc[0] == 2 and ll.n_regions.iloc[0] == 5
+    assert ll.fp_per_image.iloc[0] == pytest.approx(2 / 3)
+    agree = res.type_agreement.set_index("kind")
+    assert agree.loc["all", ["n_regions", "agree"]].tolist() == [3, 3]
+    # FROC: threshold 1.5 flags nothing
+    froc = read_csv(out / "froc.csv")
+    allc = froc[(froc.lesion == "all") & (froc["mode"] == "coverage") & (froc.overlap == 0.25)]
+    assert allc.set_index("threshold").sensitivity.to_dict() == {0.5: 1.0, 1.5: 0.0}
+    roc = read_csv(out / "image_roc.csv")
+    assert roc[(roc.lesion == "H") & (roc.score == "flagged_fraction")].auc.iloc[0] == 1.0
+    for name in ("lesion_level.csv", "froc.png", "per_image.csv", "regions.csv", "type_agreement.csv"):
+        assert (out / name).is_file()
+    assert (out / "sensitivity.csv").read_text().startswith("# Research use only, not a diagnosis")
+    summary = (out / "summary.md").read_text()
+    assert "Research use only, not a diagnosis" in summary and "94.7" in summary and "86.0" in summary
+    assert "0.67" in summary
+    assert sorted(p.name for p in (out / "overlays").iterdir()) == ["image001.png", "image002.png", "image003.png"]
+    assert len(list((out / "cache").glob("*.npz"))) == 3
+    assert not list(out.rglob(".*.tmp"))
+
+
+def test_rescore_uses_cache(dataset, tmp_path):
+    out = tmp_path / "out"
+    fake = FakeExplainer()
+    evaluate_diaretdb1(dataset, fake, out, settings=SETTINGS, limit=2)
+    assert fake.calls == 2
+    strict = EvalSettings(regions=SETTINGS.regions.replace(threshold=1.5), froc_thresholds=(0.5,),
+                          overlays=False)
+    res = evaluate_diaretdb1(dataset, fake, out, settings=strict, limit=2)
+    assert fake.calls == 2 and res.n_cached == 2          # the "game" did not run again
+    assert res.lesion_level.n_regions.iloc[0] == 0
+    # cache-only re-scoring works without any explainer ...
+    res = evaluate_diaretdb1(dataset, None, out, identity=FakeExplainer.identity, settings=SETTINGS, limit=2)
+    assert res.lesion_level.n_regions.iloc[0] == 4
+    # ... and another explainer identity never reads these maps
+    with pytest.raises(FileNotFoundError, match="no cached importance map"):
+        evaluate_diaretdb1(dataset, None, out, identity={"fake": 2}, settings=SETTINGS, limit=1)
+
+
+def test_cli_missing_split_is_one_line(dataset, tmp_path):
+    typer_testing = pytest.importorskip("typer.testing")
+    import typer
+
+    from retina_fgvis.commands import diaretdb1 as cmd
+
+    app, ev = typer.Typer(), typer.Typer()
+    app.add_typer(ev, name="evaluate")
+    cmd.register(app, ev)
+    root = dataset.resources.parents[1]
+    r = typer_testing.CliRunner().invoke(app, ["evaluate", "diaretdb1", "--data-dir", str(root),
+                                               "--split", "test", "--out", str(tmp_path / "o")])
+    assert r.exit_code == 2
+    msg = r.output.strip()   # (stderr is mixed into output by default)
+    assert "image009.png" in msg and "\n" not in msg
