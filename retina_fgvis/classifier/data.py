@@ -1,0 +1,223 @@
+"""Training data: labelled folders, patient-wise splits, a preprocessed uint8 cache, augmentation.
+
+A data folder holds ``labels.csv`` with columns ``file,rdr,patient`` (``grade``, ``eye``
+optional), ``file`` relative to the folder (the layout of ``../shared/data/odir5k_512`` and
+``../shared/data/eyepacs1098_400``). The source name is the folder name.
+
+Why a cache: decoding a JPEG and finding the FOV costs more than half a training step on this
+CPU, and it is the same every epoch. Every image is decoded and preprocessed once
+(:func:`retina_fgvis.fundus.preprocess.crop_fundus_uint8`, the same function inference uses) into
+a uint8 memmap; epochs only augment and normalise.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable
+
+import cv2
+import numpy as np
+import pandas as pd
+import torch
+
+from retina_fgvis.fundus.io import FundusReadError, read_fundus
+from retina_fgvis.fundus.preprocess import (FOVCircle, NoFundusError, circle_mask,
+                                            crop_fundus_uint8, mapping_for_circle)
+
+
+def load_labels(folder: str | Path) -> pd.DataFrame:
+    """``labels.csv`` of a data folder -> DataFrame with ``path, rdr, patient, source``."""
+    folder = Path(folder)
+    csv = folder / "labels.csv"
+    if not csv.exists():
+        raise FileNotFoundError(f"{csv}: labels.csv not found (expected columns file,rdr,patient)")
+    df = pd.read_csv(csv, dtype={"patient": str})
+    for col in ("file", "rdr", "patient"):
+        if col not in df.columns:
+            raise ValueError(f"{csv}: missing column '{col}'")
+    df = df.copy()
+    df["path"] = [str(folder / f) for f in df["file"]]
+    df["source"] = folder.name
+    df["rdr"] = df["rdr"].astype(int)
+    df["patient"] = df["source"] + ":" + df["patient"].astype(str)
+    return df.reset_index(drop=True)
+
+
+def patient_split(df: pd.DataFrame, val_fraction: float, seed: int = 0) -> np.ndarray:
+    """Boolean array, True = validation. Patient-wise: both eyes of a person on one side.
+
+    Deterministic for a given labels.csv: patients are sorted, then permuted with ``seed``; the
+    first ``round(val_fraction * n_patients)`` go to validation.
+    """
+    patients = np.array(sorted(df["patient"].unique()))
+    rng = np.random.default_rng(seed)
+    perm = rng.permutation(len(patients))
+    n_val = int(round(val_fraction * len(patients)))
+    val_patients = set(patients[perm[:n_val]].tolist())
+    return df["patient"].isin(val_patients).to_numpy()
+
+
+def build_split(folders: list[str | Path], val_fractions: list[float], seed: int = 0) -> pd.DataFrame:
+    """All folders' labels with a ``val`` column (per-source patient-wise split)."""
+    if len(val_fractions) == 1 and len(folders) > 1:
+        val_fractions = val_fractions * len(folders)
+    if len(val_fractions) != len(folders):
+        raise ValueError("give one --val-fraction, or one per --data folder")
+    parts = []
+    for folder, frac in zip(folders, val_fractions):
+        df = load_labels(folder)
+        df["val"] = patient_split(df, frac, seed)
+        df["val_fraction"] = frac
+        parts.append(df)
+    return pd.concat(parts, ignore_index=True)
+
+
+def split_fingerprint(df: pd.DataFrame) -> str:
+    """Short hash of the validation file list: lets `evaluate` prove it uses the same split."""
+    names = sorted(f"{s}/{f}" for s, f in zip(df.loc[df["val"], "source"], df.loc[df["val"], "file"]))
+    return hashlib.sha256("\n".join(names).encode()).hexdigest()[:16]
+
+
+# ---------------------------------------------------------------------------------------------
+# Cache
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ImageCache:
+    images: np.ndarray  # (N, S, S, 3) uint8 (memmap)
+    fovs: np.ndarray  # (N, S, S) uint8 0/1 (memmap)
+    fallback: np.ndarray  # (N,) bool: FOV not detected, whole image used
+
+
+def _fallback_crop(rgb: np.ndarray, size: int):
+    """When no FOV is found (0.2 % of the training images: very dark or white surroundings), use
+    the circle inscribed in the image's bounding square, so the image still trains."""
+    h, w = rgb.shape[:2]
+    c = FOVCircle(w / 2.0, h / 2.0, max(h, w) / 2.0)
+    mapping = mapping_for_circle(c, (h, w), size, margin=0.0)
+    fov = np.ones((h, w), bool)
+    crop = mapping.crop_from_original(rgb)
+    fov_model = mapping.crop_from_original(fov.astype(np.float32)) > 0.5
+    return crop, fov_model
+
+
+def build_cache(paths: list[str], size: int, cache_dir: str | Path,
+                progress: Callable[[Iterable], Iterable] = lambda it: it) -> ImageCache:
+    """Decode + preprocess every image once into ``cache_dir`` (reused when complete)."""
+    cache_dir = Path(cache_dir)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    key = hashlib.sha256(("\n".join(paths) + f"|{size}|v1").encode()).hexdigest()[:16]
+    img_f, fov_f, meta_f = (cache_dir / f"{key}.img.u8", cache_dir / f"{key}.fov.u8",
+                            cache_dir / f"{key}.json")
+    n = len(paths)
+    if meta_f.exists():
+        meta = json.loads(meta_f.read_text())
+        images = np.memmap(img_f, np.uint8, "r", shape=(n, size, size, 3))
+        fovs = np.memmap(fov_f, np.uint8, "r", shape=(n, size, size))
+        return ImageCache(images, fovs, np.array(meta["fallback"], bool))
+    images = np.memmap(img_f, np.uint8, "w+", shape=(n, size, size, 3))
+    fovs = np.memmap(fov_f, np.uint8, "w+", shape=(n, size, size))
+    fallback = np.zeros(n, bool)
+    for i in progress(range(n)):
+        try:
+            rgb = read_fundus(paths[i]).rgb
+        except FundusReadError as exc:
+            raise RuntimeError(str(exc)) from None
+        try:
+            crop, fov_model, _, _ = crop_fundus_uint8(rgb, size)
+        except NoFundusError:
+            crop, fov_model = _fallback_crop(rgb, size)
+            fallback[i] = True
+        images[i] = crop
+        fovs[i] = fov_model
+    images.flush()
+    fovs.flush()
+    meta_f.write_text(json.dumps({"paths": paths, "size": size, "fallback": fallback.tolist()}))
+    return ImageCache(np.memmap(img_f, np.uint8, "r", shape=(n, size, size, 3)),
+                      np.memmap(fov_f, np.uint8, "r", shape=(n, size, size)), fallback)
+
+
+# ---------------------------------------------------------------------------------------------
+# Dataset + augmentation
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class AugmentSettings:
+    """Fundus-appropriate augmentation: geometry that a camera/eye can produce (flips, rotation,
+    slight zoom/shift) and mild photometric changes (exposure, contrast, gamma, colour cast).
+    No crops that could cut lesions out, no hue rotation (red lesions must stay red)."""
+
+    hflip: bool = True
+    vflip: bool = True
+    rotate_deg: float = 180.0
+    scale: tuple[float, float] = (0.92, 1.08)
+    shift: float = 0.03
+    brightness: float = 0.15
+    contrast: float = 0.15
+    gamma: float = 0.15
+    colour: float = 0.05
+
+
+class CachedFundusDataset(torch.utils.data.Dataset):
+    """Items: (tensor (3, S, S) normalised with 0 outside the FOV, label, index)."""
+
+    def __init__(self, cache: ImageCache, indices: np.ndarray, labels: np.ndarray, size: int,
+                 mean, std, augment: AugmentSettings | None = None, seed: int = 0):
+        self.cache, self.indices, self.labels = cache, np.asarray(indices), np.asarray(labels)
+        self.size, self.augment, self.seed = int(size), augment, seed
+        self.mean = np.array(mean, np.float32).reshape(1, 1, 3) * 255.0
+        self.std = np.array(std, np.float32).reshape(1, 1, 3) * 255.0
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __getitem__(self, i: int):
+        idx = int(self.indices[i])
+        img = np.asarray(self.cache.images[idx])
+        fov = np.asarray(self.cache.fovs[idx]).astype(np.float32)
+        src = img.shape[0]
+        s = self.size
+        if self.augment is None:
+            if src != s:
+                img = cv2.resize(img, (s, s), interpolation=cv2.INTER_AREA if src > s else cv2.INTER_LINEAR)
+                fov = cv2.resize(fov, (s, s), interpolation=cv2.INTER_LINEAR)
+            x = img.astype(np.float32)
+        else:
+            a = self.augment
+            rng = np.random.default_rng((self.seed, self.epoch, idx))
+            ang = rng.uniform(-a.rotate_deg, a.rotate_deg)
+            sc = rng.uniform(*a.scale) * s / src
+            m = cv2.getRotationMatrix2D((src / 2.0, src / 2.0), ang, sc)
+            m[:, 2] += (s / 2.0 - src / 2.0) + rng.uniform(-a.shift, a.shift, 2) * s
+            if a.hflip and rng.random() < 0.5:
+                m[0] = -m[0]
+                m[0, 2] += s
+            if a.vflip and rng.random() < 0.5:
+                m[1] = -m[1]
+                m[1, 2] += s
+            # area-like quality when shrinking: pre-blur before the (linear) warp
+            if sc < 0.75:
+                sig = 0.5 * (1.0 / sc - 1.0)
+                img = cv2.GaussianBlur(img, (0, 0), sig)
+            img = cv2.warpAffine(img, m, (s, s), flags=cv2.INTER_LINEAR, borderValue=0)
+            fov = cv2.warpAffine(fov, m, (s, s), flags=cv2.INTER_LINEAR, borderValue=0)
+            x = img.astype(np.float32) / 255.0
+            x = np.power(np.clip(x, 0, 1), math.exp(rng.uniform(-a.gamma, a.gamma)))
+            x = x * (1.0 + rng.uniform(-a.brightness, a.brightness))
+            mu = x.mean()
+            x = (x - mu) * (1.0 + rng.uniform(-a.contrast, a.contrast)) + mu
+            x = x * (1.0 + rng.uniform(-a.colour, a.colour, 3)).astype(np.float32)
+            x = np.clip(x, 0, 1) * 255.0
+        x = (x - self.mean) / self.std
+        x = x * (fov > 0.5)[..., None]
+        t = torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1), dtype=np.float32))
+        return t, int(self.labels[i]), idx

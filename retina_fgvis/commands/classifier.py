@@ -1,0 +1,258 @@
+"""CLI: `train`, `predict`, `evaluate classifier`.
+
+`evaluate classifier` is the command that reproduces every number of weights/README.md: it
+rebuilds the patient-wise split from the checkpoint's metadata (folders, validation fractions,
+seed), checks the split fingerprint, and scores the held-out images through the same
+read -> prepare -> predict path a user gets.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Iterable, Optional
+
+import typer
+
+RESEARCH = "Research use only, not a diagnosis."
+
+
+def _rich_progress_factory():
+    """Progress bars on a terminal; nothing (the trainer logs lines) when redirected to a file."""
+    if not sys.stderr.isatty():
+        return lambda it, total=None, description="": it
+    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
+                               TimeElapsedColumn, TimeRemainingColumn)
+
+    def wrap(it: Iterable, total: int | None = None, description: str = ""):
+        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                      TimeElapsedColumn(), TimeRemainingColumn(), transient=True) as prog:
+            task = prog.add_task(description, total=total)
+            for item in it:
+                yield item
+                prog.advance(task)
+
+    return wrap
+
+
+def _log_factory(log_file: Optional[Path]):
+    fh = open(log_file, "a", buffering=1) if log_file else None
+
+    def log(msg: str) -> None:
+        line = f"{time.strftime('%Y-%m-%d %H:%M:%S')} {msg}"
+        print(line, flush=True)
+        if fh:
+            fh.write(line + "\n")
+
+    return log
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w") as fh:
+        fh.write(text)
+    os.replace(tmp, path)
+
+
+def register(app: typer.Typer, evaluate_app: typer.Typer) -> None:
+    @app.command("train")
+    def train_cmd(
+        data: list[Path] = typer.Option(..., "--data", help="Folder with labels.csv (file,rdr,patient); repeat for several sources."),
+        out: Path = typer.Option(Path("weights/rdr-effnet-lite0.pt"), "--out", help="Final checkpoint (+ .sha256)."),
+        val_fraction: list[float] = typer.Option([0.2], "--val-fraction", help="Patient share held out for validation: one value, or one per --data."),
+        arch: str = typer.Option("tf_efficientnet_lite0", help="timm name, 'torchvision:<name>' or 'tiny'."),
+        stages: str = typer.Option("384:2:5e-4,512:1:1e-4", help="Progressive resizing: size:epochs:peak_lr,..."),
+        batch_size: int = typer.Option(16),
+        seed: int = typer.Option(0, help="Split + training seed."),
+        min_sensitivity: float = typer.Option(0.85, help="Operating point: highest threshold with validation sensitivity >= this."),
+        checkpoint_dir: Optional[Path] = typer.Option(None, help="Per-epoch checkpoints + resume state (default: <out stem>.train/ next to --out)."),
+        cache_dir: Optional[Path] = typer.Option(None, help="Preprocessed image cache (default: <checkpoint-dir>/cache)."),
+        device: str = typer.Option("auto", help="auto | cpu | cuda"),
+        threads: int = typer.Option(2, help="CPU threads for torch."),
+        max_images: Optional[int] = typer.Option(None, help="Use at most N images per source (smoke runs)."),
+        no_pretrained: bool = typer.Option(False, "--no-pretrained", help="Random init even for lite0."),
+        log_file: Optional[Path] = typer.Option(None, help="Append log lines here as well."),
+    ) -> None:
+        """Train the referable-DR classifier (resumes automatically from --checkpoint-dir)."""
+        from retina_fgvis.classifier.train import TrainConfig, train
+
+        cfg = TrainConfig(data=[str(d) for d in data], out=str(out), val_fractions=list(val_fraction),
+                          seed=seed, arch=arch, pretrained=not no_pretrained, stages=stages,
+                          batch_size=batch_size, min_sensitivity=min_sensitivity,
+                          checkpoint_dir=str(checkpoint_dir) if checkpoint_dir else None,
+                          cache_dir=str(cache_dir) if cache_dir else None, device=device,
+                          threads=threads, max_images_per_source=max_images)
+        log = _log_factory(log_file)
+        log(f"train: {json.dumps(cfg.__dict__)}")
+        try:
+            train(cfg, log=log, progress=_rich_progress_factory())
+        except (FileNotFoundError, ValueError) as exc:
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(2)
+
+    @app.command("predict")
+    def predict_cmd(
+        images: list[Path] = typer.Argument(..., help="Fundus photographs (PNG/JPEG/TIFF...)."),
+        weights: Optional[Path] = typer.Option(None, help="Checkpoint (default: shipped weights or $RETINA_FGVIS_WEIGHTS)."),
+        csv: Optional[Path] = typer.Option(None, help="Also write a CSV here."),
+        device: str = typer.Option("cpu"),
+    ) -> None:
+        """p(referable DR) per image, and the decision at the shipped operating threshold."""
+        import pandas as pd
+        import torch
+
+        from retina_fgvis.classifier.model import WeightsError, load_classifier
+        from retina_fgvis.fundus.io import FundusReadError, read_fundus
+        from retina_fgvis.fundus.preprocess import NoFundusError
+
+        torch.set_num_threads(2)
+        try:
+            clf = load_classifier(weights, device=device)
+        except WeightsError as exc:
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(2)
+        rows, failed = [], 0
+        for path in images:
+            try:
+                prep = clf.prepare(read_fundus(path).rgb)
+                p = float(clf.predict_proba(prep.tensor[None])[0])
+                rows.append({"file": str(path), "p_referable": round(p, 4),
+                             "decision": "referable" if p >= clf.threshold else "non-referable",
+                             "error": ""})
+                typer.echo(f"{path}\tp(referable)={p:.4f}\t{rows[-1]['decision']}")
+            except FundusReadError as exc:
+                failed += 1
+                rows.append({"file": str(path), "p_referable": None, "decision": "", "error": str(exc)})
+                typer.echo(f"error: {exc}", err=True)
+            except NoFundusError as exc:
+                failed += 1
+                rows.append({"file": str(path), "p_referable": None, "decision": "",
+                             "error": f"{path}: {exc}"})
+                typer.echo(f"error: {path}: {exc}", err=True)
+        typer.echo(f"threshold {clf.threshold:.4f} (weights {clf.path.name}, sha256 {clf.sha256[:12]}). {RESEARCH}")
+        if csv:
+            df = pd.DataFrame(rows)
+            df["note"] = RESEARCH
+            _atomic_write_text(csv, df.to_csv(index=False))
+        if failed == len(images):
+            raise typer.Exit(1)
+
+    @evaluate_app.command("classifier")
+    def evaluate_classifier_cmd(
+        weights: Optional[Path] = typer.Option(None, help="Checkpoint (default: shipped weights)."),
+        data: list[Path] = typer.Option([], "--data", help="Override a training-data folder recorded in the metadata (matched by folder name), or add an external folder."),
+        external: bool = typer.Option(False, help="Score ALL images of --data folders that are not in the metadata (external test sets)."),
+        out: Optional[Path] = typer.Option(None, help="Write metrics.json, predictions.csv, metrics.md here."),
+        n_boot: int = typer.Option(2000, help="Bootstrap resamples (patient level) for the AUC CI."),
+        batch_size: int = typer.Option(16),
+        device: str = typer.Option("cpu"),
+        threads: int = typer.Option(2),
+    ) -> None:
+        """ROC AUC (95 % patient-bootstrap CI), sensitivity/specificity at the shipped threshold,
+        per source, on the patient-wise held-out split recorded in the checkpoint."""
+        import numpy as np
+        import pandas as pd
+        import torch
+
+        from retina_fgvis.classifier.data import build_split, load_labels, split_fingerprint
+        from retina_fgvis.classifier.metrics import summarise
+        from retina_fgvis.classifier.model import WeightsError, load_classifier
+        from retina_fgvis.fundus.io import read_fundus
+        from retina_fgvis.fundus.preprocess import NoFundusError
+
+        torch.set_num_threads(threads)
+        try:
+            clf = load_classifier(weights, device=device)
+        except WeightsError as exc:
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(2)
+        meta = clf.metadata
+        overrides = {Path(d).name: str(d) for d in data}
+        parts = []
+        recorded = meta.get("training_data", [])
+        if recorded:
+            folders = [overrides.pop(s["source"], s["folder"]) for s in recorded]
+            fracs = [float(s["val_fraction"]) for s in recorded]
+            for f in folders:
+                if not (Path(f) / "labels.csv").exists():
+                    typer.echo(f"error: {f}: labels.csv not found (pass --data <folder> to point at "
+                               f"the data)", err=True)
+                    raise typer.Exit(2)
+            df = build_split(folders, fracs, int(meta.get("split_seed", 0)))
+            if meta.get("max_images_per_source"):
+                df = df[df.groupby("source", sort=False).cumcount()
+                        < int(meta["max_images_per_source"])].reset_index(drop=True)
+            fp = split_fingerprint(df)
+            if meta.get("split_fingerprint") and fp != meta["split_fingerprint"]:
+                typer.echo(f"error: the held-out split differs from the one used in training "
+                           f"(fingerprint {fp} != {meta['split_fingerprint']}): labels.csv changed?",
+                           err=True)
+                raise typer.Exit(2)
+            parts.append(df[df["val"]])
+        if external or overrides:
+            for name, folder in overrides.items():
+                ext = load_labels(folder)
+                parts.append(ext)
+        if not parts:
+            typer.echo("error: nothing to evaluate (no training_data in metadata and no --data)", err=True)
+            raise typer.Exit(2)
+        ev = pd.concat(parts, ignore_index=True)
+        progress = _rich_progress_factory()
+        probs = np.full(len(ev), np.nan)
+        errors = [""] * len(ev)
+        t0 = time.time()
+        batch, where = [], []
+
+        def flush():
+            if batch:
+                p = clf.predict_proba(torch.stack(batch)).numpy()
+                probs[where] = p
+                batch.clear()
+                where.clear()
+
+        for i, path in enumerate(progress(ev["path"].tolist(), total=len(ev), description="evaluate")):
+            try:
+                batch.append(clf.prepare(read_fundus(path).rgb).tensor)
+                where.append(i)
+            except NoFundusError as exc:
+                errors[i] = str(exc)
+            if len(batch) >= batch_size:
+                flush()
+        flush()
+        secs = time.time() - t0
+        ev = ev.assign(p_referable=probs, error=errors)
+        ok = ev[~np.isnan(probs)]
+        results = {"weights": str(clf.path), "sha256": clf.sha256, "threshold": clf.threshold,
+                   "input_size": clf.input_size, "n_boot": n_boot, "seconds": secs,
+                   "n_unreadable_fov": int(np.isnan(probs).sum()), "sources": {}}
+        for src, g in ok.groupby("source", sort=True):
+            results["sources"][src] = summarise(g["rdr"].to_numpy(), g["p_referable"].to_numpy(),
+                                                g["patient"].to_numpy(), clf.threshold, n_boot=n_boot)
+        results["sources"]["pooled"] = summarise(ok["rdr"].to_numpy(), ok["p_referable"].to_numpy(),
+                                                 ok["patient"].to_numpy(), clf.threshold, n_boot=n_boot)
+        lines = [f"Held-out evaluation of {clf.path.name} (sha256 {clf.sha256[:12]}), "
+                 f"threshold {clf.threshold:.4f}, input {clf.input_size} px. {RESEARCH}", "",
+                 "| source | images (patients) | referable | ROC AUC [95% CI] | sensitivity [95% CI] | specificity [95% CI] |",
+                 "|---|---|---|---|---|---|"]
+        for src, r in results["sources"].items():
+            lines.append(
+                f"| {src} | {r['n']} ({r['n_patients']}) | {r['n_referable']} | {r['auc']:.3f} "
+                f"[{r['auc_ci95'][0]:.3f}, {r['auc_ci95'][1]:.3f}] | {r['sensitivity']:.3f} "
+                f"[{r['sensitivity_ci95'][0]:.3f}, {r['sensitivity_ci95'][1]:.3f}] | "
+                f"{r['specificity']:.3f} [{r['specificity_ci95'][0]:.3f}, {r['specificity_ci95'][1]:.3f}] |")
+        if results["n_unreadable_fov"]:
+            lines.append(f"\n{results['n_unreadable_fov']} image(s) without a detectable FOV were "
+                         f"skipped (listed in predictions.csv).")
+        text = "\n".join(lines)
+        typer.echo(text)
+        typer.echo(f"({len(ev)} images in {secs:.0f} s)")
+        if out:
+            out.mkdir(parents=True, exist_ok=True)
+            _atomic_write_text(out / "metrics.json", json.dumps(results, indent=1))
+            _atomic_write_text(out / "metrics.md", text + "\n")
+            cols = ["source", "file", "patient", "rdr", "p_referable", "error"]
+            _atomic_write_text(out / "predictions.csv", ev[cols].assign(note=RESEARCH).to_csv(index=False))
