@@ -34,7 +34,7 @@ import numpy as np
 import pandas as pd
 
 from retina_fgvis.datasets.diaretdb1 import LESION_KIND, LESION_TYPES, DiaretDB1
-from retina_fgvis.lesions import RegionSettings, find_regions, regions_table
+from retina_fgvis.lesions import RegionSettings, find_regions, label_regions, regions_table
 from retina_fgvis.metrics.detection import (
     DEFAULT_AGGREGATION, DEFAULT_MODE, DEFAULT_OVERLAPS, OVERLAP_MODES, ImageScore,
     froc_table, image_sensitivity, lesion_level, score_image, type_agreement,
@@ -320,7 +320,7 @@ def evaluate_diaretdb1(dataset: DiaretDB1, explainer: Explainer | None, out_dir:
             if thr == settings.regions.threshold:
                 froc_scores[thr].append(score)
                 continue
-            lab_t, _ = find_regions(imp, img.fov, img.rgb, settings.regions.replace(threshold=thr))
+            lab_t, _ = label_regions(imp, img.fov, settings.regions.replace(threshold=thr))
             froc_scores[thr].append(score_image(img.gt, lab_t, img.name, aggregate=settings.aggregate,
                                                 fov=img.fov))
 

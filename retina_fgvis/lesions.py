@@ -46,7 +46,8 @@ from scipy import ndimage
 from skimage import morphology
 from skimage.measure import label as cc_label
 
-__all__ = ["RegionSettings", "LesionRegion", "flag_pixels", "find_regions", "regions_table"]
+__all__ = ["RegionSettings", "LesionRegion", "flag_pixels", "label_regions", "find_regions",
+           "regions_table"]
 
 
 @dataclass(frozen=True)
@@ -133,6 +134,33 @@ def _local_background(rgb: np.ndarray, free: np.ndarray, bbox: tuple[int, int, i
     return np.median(rgb[rr0:rr1, cc0:cc1][sel].astype(np.float32), axis=0)
 
 
+def label_regions(importance: np.ndarray, fov: np.ndarray,
+                  settings: RegionSettings = RegionSettings()) -> tuple[np.ndarray, np.ndarray]:
+    """Steps 1-4 only (no per-region description): ``(labels int32, flagged bool)``.
+
+    Same labels as :func:`find_regions`; cheap enough to sweep thresholds for an FROC.
+    """
+    imp, fov = _check_inputs(importance, fov, None)
+    flagged = flag_pixels(imp, fov, settings)
+    closed = flagged
+    if settings.closing_radius > 0 and flagged.any():
+        # OpenCV's closing treats the image border neutrally (no erosion from outside).
+        kernel = morphology.disk(settings.closing_radius).astype(np.uint8)
+        closed = cv2.morphologyEx(flagged.astype(np.uint8), cv2.MORPH_CLOSE, kernel).astype(bool) & fov
+    raw = cc_label(closed, connectivity=settings.connectivity)
+    n = int(raw.max())
+    if n == 0:
+        return np.zeros(imp.shape, dtype=np.int32), flagged
+    areas = np.bincount(raw.ravel(), minlength=n + 1)
+    sums = np.bincount(raw.ravel(), weights=imp.ravel().astype(np.float64), minlength=n + 1)
+    keep = [i for i in range(1, n + 1) if areas[i] >= settings.min_area]
+    keep.sort(key=lambda i: (-sums[i] / areas[i], i))
+    remap = np.zeros(n + 1, dtype=np.int32)
+    for new_id, old in enumerate(keep, start=1):
+        remap[old] = new_id
+    return remap[raw], flagged
+
+
 def find_regions(importance: np.ndarray, fov: np.ndarray, rgb: np.ndarray,
                  settings: RegionSettings = RegionSettings()) -> tuple[np.ndarray, list[LesionRegion]]:
     """Regions of an importance map on the ORIGINAL grid.
@@ -142,25 +170,9 @@ def find_regions(importance: np.ndarray, fov: np.ndarray, rgb: np.ndarray,
     importance so that id 1 is the most confidently removed region.
     """
     imp, fov = _check_inputs(importance, fov, rgb)
-    flagged = flag_pixels(imp, fov, settings)
-    closed = flagged
-    if settings.closing_radius > 0 and flagged.any():
-        # OpenCV's closing treats the image border neutrally (no erosion from outside).
-        kernel = morphology.disk(settings.closing_radius).astype(np.uint8)
-        closed = cv2.morphologyEx(flagged.astype(np.uint8), cv2.MORPH_CLOSE, kernel).astype(bool) & fov
-    raw = cc_label(closed, connectivity=settings.connectivity)
-    n = int(raw.max())
-    labels = np.zeros(imp.shape, dtype=np.int32)
-    if n == 0:
+    labels, flagged = label_regions(imp, fov, settings)
+    if labels.max() == 0:
         return labels, []
-    areas = np.bincount(raw.ravel(), minlength=n + 1)
-    sums = np.bincount(raw.ravel(), weights=imp.ravel().astype(np.float64), minlength=n + 1)
-    keep = [i for i in range(1, n + 1) if areas[i] >= settings.min_area]
-    keep.sort(key=lambda i: (-sums[i] / areas[i], i))
-    remap = np.zeros(n + 1, dtype=np.int32)
-    for new_id, old in enumerate(keep, start=1):
-        remap[old] = new_id
-    labels = remap[raw]
 
     rgb3 = np.asarray(rgb)[..., :3]
     free = fov & (labels == 0) & ~flagged   # background candidates: in FOV, not proposed
