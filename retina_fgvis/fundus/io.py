@@ -140,6 +140,10 @@ READERS: dict[str, Reader] = {
     # ------------------------------------------------------------------------------------
 }
 
+# DICOM hook (screening helper): .dcm/.dicom/.dic -> fundus/dicom.py (Fundus with patient/eye/date).
+from retina_fgvis.fundus.dicom import DICOM_SUFFIXES, read_dicom  # noqa: E402
+READERS.update(dict.fromkeys(DICOM_SUFFIXES, read_dicom))
+
 
 def register_reader(suffix: str, reader: Reader) -> None:
     """Add or replace the reader for a file suffix (lower case, with the dot)."""
