@@ -397,7 +397,7 @@ def summary_markdown(res: EvalResult, settings: EvalSettings, split: str, n_imag
         f"**{RESEARCH_ONLY}.** Image-level sensitivity of lesion regions derived from the "
         "explanation of a referable-DR classifier; the classifier never saw a lesion label.",
         "",
-        f"- split: `{split}` ({n_images} images)",
+        f"- split: `{split}` ({n_images} image{'s' if n_images != 1 else ''})",
     ]
     for k, v in (meta or {}).items():
         lines.append(f"- {k}: {v}")
@@ -464,7 +464,7 @@ def summary_markdown(res: EvalResult, settings: EvalSettings, split: str, n_imag
     amb = int(res.type_agreement.n_ambiguous.iloc[0]) if len(res.type_agreement) else 0
     lines += [f"", f"{amb} regions touch both red and bright GT and are left out.", "",
               "## Run time", "",
-              f"- total {res.seconds_total:.1f} s for {n_images} images; FGVis games {res.seconds_game:.1f} s "
+              f"- total {res.seconds_total:.1f} s for {n_images} image{'s' if n_images != 1 else ''}; FGVis games {res.seconds_game:.1f} s "
               f"({n_images - res.n_cached} run, {res.n_cached} from cache)",
               "",
               "Files: sensitivity.csv, lesion_level.csv, froc.csv (+ froc.png), image_roc.csv, "

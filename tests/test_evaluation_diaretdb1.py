@@ -112,3 +112,48 @@ def test_cli_missing_split_is_one_line(dataset, tmp_path):
     assert r.exit_code == 2
     msg = r.output.strip()   # (stderr is mixed into output by default)
     assert "image009.png" in msg and "\n" not in msg
+
+
+def _tiny_weights(path):
+    torch = pytest.importorskip("torch")
+    from retina_fgvis.classifier.model import build_model, save_checkpoint
+
+    torch.manual_seed(0)
+    save_checkpoint(build_model("tiny"), {"arch": "tiny", "input_size": 32, "mean": [0.5] * 3, "std": [0.5] * 3,
+                                          "class_names": ["non-referable", "referable"], "threshold": 0.5}, path)
+    return path
+
+
+def test_cli_real_path_with_tiny_classifier(dataset, tmp_path):
+    """Wiring of classifier.prepare -> FGVis deletion game -> map_to_original -> cache -> scores,
+    with a random 32-px TinyNet and two iterations (what is checked is plumbing, not quality)."""
+    typer_testing = pytest.importorskip("typer.testing")
+    import typer
+
+    from retina_fgvis.commands import diaretdb1 as cmd
+
+    weights = _tiny_weights(tmp_path / "tiny.pt")
+    app, ev = typer.Typer(), typer.Typer()
+    app.add_typer(ev, name="evaluate")
+    cmd.register(app, ev)
+    root = dataset.resources.parents[1]
+    out = tmp_path / "o"
+    args = ["evaluate", "diaretdb1", "--data-dir", str(root), "--split", "train", "--out", str(out),
+            "--limit", "2", "--weights", str(weights), "--fgvis-setting", "max_iterations=2",
+            "--fgvis-setting", "goal=fraction", "--no-overlays"]
+    r = typer_testing.CliRunner().invoke(app, args)
+    assert r.exit_code == 0, r.output
+    assert "Research use only" in r.output
+    per = read_csv(out / "per_image.csv")
+    assert per.cached.tolist() == [False, False] and per.iterations.max() <= 2
+    assert per.p_before.between(0, 1).all()
+    npz = sorted((out / "cache").glob("*.npz"))
+    assert len(npz) == 2
+    with np.load(npz[0]) as z:
+        assert z["importance"].shape == (60, 80)
+        assert "max_iterations" in str(z["identity"]) and "weights_sha256" in str(z["identity"])
+    r = typer_testing.CliRunner().invoke(app, args + ["--threshold", "0.2"])
+    assert r.exit_code == 0 and "(2 cached)" in r.output
+    # another game setting is another cache entry
+    r = typer_testing.CliRunner().invoke(app, [a if a != "max_iterations=2" else "max_iterations=1" for a in args])
+    assert r.exit_code == 0 and "(0 cached)" in r.output

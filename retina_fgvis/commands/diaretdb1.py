@@ -21,6 +21,21 @@ def _parse_floats(text: str, what: str) -> tuple[float, ...]:
     return vals
 
 
+def _parse_settings(items: list[str]) -> dict:
+    import json
+
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise typer.BadParameter(f"--fgvis-setting expects KEY=VALUE, got {item!r}")
+        try:
+            out[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key.strip()] = value
+    return out
+
+
 def register(app: typer.Typer, evaluate_app: typer.Typer) -> None:
     @evaluate_app.command("diaretdb1")
     def evaluate_diaretdb1_cmd(
@@ -42,6 +57,9 @@ def register(app: typer.Typer, evaluate_app: typer.Typer) -> None:
                                             help="Importance levels swept for the FROC."),
         max_iterations: Optional[int] = typer.Option(None, "--max-iterations",
                                                      help="FGVis iterations per image (default: engine's)."),
+        fgvis_setting: list[str] = typer.Option([], "--fgvis-setting",
+                                                help="FGVis setting override KEY=VALUE (repeatable; VALUE "
+                                                     "parsed as JSON when possible), e.g. goal=fraction."),
         device: str = typer.Option("cpu", "--device", help="torch device for the classifier and the game."),
         overlays: bool = typer.Option(True, "--overlays/--no-overlays", help="Write per-image overlay PNGs."),
     ) -> None:
@@ -79,8 +97,14 @@ def register(app: typer.Typer, evaluate_app: typer.Typer) -> None:
         except WeightsError as exc:
             typer.echo(f"error: {exc}", err=True)
             raise typer.Exit(2)
-        fgvis_overrides = {} if max_iterations is None else {"max_iterations": int(max_iterations)}
-        explainer = FGVisExplainer(classifier, target=1, game="deletion", defense=True, **fgvis_overrides)
+        fgvis_overrides = _parse_settings(fgvis_setting)
+        if max_iterations is not None:
+            fgvis_overrides["max_iterations"] = int(max_iterations)
+        try:
+            explainer = FGVisExplainer(classifier, target=1, game="deletion", defense=True, **fgvis_overrides)
+        except (TypeError, ValueError) as exc:
+            typer.echo(f"error: --fgvis-setting: {str(exc).splitlines()[0] if str(exc) else exc!r}", err=True)
+            raise typer.Exit(2)
 
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
