@@ -1,0 +1,302 @@
+"""``retina-fgvis evaluate faithfulness`` (deletion metric, paper Table 2) and
+``retina-fgvis evaluate defense`` (adversarial-evidence defence, paper Table 1 / Fig. 3).
+
+Thin: parses options, picks images, calls :mod:`retina_fgvis.faithfulness`, writes files
+atomically and prints progress. The recorded runs live in ``evaluation/faithfulness/`` and
+``evaluation/defense/`` (their README holds the exact commands).
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+
+MODEL_HELP = "Model to evaluate: 'rdr' (the referable-DR classifier) or 'imagenet' (EfficientNet-Lite0)."
+IMAGES_HELP = ("Folder of images. Default: rdr -> held-out validation images of ../shared/data "
+               "(classifier split, patient-wise, seed 0); imagenet -> the 5 natural photographs of "
+               "skimage.data.")
+
+
+def _echo(msg: str) -> None:
+    typer.echo(msg, err=True)
+
+
+def _device(name: str) -> str:
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise typer.BadParameter("CUDA is not available on this machine", param_hint="--device")
+    return name
+
+
+def _fail(msg: str) -> None:
+    _echo(f"error: {msg}")
+    raise typer.Exit(code=2)
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Temp file in the same folder, then os.replace: readers never see a half-written file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _write_text(path: Path, text: str) -> None:
+    _atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def _write_csv(path: Path, df) -> None:
+    _write_text(path, df.to_csv(index=False, float_format="%.6g"))
+
+
+def _write_figure(path: Path, fig) -> None:
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    _atomic_write_bytes(path, buf.getvalue())
+
+
+def _environment(device: str) -> dict[str, Any]:
+    import torch
+
+    env = {"python": platform.python_version(), "torch": torch.__version__, "device": device,
+           "platform": platform.platform()}
+    if device.startswith("cuda"):
+        env["gpu"] = torch.cuda.get_device_name(0)
+    try:
+        import captum
+        import timm
+
+        env["captum"], env["timm"] = captum.__version__, timm.__version__
+    except Exception:  # noqa: BLE001
+        pass
+    return env
+
+
+def _command(name: str, **opts: Any) -> str:
+    """The equivalent command line (recorded in summary.md / run.json)."""
+    parts = ["retina-fgvis", "evaluate", name]
+    for k, v in opts.items():
+        if v is None or v is False:
+            continue
+        flag = "--" + k.replace("_", "-")
+        parts.append(flag if v is True else f"{flag} {v}")
+    return " ".join(parts)
+
+
+def _load(model: str, weights: Optional[Path], device: str):
+    from retina_fgvis import faithfulness as F
+
+    try:
+        return F.load_eval_model(model, weights, device)
+    except (ValueError, FileNotFoundError) as exc:
+        _fail(str(exc))
+
+
+def _faithfulness_images(em, images: Optional[Path], data_root: Optional[Path], limit: Optional[int],
+                         seed: int):
+    from retina_fgvis import faithfulness as F
+
+    if em.kind == "imagenet":
+        imgs = F.imagenet_images(em, images, limit)
+        desc = (f"{len(imgs)} images from {images}" if images else
+                f"{len(imgs)} natural photographs from skimage.data ({', '.join(i.name for i in imgs)}): "
+                "a small sample, not the ImageNet validation set")
+        return imgs, desc
+    if images is not None:
+        imgs = F.rdr_images(em, images, limit, on_error=_echo)
+        return imgs, f"{len(imgs)} fundus images from {images}"
+    table = F.rdr_validation_table(em.classifier.metadata, data_root)
+    sample = F.sample_rdr(table, limit if limit else 60, seed=seed, balanced=True)
+    imgs = F.rdr_images(em, sample, on_error=_echo)
+    n_pos = sum(1 for i in imgs if i.label == 1)
+    return imgs, (f"{len(imgs)} held-out validation images ({n_pos} referable, {len(imgs) - n_pos} not; "
+                  f"the classifier's patient-wise held-out split, sample seed {seed})")
+
+
+def faithfulness_command(
+    model: str = typer.Option(..., "--model", help=MODEL_HELP),
+    out: Path = typer.Option(..., "--out", help="Output folder."),
+    images: Optional[Path] = typer.Option(None, "--images", help=IMAGES_HELP),
+    limit: Optional[int] = typer.Option(None, "--limit", min=1, help="At most N images (rdr default: 60, balanced)."),
+    methods: str = typer.Option("gradcam,occlusion,lime,rise,gradient,fgvis", "--methods",
+                                help="Comma-separated methods."),
+    weights: Optional[Path] = typer.Option(None, "--weights", help="rdr: classifier checkpoint (default: the project's)."),
+    data_root: Optional[Path] = typer.Option(None, "--data-root", help="rdr: folder with odir5k_512/ and eyepacs1098_400/."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+    batch_size: int = typer.Option(1, "--batch-size", min=1, help="Images per explain call."),
+    insertion: bool = typer.Option(False, "--insertion/--no-insertion", help="Also compute the insertion metric."),
+    rise_masks: int = typer.Option(4000, "--rise-masks", min=1, help="RISE: number of random masks."),
+    lime_samples: int = typer.Option(500, "--lime-samples", min=1, help="LIME: number of perturbed samples."),
+    fgvis_max_iterations: Optional[int] = typer.Option(None, "--fgvis-max-iterations", min=1,
+                                                       help="FGVis: iteration cap (default: the engine's)."),
+    seed: int = typer.Option(0, "--seed", help="Sample seed (rdr)."),
+) -> None:
+    """Deletion metric of FGVis and the baselines (paper Table 2): CSV, table, curves, run times."""
+    from retina_fgvis import faithfulness as F
+    from retina_fgvis.baselines import METHODS
+
+    if model not in ("rdr", "imagenet"):
+        raise typer.BadParameter("use rdr or imagenet", param_hint="--model")
+    chosen = [m.strip() for m in methods.split(",") if m.strip()]
+    bad = [m for m in chosen if m not in METHODS]
+    if bad or not chosen:
+        raise typer.BadParameter(f"unknown method(s) {bad}; choose from {', '.join(METHODS)}",
+                                 param_hint="--methods")
+    dev = _device(device)
+    em = _load(model, weights, dev)
+    try:
+        imgs, image_desc = _faithfulness_images(em, images, data_root, limit, seed)
+    except (ValueError, FileNotFoundError) as exc:
+        _fail(str(exc))
+    if not imgs:
+        _fail("no usable images")
+    options: dict[str, dict[str, Any]] = {
+        "rise": {"n_masks": rise_masks},
+        "lime": {"n_samples": lime_samples, "mean": em.mean, "std": em.std},  # SLIC on true colours
+    }
+    if fgvis_max_iterations:
+        options["fgvis"] = {"max_iterations": fgvis_max_iterations}
+    cmd = _command("faithfulness", model=model, images=images, limit=limit, methods=",".join(chosen),
+                   weights=weights, data_root=data_root, device=device, batch_size=batch_size,
+                   insertion=insertion, rise_masks=rise_masks, lime_samples=lime_samples,
+                   fgvis_max_iterations=fgvis_max_iterations, seed=seed if seed else None, out=out)
+    _echo(f"{em.description}; {image_desc}; methods {', '.join(chosen)}; device {dev}")
+    t0 = time.time()
+    run = F.run_faithfulness(em, imgs, chosen, options, batch_size=batch_size, with_insertion=insertion,
+                             progress=_echo)
+    out.mkdir(parents=True, exist_ok=True)
+    _write_csv(out / "auc_per_image.csv", run.per_image)
+    summary = F.faithfulness_summary(run)
+    _write_csv(out / "summary.csv", summary)
+    _write_csv(out / "mean_deletion_curves.csv", F.mean_curves_table(run))
+    _write_text(out / "summary.md", F.faithfulness_markdown(run, em.description, image_desc, cmd))
+    _write_figure(out / "deletion_curves.png", F.curves_figure(run))
+    meta = {"command": cmd, "model": em.description, "images": image_desc,
+            "image_names": [i.name for i in imgs], "methods": chosen, "method_options": options,
+            "seconds_total": round(time.time() - t0, 1), "environment": _environment(dev),
+            "note": F.RESEARCH_NOTE}
+    _write_text(out / "run.json", json.dumps(meta, indent=2, default=str) + "\n")
+    for r in summary.itertuples():
+        _echo(f"{r.label:32s} deletion AUC {r.deletion_auc_mean:.4f}  ({r.seconds_explain_per_image:.1f} s/image)")
+    _echo(f"wrote {out}/summary.md")
+
+
+def _defense_cases(em, images: Optional[Path], data_root: Optional[Path], limit: Optional[int],
+                   seed: int, min_confidence: float, max_p_referable: float):
+    from retina_fgvis import faithfulness as F
+
+    if em.kind == "imagenet" or images is not None:
+        imgs = (F.imagenet_images(em, images) if em.kind == "imagenet"
+                else F.rdr_images(em, images, on_error=_echo))
+        cases, zc, zp, notes = F.defense_cases(em, imgs, min_confidence=min_confidence,
+                                               max_p_target=max_p_referable)
+        cases = cases[:limit] if limit else cases
+        src = (f"the {len(imgs)} natural photographs of skimage.data (a small sample)" if em.kind == "imagenet"
+               and images is None else f"{len(imgs)} images from {images}")
+        return cases, zc, zp, notes, f"{len(cases)} of {src}"
+    # RDR, held-out validation data: confidently non-referable eyes, until `limit` are found.
+    want = limit if limit else 100
+    table = F.rdr_validation_table(em.classifier.metadata, data_root)
+    table = F.sample_rdr(table[table["rdr"] == 0], None, seed=seed, balanced=False)
+    cases: list = []
+    notes: list[str] = []
+    zc, zp, seen = -1, None, 0
+    for start in range(0, len(table), 16):
+        if len(cases) >= want:
+            break
+        imgs = F.rdr_images(em, table.iloc[start : start + 16], on_error=_echo)
+        seen += len(imgs)
+        got, zc, zp, notes = F.defense_cases(em, imgs, max_p_target=max_p_referable)
+        cases.extend(got)
+    cases = cases[:want]
+    notes = [n for n in notes if "did not meet" not in n]
+    desc = (f"{len(cases)} held-out validation eyes graded non-referable with p(referable) <= "
+            f"{max_p_referable} (from {seen} examined; the classifier's patient-wise held-out split)")
+    return cases, zc, zp, notes, desc
+
+
+def defense_command(
+    model: str = typer.Option(..., "--model", help=MODEL_HELP),
+    out: Path = typer.Option(..., "--out", help="Output folder."),
+    images: Optional[Path] = typer.Option(None, "--images", help=IMAGES_HELP),
+    limit: Optional[int] = typer.Option(None, "--limit", min=1, help="At most N images (rdr default: 100)."),
+    weights: Optional[Path] = typer.Option(None, "--weights", help="rdr: classifier checkpoint."),
+    data_root: Optional[Path] = typer.Option(None, "--data-root", help="rdr: folder with odir5k_512/ and eyepacs1098_400/."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+    batch_size: int = typer.Option(4, "--batch-size", min=1, help="Images per FGVis call."),
+    min_confidence: float = typer.Option(0.0, "--min-confidence", min=0.0, max=1.0,
+                                         help="imagenet: keep images whose top class has at least this "
+                                              "probability (paper: 0.995 on the true class)."),
+    max_p_referable: float = typer.Option(0.05, "--max-p-referable", min=0.0, max=1.0,
+                                          help="rdr: 'confidently non-referable' = p(referable) <= this."),
+    max_iterations: Optional[int] = typer.Option(None, "--max-iterations", min=1,
+                                                 help="FGVis iteration cap (default: the engine's)."),
+    examples: int = typer.Option(4, "--examples", min=0, help="Figures (paper Fig. 3) for the first N images."),
+    seed: int = typer.Option(0, "--seed", help="Sample seed (rdr)."),
+) -> None:
+    """Can FGVis generate a class with no evidence? Rate with and without the defence (paper Table 1)."""
+    from retina_fgvis import faithfulness as F
+
+    if model not in ("rdr", "imagenet"):
+        raise typer.BadParameter("use rdr or imagenet", param_hint="--model")
+    dev = _device(device)
+    em = _load(model, weights, dev)
+    try:
+        cases, zc, zp, notes, desc = _defense_cases(em, images, data_root, limit, seed, min_confidence,
+                                                    max_p_referable)
+    except (ValueError, FileNotFoundError) as exc:
+        _fail(str(exc))
+    if not cases:
+        _fail("no image meets the selection rule (see --min-confidence / --max-p-referable)")
+    settings = dict(F.DEFENSE_FGVIS_SETTINGS)
+    if max_iterations:
+        settings["max_iterations"] = max_iterations
+    cmd = _command("defense", model=model, images=images, limit=limit, weights=weights, data_root=data_root,
+                   device=device, batch_size=batch_size,
+                   min_confidence=min_confidence if min_confidence else None,
+                   max_p_referable=max_p_referable if model == "rdr" else None,
+                   max_iterations=max_iterations, examples=examples, seed=seed if seed else None, out=out)
+    _echo(f"{em.description}; {desc}; device {dev}")
+    t0 = time.time()
+    run = F.run_defense(em, cases, settings, batch_size=batch_size, n_examples=examples, progress=_echo,
+                        zero_image_class=zc, zero_image_probs=zp, notes=notes)
+    out.mkdir(parents=True, exist_ok=True)
+    _write_csv(out / "defense_per_image.csv", run.per_image)
+    _write_text(out / "summary.md", F.defense_markdown(run, em.description, desc, settings, cmd))
+    for i, ex in enumerate(run.examples, 1):
+        _write_figure(out / "examples" / f"example-{i:02d}.png", F.defense_figure(ex, em.mean, em.std))
+    df = run.per_image
+    meta = {"command": cmd, "model": em.description, "images": desc, "fgvis_settings": settings,
+            "generated_without_defence": float(df["undefended_success"].mean()),
+            "generated_with_defence": float(df["defended_success"].mean()), "n": len(df),
+            "notes": run.notes, "seconds_total": round(time.time() - t0, 1),
+            "environment": _environment(dev), "note": F.RESEARCH_NOTE}
+    _write_text(out / "run.json", json.dumps(meta, indent=2, default=str) + "\n")
+    _echo(f"adversarial class generated: without defence {100 * meta['generated_without_defence']:.1f} %, "
+          f"with defence {100 * meta['generated_with_defence']:.1f} % (n = {len(df)})")
+    _echo(f"wrote {out}/summary.md")
+
+
+def register(app: typer.Typer, evaluate_app: typer.Typer) -> None:
+    evaluate_app.command("faithfulness")(faithfulness_command)
+    evaluate_app.command("defense")(defense_command)

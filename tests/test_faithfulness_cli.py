@@ -1,0 +1,123 @@
+"""`retina-fgvis evaluate faithfulness|defense` end to end on 2 tiny images with a tiny model."""
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+from typer.testing import CliRunner
+
+from retina_fgvis import faithfulness as F
+
+torch.set_num_threads(1)
+
+HAS_ENGINE = importlib.util.find_spec("retina_fgvis.fgvis.games") is not None
+
+
+class Tiny(nn.Module):
+    def __init__(self, classes: int = 4):
+        super().__init__()
+        torch.manual_seed(0)
+        self.features = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+                                      nn.Conv2d(6, 8, 3, padding=1), nn.ReLU())
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, classes))
+
+    def forward(self, x):
+        return self.head(self.features(x))
+
+
+def tiny_eval_model(kind: str = "imagenet", *_a, **_k) -> F.EvalModel:
+    model = Tiny().eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return F.EvalModel(kind="imagenet", model=model, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5),
+                       input_size=32, class_names=["a", "b", "c", "d"], description="tiny test CNN")
+
+
+@pytest.fixture()
+def tiny_setup(tmp_path, monkeypatch):
+    rng = np.random.default_rng(0)
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i in range(2):
+        Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(folder / f"im{i}.png")
+    monkeypatch.setattr(F, "load_eval_model", tiny_eval_model)
+    from retina_fgvis.cli import app
+
+    return app, folder, tmp_path / "out"
+
+
+def test_faithfulness_cli_end_to_end(tiny_setup):
+    app, folder, out = tiny_setup
+    methods = "gradcam,occlusion,lime,rise,gradient" + (",fgvis" if HAS_ENGINE else "")
+    args = ["evaluate", "faithfulness", "--model", "imagenet", "--images", str(folder), "--out", str(out),
+            "--methods", methods, "--rise-masks", "16", "--lime-samples", "20", "--device", "cpu",
+            "--insertion"]
+    if HAS_ENGINE:
+        args += ["--fgvis-max-iterations", "5"]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output
+    df = pd.read_csv(out / "auc_per_image.csv")
+    n_methods = len(methods.split(","))
+    assert len(df) == 2 * n_methods
+    assert df["deletion_auc"].between(0, 1).all()
+    assert (df["evaluations"] == 206).all()  # step ceil(1024/224) = 5 -> ceil(1024/5) = 205 steps + 1
+    assert {"seconds_explain", "seconds_metric", "insertion_auc"} <= set(df.columns)
+    md = (out / "summary.md").read_text()
+    assert "0.1232" in md and "Research use only" in md and "Grad-CAM" in md
+    assert (out / "deletion_curves.png").stat().st_size > 1000
+    curves = pd.read_csv(out / "mean_deletion_curves.csv")
+    assert curves["fraction_removed"].iloc[0] == 0 and curves["fraction_removed"].iloc[-1] == 1
+    meta = json.loads((out / "run.json").read_text())
+    assert meta["image_names"] == ["im0.png", "im1.png"]
+
+
+def test_faithfulness_cli_rejects_bad_method(tiny_setup):
+    app, folder, out = tiny_setup
+    res = CliRunner().invoke(app, ["evaluate", "faithfulness", "--model", "imagenet", "--images", str(folder),
+                                   "--out", str(out), "--methods", "gradcam,bogus"])
+    assert res.exit_code != 0
+    assert "bogus" in res.output
+
+
+@pytest.mark.skipif(not HAS_ENGINE, reason="FGVis engine (retina_fgvis.fgvis.games) not available yet")
+def test_defense_cli_end_to_end(tiny_setup):
+    app, folder, out = tiny_setup
+    res = CliRunner().invoke(app, ["evaluate", "defense", "--model", "imagenet", "--images", str(folder),
+                                   "--out", str(out), "--max-iterations", "20", "--examples", "1",
+                                   "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    df = pd.read_csv(out / "defense_per_image.csv")
+    assert len(df) == 2
+    assert {"undefended_success", "defended_success", "target", "undefended_p_target"} <= set(df.columns)
+    assert (out / "examples" / "example-01.png").exists()
+    assert "generated with defence" in (out / "summary.md").read_text()
+
+
+def test_defense_target_rule_skips_zero_image_class():
+    em = tiny_eval_model()
+    x = torch.randn(3, 3, 32, 32)
+    imgs = [F.EvalImage(name=f"i{i}", tensor=x[i]) for i in range(3)]
+    cases, zclass, zprobs, _ = F.defense_cases(em, imgs)
+    probs = F.predict(em, x)
+    for c, p in zip(cases, probs):
+        order = torch.argsort(p)
+        expected = int(order[0]) if int(order[0]) != zclass else int(order[1])
+        assert c.target == expected != zclass
+    assert zprobs.shape == (4,)
+
+
+def test_rdr_sample_is_balanced_and_deterministic():
+    table = pd.DataFrame({"file": [f"f{i}.jpg" for i in range(40)], "source": "s",
+                          "rdr": [1] * 10 + [0] * 30, "path": [f"/x/f{i}.jpg" for i in range(40)],
+                          "patient": [str(i // 2) for i in range(40)]})
+    a = F.sample_rdr(table, 12, seed=0)
+    b = F.sample_rdr(table, 12, seed=0)
+    assert a.equals(b)
+    assert (a["rdr"] == 1).sum() == 6 and len(a) == 12
+    assert (F.sample_rdr(table, 30)["rdr"] == 1).sum() == 10  # all positives, then negatives
