@@ -121,3 +121,69 @@ def test_rdr_sample_is_balanced_and_deterministic():
     assert a.equals(b)
     assert (a["rdr"] == 1).sum() == 6 and len(a) == 12
     assert (F.sample_rdr(table, 30)["rdr"] == 1).sum() == 10  # all positives, then negatives
+
+
+def _tiny_rdr_model(*_a, **_k) -> F.EvalModel:
+    from retina_fgvis.classifier.model import Classifier, TinyNet
+
+    torch.manual_seed(0)
+    net = TinyNet(2).eval()
+    with torch.no_grad():
+        net.classifier.bias.copy_(torch.tensor([3.0, -3.0]))  # confidently "non-referable"
+    for p in net.parameters():
+        p.requires_grad_(False)
+    meta = {"arch": "tiny", "input_size": 48, "mean": [0.5] * 3, "std": [0.5] * 3,
+            "class_names": ["non-referable", "referable"], "threshold": 0.5}
+    clf = Classifier(model=net, metadata=meta)
+    return F.EvalModel(kind="rdr", model=net, mean=clf.mean, std=clf.std, input_size=48,
+                       class_names=meta["class_names"], description="tiny RDR test net", classifier=clf)
+
+
+@pytest.fixture()
+def tiny_rdr_data(tmp_path, monkeypatch):
+    """Synthetic data root with the two sources' layout (labels.csv + images)."""
+    from tests._fundus_synth import synthetic_fundus
+
+    root = tmp_path / "data"
+    for src in ("odir5k_512", "eyepacs1098_400"):
+        (root / src / "images").mkdir(parents=True)
+        rows = []
+        for pat in range(4):
+            for eye in ("left", "right"):
+                name = f"images/{pat}_{eye}.jpg"
+                Image.fromarray(synthetic_fundus(80, 80, lesions=pat % 2, seed=pat)).save(root / src / name)
+                rows.append({"file": name, "grade": 2 * (pat % 2), "rdr": pat % 2, "patient": pat, "eye": eye})
+        pd.DataFrame(rows).to_csv(root / src / "labels.csv", index=False)
+    monkeypatch.setattr(F, "load_eval_model", _tiny_rdr_model)
+    from retina_fgvis.cli import app
+
+    return app, root, tmp_path / "out"
+
+
+def test_rdr_validation_split_is_the_classifiers(tiny_rdr_data):
+    _, root, _ = tiny_rdr_data
+    from retina_fgvis.classifier.data import build_split
+
+    val = F.rdr_validation_table(None, root)
+    ref = build_split([root / "odir5k_512", root / "eyepacs1098_400"], [0.2, 0.5], seed=0)
+    assert sorted(val["path"]) == sorted(ref.loc[ref["val"], "path"])
+    with pytest.raises(ValueError, match="fingerprint"):
+        F.rdr_validation_table({"training_data": [{"source": "odir5k_512", "folder": "x", "val_fraction": 0.2}],
+                                "split_fingerprint": "0000"}, root)
+
+
+@pytest.mark.skipif(not HAS_ENGINE, reason="FGVis engine (retina_fgvis.fgvis.games) not available yet")
+def test_rdr_cli_paths(tiny_rdr_data):
+    app, root, out = tiny_rdr_data
+    res = CliRunner().invoke(app, ["evaluate", "faithfulness", "--model", "rdr", "--data-root", str(root),
+                                   "--limit", "2", "--methods", "gradient,fgvis", "--fgvis-max-iterations", "5",
+                                   "--out", str(out / "f"), "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    df = pd.read_csv(out / "f" / "auc_per_image.csv")
+    assert len(df) == 4 and set(df["label"]) <= {0, 1}
+    res = CliRunner().invoke(app, ["evaluate", "defense", "--model", "rdr", "--data-root", str(root),
+                                   "--limit", "2", "--max-iterations", "10", "--out", str(out / "d"),
+                                   "--device", "cpu", "--max-p-referable", "0.5"])
+    assert res.exit_code == 0, res.output
+    df = pd.read_csv(out / "d" / "defense_per_image.csv")
+    assert len(df) == 2 and (df["target"] == 1).all() and (df["label"] == 0).all()
