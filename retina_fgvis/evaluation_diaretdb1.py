@@ -44,6 +44,7 @@ from retina_fgvis.metrics.image_roc import image_roc_table
 __all__ = [
     "RESEARCH_ONLY", "CSV_NOTICE", "PAPER_TABLE3", "DEFAULT_FROC_THRESHOLDS", "Explanation",
     "FGVisExplainer", "ImportanceCache", "EvalSettings", "EvalResult", "evaluate_diaretdb1",
+    "threshold_sweep", "suggest_threshold",
     "write_outputs", "read_csv",
 ]
 
@@ -383,6 +384,43 @@ def _pct(v: float) -> str:
     return "–" if v is None or (isinstance(v, float) and np.isnan(v)) else f"{100 * v:.1f}"
 
 
+def threshold_sweep(froc: pd.DataFrame, mode: str = DEFAULT_MODE) -> pd.DataFrame:
+    """One row per region threshold: mean image-level sensitivity over the lesion types
+    present (per overlap), lesion-level hit fraction of all GT regions, FP regions / image.
+    Columns: threshold, img_sens_<pct> ..., hit_<pct> ..., fp_per_image, score (mean of the
+    img_sens columns: what :func:`suggest_threshold` maximises)."""
+    rows = []
+    for thr in sorted(froc.threshold.unique()):
+        sub = froc[(froc.threshold == thr) & (froc["mode"] == mode)]
+        row: dict[str, float] = {"threshold": float(thr)}
+        sens_cols = []
+        for ov in sorted(sub.overlap.unique()):
+            per = sub[(sub.overlap == ov) & (sub.lesion != "all")]
+            col = f"img_sens_{100 * ov:g}"
+            row[col] = float(np.nanmean(per.image_sensitivity)) if per.image_sensitivity.notna().any() else float("nan")
+            sens_cols.append(col)
+            alln = sub[(sub.overlap == ov) & (sub.lesion == "all")]
+            row[f"hit_{100 * ov:g}"] = float(alln.sensitivity.iloc[0]) if len(alln) else float("nan")
+        row["fp_per_image"] = float(sub.fp_per_image.iloc[0]) if len(sub) else float("nan")
+        vals = [row[c] for c in sens_cols if not np.isnan(row[c])]
+        row["score"] = float(np.mean(vals)) if vals else float("nan")
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def suggest_threshold(froc: pd.DataFrame, mode: str = DEFAULT_MODE, tolerance: float = 0.01) -> float:
+    """The documented tuning rule (apply on the TRAINING split only): among the swept
+    thresholds, the highest one whose mean image-level sensitivity (over the lesion types
+    and both overlaps, ``mode``) is within ``tolerance`` of the best. Higher thresholds
+    flag fewer pixels, so among equally sensitive settings this picks the one with the
+    fewest false positives. NaN when nothing was swept."""
+    sweep = threshold_sweep(froc, mode)
+    if not len(sweep) or sweep.score.isna().all():
+        return float("nan")
+    best = float(sweep.score.max())
+    return float(sweep[sweep.score >= best - tolerance - 1e-12].threshold.max())
+
+
 def summary_markdown(res: EvalResult, settings: EvalSettings, split: str, n_images: int,
                      identity: Mapping[str, Any] | None = None, meta: Mapping[str, Any] | None = None) -> str:
     """summary.md: Table-3-shaped sensitivities beside the paper, FP/image, lesion level,
@@ -462,8 +500,24 @@ def summary_markdown(res: EvalResult, settings: EvalSettings, split: str, n_imag
     for _, rr in res.type_agreement.iterrows():
         lines.append(f"| {rr.kind} | {int(rr.n_regions)} | {int(rr.agree)} | {_pct(rr.agreement)} |")
     amb = int(res.type_agreement.n_ambiguous.iloc[0]) if len(res.type_agreement) else 0
-    lines += [f"", f"{amb} regions touch both red and bright GT and are left out.", "",
-              "## Run time", "",
+    lines += [f"", f"{amb} regions touch both red and bright GT and are left out.", ""]
+    sweep = threshold_sweep(res.froc, settings.default_mode)
+    if len(sweep):
+        ov_cols = [c for c in sweep.columns if c.startswith("img_sens_")]
+        hit_cols = [c for c in sweep.columns if c.startswith("hit_")]
+        lines += [f"## Threshold sweep ({settings.default_mode}; FROC points, froc.csv / froc.png)", "",
+                  "| threshold | " + " | ".join(f"mean image sens. % @{c[9:]}" for c in ov_cols) + " | " +
+                  " | ".join(f"GT regions hit % @{c[4:]}" for c in hit_cols) + " | FP regions / image |",
+                  "|---" * (2 + len(ov_cols) + len(hit_cols)) + "|"]
+        for _, rr in sweep.iterrows():
+            lines.append(f"| {rr.threshold:g} | " + " | ".join(_pct(rr[c]) for c in ov_cols) + " | " +
+                         " | ".join(_pct(rr[c]) for c in hit_cols) + f" | {rr.fp_per_image:.2f} |")
+        sugg = suggest_threshold(res.froc, settings.default_mode)
+        note = ("" if split == "train" else
+                " — informative only: thresholds are tuned on the training split, never on this one")
+        lines += ["", f"Tuning rule (training split only): highest threshold within 1 point of the best mean "
+                      f"image-level sensitivity -> **{sugg:g}**{note}.", ""]
+    lines += ["## Run time", "",
               f"- total {res.seconds_total:.1f} s for {n_images} image{'s' if n_images != 1 else ''}; FGVis games {res.seconds_game:.1f} s "
               f"({n_images - res.n_cached} run, {res.n_cached} from cache)",
               "",

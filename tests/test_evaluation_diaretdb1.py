@@ -157,3 +157,25 @@ def test_cli_real_path_with_tiny_classifier(dataset, tmp_path):
     # another game setting is another cache entry
     r = typer_testing.CliRunner().invoke(app, [a if a != "max_iterations=2" else "max_iterations=1" for a in args])
     assert r.exit_code == 0 and "(0 cached)" in r.output
+
+
+def test_threshold_sweep_and_suggestion():
+    import pandas as pd
+
+    from retina_fgvis.evaluation_diaretdb1 import suggest_threshold, threshold_sweep
+
+    # mean image sensitivity: thr .3 -> (1.0 + .5)/2 ... see rows; FP falls with the threshold
+    rows = []
+    for thr, s25, s50, fp in ((0.3, 1.0, 0.8, 3.0), (0.5, 1.0, 0.795, 1.0), (0.7, 0.6, 0.4, 0.2)):
+        for lesion in ("H", "HE"):
+            rows.append([thr, lesion, 0.25, "coverage", 1, 1, 1.0, s25, 2, 4, 2, fp])
+            rows.append([thr, lesion, 0.5, "coverage", 1, 1, 1.0, s50, 2, 4, 2, fp])
+        rows.append([thr, "all", 0.25, "coverage", 2, 2, 1.0, np.nan, 2, 4, 2, fp])
+    froc = pd.DataFrame(rows, columns=["threshold", "lesion", "overlap", "mode", "n_lesions", "hits",
+                                       "sensitivity", "image_sensitivity", "n_images", "n_regions",
+                                       "fp_regions", "fp_per_image"])
+    sw = threshold_sweep(froc).set_index("threshold")
+    assert sw.loc[0.3, "score"] == pytest.approx(0.9) and sw.loc[0.5, "score"] == pytest.approx(0.8975)
+    # best .9 at .3; .5 is within 0.01 and flags less -> .5; .7 (0.5) is not
+    assert suggest_threshold(froc) == 0.5
+    assert suggest_threshold(froc, tolerance=0.0) == 0.3
