@@ -26,6 +26,7 @@ which the bound argument has not been checked (PReLU, SELU, Mish, ...) raise
 """
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
@@ -223,8 +224,8 @@ class ActivationBounds:
 
     def _forward_ends(self, module: torch.nn.Module, args: Any, output: Any) -> None:
         was_in_forward, self._in_forward = self._in_forward, False
-        if not was_in_forward or self._recording:
-            return
+        if not was_in_forward or self._recording or sys.exc_info()[0] is not None:
+            return  # (the forward pass itself raised: let that error through, unmasked)
         if self._call_index < len(self.records):  # more calls already raised in _on_call
             raise CallSequenceError(
                 f"activation_bounds: this forward pass made {self._call_index} nonlinearity calls, "

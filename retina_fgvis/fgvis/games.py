@@ -239,7 +239,7 @@ class FGVis:
         m0 = spec.mask_init
         mask = torch.full_like(x, m0)
         best = mask.clone()
-        best_mass = torch.full((B,), float("inf"), device=device)
+        best_cost = torch.full((B,), float("inf"), device=device)
         reached = torch.zeros(B, dtype=torch.bool, device=device)
         since_best = torch.zeros(B, dtype=torch.long, device=device)
         iterations = torch.zeros(B, dtype=torch.long, device=device)
@@ -280,12 +280,13 @@ class FGVis:
                     with torch.no_grad():
                         p_now = p.detach()
                         ok = p_now <= goal[active] if spec.removes_evidence else p_now >= goal[active]
-                        mass = ((m_used - m0).abs() * fa).flatten(1).sum(1) / (fov_pixels[active] * x.shape[1])
-                        better = ok & (mass < best_mass[active])
+                        # the snapshot kept is the goal-reaching one with the lowest sparsity cost
+                        cost = (spec.sparsity(m_used) * fa).flatten(1).sum(1) / (fov_pixels[active] * x.shape[1])
+                        better = ok & (cost < best_cost[active])
                         if better.any():
                             idx = active[better]
                             best[idx] = m_used[better]
-                            best_mass[idx] = mass[better]
+                            best_cost[idx] = cost[better]
                         reached[active] |= ok
                         since_best[active] = torch.where(better, 0, since_best[active] + 1)
                         if s.lambda_schedule == "adaptive" and t > s.warmup_iterations:
