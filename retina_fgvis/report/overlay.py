@@ -44,7 +44,12 @@ def _outline(img: np.ndarray, mask: np.ndarray, color: tuple[int, int, int], thi
 
 
 def _text(img: np.ndarray, text: str, org: tuple[int, int], scale: float, color, thickness: int) -> None:
-    cv2.putText(img, text, org, cv2.FONT_HERSHEY_SIMPLEX, scale, (0, 0, 0), thickness + 2, cv2.LINE_AA)
+    # A dark box behind the text (not a thicker black stroke: with OpenCV 5's font rendering
+    # a heavier weight changes the glyph widths, and the "shadow" smears).
+    (tw, th), base = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, scale, thickness)
+    x, y = org
+    pad = max(2, thickness)
+    cv2.rectangle(img, (x - pad, y - th - pad), (x + tw + pad, y + base + pad), (0, 0, 0), -1)
     cv2.putText(img, text, org, cv2.FONT_HERSHEY_SIMPLEX, scale, tuple(int(c) for c in color),
                 thickness, cv2.LINE_AA)
 
@@ -110,7 +115,7 @@ def draw_overlay(rgb: np.ndarray, proposals: np.ndarray | Sequence | None = None
         gt_used.append((lesion, color))
 
     scale = max(0.4, min(h, w) / 900)
-    lh = int(30 * scale) + 4
+    lh = int(38 * scale) + 6
     if legend and (used_kinds or gt_used):
         y = lh
         for kind in dict.fromkeys(used_kinds):
@@ -121,5 +126,6 @@ def draw_overlay(rgb: np.ndarray, proposals: np.ndarray | Sequence | None = None
             _text(img, f"GT {lesion}", (10, y), scale, color, max(1, t // 2))
             y += lh
     if caption:
-        _text(img, caption, (10, h - 10), scale, (255, 255, 255), max(1, t // 2))
+        (_, th), base = cv2.getTextSize(caption, cv2.FONT_HERSHEY_SIMPLEX, scale, max(1, t // 2))
+        _text(img, caption, (10, h - base - 6), scale, (255, 255, 255), max(1, t // 2))
     return img
