@@ -106,7 +106,9 @@ def test_defended_game_runs_on_standard_cnns(build) -> None:
     model = build().eval()
     x = torch.randn(2, 3, 64, 64)
     # random weights: p(target) is ~1/1000 already, so the goal is a fraction of it
-    r = FGVis(model, max_iterations=3, check_every=1, goal="fraction").attribute(x, target=torch.tensor([1, 2]))
+    r = FGVis(model, max_iterations=3, check_every=1, goal="fraction", lambda_init=1e-4).attribute(
+        x, target=torch.tensor([1, 2])
+    )
     assert r.mask.shape == x.shape
     assert torch.all(r.iterations == 3) or bool(r.goal_reached.any())
     assert float((1 - r.mask).abs().sum()) > 0  # the mask moved: gradient reached it
