@@ -212,12 +212,15 @@ class FGVis:
         game: GameName = "deletion",
         fov_mask: torch.Tensor | None = None,
         progress: Callable[[int, int], None] | None = None,
+        snapshot: Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], None] | None = None,
     ) -> FGVisResult:
         """Run ``game`` for class ``target`` on the batch ``inputs``.
 
         ``fov_mask`` (B,H,W) or (B,1,H,W) bool: pixels outside it keep m0 and are not counted in
         the sparsity term or the changed-pixel fraction (a fundus photo's black surround is no
-        evidence of anything). ``progress(iteration, active_samples)`` is called at each check.
+        evidence of anything). ``progress(iteration, active_samples)`` is called at each check;
+        ``snapshot(iteration, sample_indices, masks, probs)`` too, with the active samples'
+        current masks (for studies of how the explanation evolves; costs a copy).
         """
         if game not in GAMES:
             raise ValueError(f"unknown game '{game}' (choose from {', '.join(GAMES)})")
@@ -298,6 +301,8 @@ class FGVis:
                         for i, pi, li in zip(active.tolist(), p_now.tolist(), lam_log.tolist()):
                             prob_hist[i].append(pi)
                             lam_hist[i].append(li)
+                        if snapshot is not None:
+                            snapshot(t, active.cpu(), m_used.cpu(), p_now.cpu())
                         finished = reached[active] & (since_best[active] > s.patience)
                         active = active[~finished]
                     if progress is not None:

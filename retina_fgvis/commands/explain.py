@@ -1,0 +1,91 @@
+"""`retina-fgvis explain IMAGE... --out DIR`: one FGVis game per image, Fig. 2 pictures + JSON.
+
+Output names never contain the input file name (it may hold a patient name): each image gets
+``image-<first 12 hex of sha256(path)>``; the JSON says which file it came from.
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+GAME_CHOICES = ("deletion", "preservation", "generation", "repression")
+
+
+def register(app: typer.Typer, evaluate_app: typer.Typer) -> None:
+    @app.command("explain")
+    def explain_cmd(
+        images: List[Path] = typer.Argument(..., help="Fundus photographs (PNG/JPEG/TIFF/DICOM)."),
+        out: Path = typer.Option(..., "--out", help="Output folder."),
+        game: str = typer.Option("deletion", help="deletion | preservation | generation | repression"),
+        defense: bool = typer.Option(True, "--defense/--no-defense", help="Eq. 6 gradient clipping."),
+        weights: Optional[Path] = typer.Option(None, help="Classifier weights (default: shipped)."),
+        device: str = typer.Option("auto", help="auto | cpu | cuda"),
+        iterations: Optional[int] = typer.Option(None, help="Iteration cap (default: engine default)."),
+    ) -> None:
+        """Explain p(referable) of each image with an FGVis game (research use only)."""
+        import numpy as np
+        import torch
+
+        from retina_fgvis.classifier.model import REFERABLE, WeightsError, load_classifier
+        from retina_fgvis.explanation_images import explanation_images
+        from retina_fgvis.fgvis.presets import fundus_fgvis
+        from retina_fgvis.fundus.io import FundusReadError, read_fundus
+        from retina_fgvis.fundus.preprocess import NoFundusError
+        from retina_fgvis.report.files import atomic_write_image, atomic_write_text, sha256_hex
+
+        if game not in GAME_CHOICES:
+            raise typer.BadParameter(f"--game must be one of {', '.join(GAME_CHOICES)}")
+        dev = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+        try:
+            clf = load_classifier(weights, device=dev)
+        except WeightsError as err:
+            typer.echo(f"error: {err}", err=True)
+            raise typer.Exit(2) from None
+        fgvis = fundus_fgvis(clf, defense=defense, max_iterations=iterations)
+        out.mkdir(parents=True, exist_ok=True)
+        failures = 0
+        for path in images:
+            name = f"image-{sha256_hex(str(path))[:12]}"
+            try:
+                fundus = read_fundus(path)
+                prepared = clf.prepare(fundus.rgb)
+            except (FundusReadError, NoFundusError, OSError, ValueError) as err:
+                failures += 1
+                msg = str(err) if str(path) in str(err) else f"{path}: {err}"
+                typer.echo(f"error: {msg}", err=True)
+                continue
+            start = time.perf_counter()
+            result = fgvis.attribute(
+                prepared.tensor[None].to(dev),
+                target=REFERABLE,
+                game=game,
+                fov_mask=torch.from_numpy(prepared.fov_model)[None],
+            )
+            seconds = time.perf_counter() - start
+            for kind, img in explanation_images(fundus.rgb, prepared, result, 0, clf.mean).items():
+                atomic_write_image(out / f"{name}_{kind}.png", img)
+            summary = {
+                "source": str(path),
+                "research_use_only": "Research use only, not a diagnosis.",
+                "weights_sha256": clf.sha256,
+                "p_referable_before": float(result.target_prob_before[0]),
+                "p_referable_after": float(result.target_prob_after[0]),
+                "referable_threshold": clf.threshold,
+                "seconds": round(seconds, 2),
+                "device": dev,
+                **result.summary(0),
+                "settings": result.settings,
+                "files": {k: f"{name}_{k}.png" for k in ("mask", "explanation", "complementary_mask", "evidence", "mean_mask")},
+            }
+            atomic_write_text(out / f"{name}.json", json.dumps(summary, indent=2))
+            typer.echo(
+                f"{path} -> {out / name}.*: p(referable) {summary['p_referable_before']:.3f} -> "
+                f"{summary['p_referable_after']:.3f}, {summary['iterations']} iterations, "
+                f"{100 * summary['changed_fraction']:.2f} % pixels changed, goal "
+                f"{'reached' if summary['goal_reached'] else 'NOT reached'} ({seconds:.1f} s)"
+            )
+        raise typer.Exit(1 if failures else 0)
