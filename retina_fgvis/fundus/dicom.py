@@ -339,8 +339,8 @@ def write_dicom(
     elif compression is not None:
         raise ValueError(f"unknown compression {compression!r}")
 
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    ds.save_as(str(tmp), enforce_file_format=True)
-    tmp.replace(path)
-    return path
+    from retina_fgvis.report.files import atomic_write_bytes
+
+    buf = _io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    return atomic_write_bytes(path, buf.getvalue())

@@ -1,0 +1,313 @@
+"""``retina-fgvis screen INPUT... --out OUT``: screen a folder of fundus photographs.
+
+Thin shell over :mod:`retina_fgvis.screening`: parses options, finds inputs, loads the
+classifier, shows a progress bar, logs one line per failed image, merges the outputs, and
+maps the outcome to an exit code: 0 all images screened, 1 some image failed, 2 usage error
+(nothing to screen, bad manifest/weights/options, an existing run without --resume).
+
+Multi-process: started under ``torchrun --nproc_per_node N -m retina_fgvis screen ...`` each
+rank screens its own fixed batches (gloo on CPU, NCCL on GPUs) and rank 0 merges the per-image
+records into the same outputs a single process writes.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+
+NOTICE = "Research use only, not a diagnosis."
+_OUTPUT_FILES = ("results.csv", "lesions.csv", "report.html", "run.json")
+
+
+class _Usage(Exception):
+    pass
+
+
+def _dist_env() -> tuple[int, int, int]:
+    """(rank, world_size, local_rank) from the torchrun environment (1 process otherwise)."""
+    try:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        rank = int(os.environ.get("RANK", "0"))
+        local = int(os.environ.get("LOCAL_RANK", str(rank)))
+    except ValueError:
+        return 0, 1, 0
+    return rank, max(1, world), local
+
+
+def _resolve_device(device: str, local_rank: int, world: int) -> str:
+    import torch
+
+    device = device.lower()
+    if device not in ("auto", "cpu", "cuda") and not device.startswith("cuda:"):
+        raise _Usage(f"--device must be auto, cpu or cuda (got '{device}')")
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise _Usage("--device cuda: no CUDA device is available (use --device cpu)")
+        if device == "cuda":
+            device = f"cuda:{local_rank % torch.cuda.device_count()}" if world > 1 else "cuda"
+    return device
+
+
+def _previous_run(out: Path) -> bool:
+    rec = out / "records"
+    return (rec.is_dir() and any(rec.glob("*.json"))) or (out / "run.json").exists()
+
+
+def _clear_previous(out: Path) -> None:
+    """Remove only what a screening run writes (never anything else in OUT)."""
+    for name in ("records", "patients"):
+        shutil.rmtree(out / name, ignore_errors=True)
+    for name in _OUTPUT_FILES:
+        try:
+            (out / name).unlink()
+        except FileNotFoundError:
+            pass
+
+
+def screen_command(
+    inputs: list[Path] = typer.Argument(..., help="Folders (searched recursively) and/or image files: PNG, JPEG, TIFF, DICOM."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output folder (created)."),
+    weights: Optional[Path] = typer.Option(None, "--weights", help="Classifier checkpoint (default: $RETINA_FGVIS_WEIGHTS or weights/rdr-effnet-lite0.pt)."),
+    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda"),
+    batch_size: int = typer.Option(4, "--batch-size", help="Images per deletion-game batch."),
+    manifest: Optional[Path] = typer.Option(None, "--manifest", help="CSV with columns file, patient, eye (used when a file has no DICOM header)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run in OUT: finished images are skipped."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Discard a previous run's records and outputs in OUT and start again."),
+    iterations: Optional[int] = typer.Option(None, "--iterations", help="Maximum iterations of the deletion game (default: the engine's)."),
+    embed_images: bool = typer.Option(False, "--embed-images", help="Inline the overlays in report.html (one file to share; larger)."),
+    max_megapixels: float = typer.Option(50.0, "--max-megapixels", help="Reject larger images (checked before decoding)."),
+) -> None:
+    """Screen fundus photographs: p(referable), FGVis deletion-game evidence, lesion regions,
+    per-patient overlays, results.csv / lesions.csv / report.html. Research use only, not a diagnosis."""
+    code = run_screen(
+        inputs=inputs, out=out, weights=weights, device=device, batch_size=batch_size,
+        manifest=manifest, resume=resume, overwrite=overwrite, iterations=iterations,
+        embed_images=embed_images, max_megapixels=max_megapixels,
+    )
+    raise typer.Exit(code)
+
+
+def run_screen(
+    inputs: list[Path], out: Path, weights: Path | None = None, device: str = "auto",
+    batch_size: int = 4, manifest: Path | None = None, resume: bool = False,
+    overwrite: bool = False, iterations: int | None = None, embed_images: bool = False,
+    max_megapixels: float = 50.0, classifier: Any = None, screener_kwargs: dict | None = None,
+) -> int:
+    """The command body; returns the exit code. ``classifier``/``screener_kwargs`` let tests
+    inject fakes (a fake explainer, overlay...) while exercising the real CLI path."""
+    from rich.console import Console
+
+    err = Console(stderr=True, highlight=False, soft_wrap=True)
+    rank, world, local_rank = _dist_env()
+    dist = None
+    try:
+        if batch_size < 1:
+            raise _Usage("--batch-size must be at least 1")
+        if iterations is not None and iterations < 1:
+            raise _Usage("--iterations must be at least 1")
+        if resume and overwrite:
+            raise _Usage("--resume and --overwrite exclude each other")
+        if max_megapixels <= 0:
+            raise _Usage("--max-megapixels must be positive")
+        from retina_fgvis import screening as S
+
+        out = Path(out).expanduser().resolve()
+        if out.exists() and not out.is_dir():
+            raise _Usage(f"{out}: --out exists and is not a folder")
+        try:
+            items, skipped = S.discover_inputs(inputs, exclude=[out])
+        except S.ScreeningUsageError as exc:
+            raise _Usage(str(exc)) from None
+        if not items:
+            where = ", ".join(str(p) for p in inputs)
+            raise _Usage(f"no fundus images found in {where} (looked for PNG, JPEG, TIFF, BMP, DICOM)")
+        try:
+            table = S.load_manifest(manifest) if manifest is not None else None
+        except S.ScreeningUsageError as exc:
+            raise _Usage(str(exc)) from None
+        items, unmatched = S.assign_groups(items, table)
+        if rank == 0 and unmatched:
+            err.print(f"[yellow]warning[/] {len(unmatched)} manifest rows match no input file "
+                      f"(first: {unmatched[0]})")
+        if not resume and _previous_run(out):
+            if not overwrite:
+                raise _Usage(f"{out} already holds a screening run: pass --resume to continue it "
+                             "or --overwrite to start again")
+        device = _resolve_device(device, local_rank, world)
+
+        if world > 1:
+            import torch.distributed as tdist
+
+            backend = "nccl" if device.startswith("cuda") else "gloo"
+            if not tdist.is_initialized():
+                tdist.init_process_group(backend=backend)
+            dist = tdist
+        if rank == 0:
+            if overwrite:
+                _clear_previous(out)
+            out.mkdir(parents=True, exist_ok=True)
+            from retina_fgvis.report.files import remove_stale_temp_files
+
+            remove_stale_temp_files(out)
+        if dist is not None:
+            dist.barrier()
+
+        if classifier is None:
+            from retina_fgvis.classifier.model import load_classifier
+
+            try:
+                classifier = load_classifier(weights, device=device)
+            except ValueError as exc:  # WeightsError
+                raise _Usage(str(exc)) from None
+        settings = S.ScreenSettings(
+            batch_size=batch_size, iterations=iterations, device=device,
+            max_pixels=int(max_megapixels * 1e6),
+        )
+        screener = S.Screener(classifier, out, settings, **(screener_kwargs or {}))
+    except _Usage as exc:
+        err.print(f"[red]error:[/] {exc}")
+        _shutdown(dist)
+        return 2
+
+    started = datetime.now(timezone.utc)
+    t0 = time.perf_counter()
+    summary = _run_with_progress(screener, items, resume, rank, world, err)
+    wall = time.perf_counter() - t0
+
+    if dist is not None:
+        dist.barrier()
+    code = 0
+    if rank == 0:
+        records = S.collect_records(out, items)
+        run_info = _run_info(S, classifier, screener, inputs, out, manifest, world, skipped,
+                             summary, started, wall)
+        S.merge_outputs(out, records, run_info, embed_images=embed_images)
+        failed = sum(r.status != "ok" for r in records)
+        n_ref = sum(1 for r in records if r.status == "ok" and r.referable)
+        n_pat = len({r.patient for r in records})
+        err.print(
+            f"Screened {len(records)} images of {n_pat} patients in {wall:.0f} s: "
+            f"{n_ref} referable, {failed} failed. Report: {out / 'report.html'}"
+        )
+        err.print(f"[bold yellow]{NOTICE}[/]")
+        code = 1 if failed else 0
+    if dist is not None:
+        dist.barrier()
+        if rank != 0:
+            records = S.collect_records(out, items)
+            code = 1 if any(r.status != "ok" for r in records) else 0
+    _shutdown(dist)
+    return code
+
+
+def _shutdown(dist: Any) -> None:
+    if dist is not None and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def _run_with_progress(screener: Any, items: list, resume: bool, rank: int, world: int, err: Any):
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        SpinnerColumn,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    from retina_fgvis.screening import plan_chunks, shard_chunks
+
+    mine = sum(len(c) for c in shard_chunks(plan_chunks(items, screener.settings.batch_size), rank, world))
+    label = "screening" if world == 1 else f"rank {rank}/{world}"
+    progress = Progress(
+        SpinnerColumn(), TextColumn("[bold]{task.description}"), BarColumn(),
+        MofNCompleteColumn(), TextColumn("{task.fields[status]}"), TimeElapsedColumn(),
+        TextColumn("ETA"), TimeRemainingColumn(), console=err, transient=False,
+        disable=not err.is_terminal,
+    )
+    failures = 0
+
+    def on_record(rec: Any, reused: bool) -> None:
+        nonlocal failures
+        if rec.status != "ok":
+            failures += 1
+            note = " (from the previous run)" if reused else ""
+            progress.console.print(f"[red]failed[/] {rec.file}: {rec.error}{note}", markup=True,
+                                   highlight=False)
+        progress.update(task, advance=1, status=f"{failures} failed" if failures else "")
+
+    with progress:
+        task = progress.add_task(label, total=mine, status="")
+        return screener.run(items, resume=resume, progress=on_record, rank=rank, world_size=world)
+
+
+def _run_info(S: Any, classifier: Any, screener: Any, inputs: list, out: Path, manifest: Any,
+              world: int, skipped: list, summary: Any, started: datetime, wall: float) -> dict:
+    from dataclasses import asdict
+
+    import retina_fgvis
+
+    meta = dict(getattr(classifier, "metadata", {}) or {})
+    engine = getattr(screener.explainer, "settings", None)
+    try:
+        engine_settings = asdict(engine) if engine is not None else {}
+    except TypeError:
+        engine_settings = {}
+    settings = asdict(screener.settings)
+    settings.update({
+        "iterations": engine_settings.get("max_iterations", settings.get("iterations")),
+        "world_size": world,
+        "engine_settings": engine_settings,
+        "region_settings": _region_settings(screener.settings),
+        "manifest": str(manifest) if manifest else None,
+    })
+    return {
+        "version": getattr(retina_fgvis, "__version__", ""),
+        "command": " ".join(["retina-fgvis", *sys.argv[1:]]) if sys.argv else "",
+        "inputs": [str(p) for p in inputs],
+        "out": str(out),
+        "model": {
+            "arch": meta.get("arch", type(getattr(classifier, "model", None)).__name__),
+            "path": str(getattr(classifier, "path", "") or ""),
+            "sha256": getattr(classifier, "sha256", None),
+            "threshold": float(getattr(classifier, "threshold", 0.5)),
+            "input_size": meta.get("input_size"),
+            "metadata": json.loads(json.dumps(meta, default=str)),
+        },
+        "settings": settings,
+        "versions": S.versions(),
+        "skipped_non_image_files": len(skipped),
+        "timings": {
+            "started_utc": started.isoformat(timespec="seconds"),
+            "finished_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "wall_seconds": round(wall, 2),
+            "images_this_run": summary.total - summary.reused,
+            "images_reused_from_previous_run": summary.reused,
+            "images_per_second": round((summary.total - summary.reused) / wall, 4) if wall > 0 else None,
+        },
+    }
+
+
+def _region_settings(settings: Any) -> dict:
+    try:
+        from dataclasses import asdict
+
+        from retina_fgvis.lesions import RegionSettings
+
+        return asdict(RegionSettings(**settings.regions))
+    except Exception:  # noqa: BLE001
+        return dict(settings.regions)
+
+
+def register(app: typer.Typer, evaluate_app: typer.Typer) -> None:
+    app.command("screen")(screen_command)

@@ -1,0 +1,907 @@
+"""Folder screening: fundus photographs in, per-image records, then CSVs + an HTML report out.
+
+Design (why it looks like this):
+
+* **Deterministic input list.** :func:`discover_inputs` returns items sorted by their
+  relative path (``InputItem.file``). Everything downstream -- batching, sharding over
+  torchrun ranks (:func:`shard_chunks`), resume -- is defined on that list, so two runs on
+  the same folder do the same work in the same groups.
+* **One record per image, written atomically** (``OUT/records/<hash>.json``) as soon as the
+  image is finished (status ``ok`` or ``error``). Records are the only state: the CSVs,
+  report and run.json are *derived* from them by :func:`merge_outputs`. That gives resume
+  after kill -9 (finished images are skipped), and multi-process runs (every rank writes its
+  own images' records; rank 0 merges) for free.
+* **Fixed batches.** Images are processed in fixed chunks of ``batch_size`` consecutive
+  items. On resume a chunk whose records are all present is skipped; a partly finished
+  chunk is recomputed as a whole, so every image is explained in exactly the same batch as
+  in an uninterrupted run (batched float arithmetic can differ in the last bits with batch
+  composition; this keeps resumed outputs byte-identical).
+* **Bad input never stops the run.** Every per-image failure becomes ``status="error"`` with
+  a one-line reason; a failing batch is retried image by image so one bad image cannot take
+  its batch-mates down with it.
+* **Dependency injection.** The classifier, explainer, region finder and overlay renderer are
+  passed in (with the real ones as defaults), so tests run the whole pipeline in seconds
+  with fakes, and the CLI stays a thin shell.
+
+Patient grouping, in order of trust: DICOM header (PatientID / laterality), else the
+``--manifest`` CSV (columns ``file, patient, eye``), else the file name ``<patient>_<eye>``
+(``eye`` = left/right/OD/OS, separator ``_`` or ``-``; a file named just ``left.png`` takes
+its folder name as the patient), else one patient per file (the relative path without suffix).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import time
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from retina_fgvis.report.files import (
+    atomic_write_image,
+    atomic_write_text,
+    file_sha256,
+    overlay_file_name,
+    patient_dir_name,
+    record_name,
+    sha256_hex,
+)
+
+NOTICE = "Research use only, not a diagnosis."
+RECORD_SCHEMA = 1
+#: Largest image accepted (width x height). Real fundus cameras stay below ~25 MP; the limit
+#: is checked from the file header *before* decoding, so a decompression bomb costs nothing.
+DEFAULT_MAX_PIXELS = 50_000_000
+IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"})
+_EYE_TOKENS = {"left": "left", "os": "left", "l": "left", "right": "right", "od": "right", "r": "right"}
+_NAME_RE = re.compile(r"^(?P<patient>.+?)[_-](?P<eye>left|right|od|os)$", re.IGNORECASE)
+
+
+class ScreeningUsageError(ValueError):
+    """A problem with how screening was called (empty input, bad manifest): exit code 2."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Inputs
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class InputItem:
+    """One input file. ``file`` (posix path relative to the inputs' common base) is the key:
+    unique, stable across runs and machines, used for sorting, sharding and record names."""
+
+    path: Path
+    file: str
+    is_dicom: bool = False
+    patient: str | None = None  # pre-read grouping (manifest / file name / file)
+    eye: str | None = None
+    grouping: str = "file"  # "manifest" | "filename" | "file" ("dicom" decided after reading)
+
+
+def normalise_eye(value: Any) -> str | None:
+    """left/right/L/R/OD/OS (any case) -> "left"/"right"; anything else -> None."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return None
+    return _EYE_TOKENS.get(str(value).strip().lower())
+
+
+def _looks_like_input(path: Path) -> tuple[bool, bool]:
+    """(include?, is_dicom?) for a file found while walking a folder."""
+    from retina_fgvis.fundus.dicom import DICOM_SUFFIXES, is_dicom
+
+    suffix = path.suffix.lower()
+    if suffix in DICOM_SUFFIXES:
+        return True, True
+    if suffix in IMAGE_SUFFIXES:
+        return True, False
+    # DICOM exports often have no suffix or a numeric one (IM000001, 1.2.840...): sniff.
+    if is_dicom(path):
+        return True, True
+    return False, False
+
+
+def discover_inputs(
+    inputs: Sequence[str | Path], exclude: Sequence[str | Path] = ()
+) -> tuple[list[InputItem], list[Path]]:
+    """Walk folders (recursively) and explicit files; return (items sorted by ``file``,
+    skipped non-image files). Hidden files/folders and anything under ``exclude`` (the
+    output folder, when it lies inside the input) are ignored. Explicitly named files are
+    always included (so the user gets an error line for an unsupported one)."""
+    from retina_fgvis.fundus.dicom import DICOM_SUFFIXES, is_dicom
+
+    excluded = [Path(e).resolve() for e in exclude]
+    found: dict[Path, bool] = {}
+    skipped: list[Path] = []
+    roots: list[Path] = []
+    for raw in inputs:
+        root = Path(raw).expanduser()
+        if not root.exists():
+            raise ScreeningUsageError(f"{raw}: no such file or folder")
+        root = root.resolve()
+        if root.is_dir():
+            roots.append(root)
+            for dirpath, dirnames, filenames in os.walk(root):
+                here = Path(dirpath)
+                dirnames[:] = sorted(
+                    d for d in dirnames
+                    if not d.startswith(".") and not any(_within(here / d, e) for e in excluded)
+                )
+                for name in sorted(filenames):
+                    if name.startswith("."):
+                        continue
+                    p = here / name
+                    ok, dicom = _looks_like_input(p)
+                    if ok:
+                        found[p] = dicom
+                    else:
+                        skipped.append(p)
+        else:
+            roots.append(root.parent)
+            found[root] = root.suffix.lower() in DICOM_SUFFIXES or is_dicom(root)
+    if not found:
+        return [], skipped
+    base = Path(os.path.commonpath([str(r) for r in roots]))
+    items = [
+        InputItem(path=p, file=p.relative_to(base).as_posix(), is_dicom=d) for p, d in found.items()
+    ]
+    items.sort(key=lambda it: it.file)
+    return items, skipped
+
+
+def _within(path: Path, parent: Path) -> bool:
+    try:
+        path.resolve().relative_to(parent)
+        return True
+    except ValueError:
+        return False
+
+
+def load_manifest(path: str | Path) -> dict[str, tuple[str | None, str | None]]:
+    """Manifest CSV with columns ``file, patient, eye`` -> {file: (patient, eye)}.
+
+    ``file`` may be the path relative to the input folder, an absolute path, or a bare file
+    name (matched when unique). Raises ScreeningUsageError for a missing/ill-formed file."""
+    import pandas as pd
+
+    p = Path(path)
+    try:
+        df = pd.read_csv(p, dtype=str, keep_default_na=False, comment=None)
+    except FileNotFoundError:
+        raise ScreeningUsageError(f"{p}: manifest not found") from None
+    except Exception as exc:  # noqa: BLE001
+        raise ScreeningUsageError(f"{p}: unreadable manifest ({exc})") from None
+    df.columns = [str(c).strip().lower() for c in df.columns]
+    missing = {"file", "patient"} - set(df.columns)
+    if missing:
+        raise ScreeningUsageError(
+            f"{p}: manifest needs columns file, patient[, eye]; missing {', '.join(sorted(missing))}"
+        )
+    out: dict[str, tuple[str | None, str | None]] = {}
+    for _, row in df.iterrows():
+        key = str(row["file"]).strip()
+        if not key:
+            continue
+        patient = str(row["patient"]).strip() or None
+        eye = normalise_eye(row["eye"]) if "eye" in df.columns else None
+        out[key] = (patient, eye)
+    return out
+
+
+def group_from_name(file: str) -> tuple[str | None, str | None]:
+    """``<patient>_<eye>`` file-name rule; ``<folder>/left.png`` -> (folder, left)."""
+    rel = Path(file)
+    stem = rel.stem
+    m = _NAME_RE.match(stem)
+    if m:
+        return m.group("patient"), normalise_eye(m.group("eye"))
+    eye = normalise_eye(stem) if stem.lower() in ("left", "right", "od", "os") else None
+    if eye and rel.parent.name:
+        return rel.parent.name, eye
+    return None, None
+
+
+def assign_groups(
+    items: Sequence[InputItem], manifest: dict[str, tuple[str | None, str | None]] | None = None
+) -> tuple[list[InputItem], list[str]]:
+    """Pre-read grouping (manifest, else file name, else one patient per file).
+
+    The DICOM header, when present, overrides this after the file is read. Returns the
+    updated items and the manifest keys that matched no input (for a warning)."""
+    manifest = manifest or {}
+    by_abs = {}
+    by_name: dict[str, list[str]] = {}
+    for key in manifest:
+        kp = Path(key)
+        if kp.is_absolute():
+            by_abs[str(kp.resolve())] = key
+        by_name.setdefault(kp.name, []).append(key)
+    used: set[str] = set()
+    out: list[InputItem] = []
+    for it in items:
+        key = None
+        if it.file in manifest:
+            key = it.file
+        elif str(it.path) in by_abs:
+            key = by_abs[str(it.path)]
+        elif len(by_name.get(it.path.name, [])) == 1 and "/" not in by_name[it.path.name][0]:
+            key = by_name[it.path.name][0]
+        name_patient, name_eye = group_from_name(it.file)
+        if key is not None and manifest[key][0]:
+            used.add(key)
+            patient, eye = manifest[key]
+            out.append(_replace(it, patient=patient, eye=eye or name_eye, grouping="manifest"))
+        elif name_patient:
+            out.append(_replace(it, patient=name_patient, eye=name_eye, grouping="filename"))
+        else:
+            stem = it.file.rsplit(".", 1)[0] if "." in Path(it.file).name else it.file
+            out.append(_replace(it, patient=stem, eye=name_eye, grouping="file"))
+    unmatched = sorted(set(manifest) - used)
+    return out, unmatched
+
+
+def _replace(it: InputItem, **kw) -> InputItem:
+    from dataclasses import replace
+
+    return replace(it, **kw)
+
+
+def plan_chunks(items: Sequence[InputItem], batch_size: int) -> list[list[InputItem]]:
+    """Fixed batches of consecutive items of the sorted list. Batches -- not images -- are
+    the unit of resume and of sharding, so every image is always explained together with
+    the same batch-mates (batched float arithmetic can differ in the last bits with batch
+    composition); 1 process, N processes and resumed runs therefore agree exactly."""
+    bs = max(1, int(batch_size))
+    return [list(items[i:i + bs]) for i in range(0, len(items), bs)]
+
+
+def shard_chunks(chunks: Sequence[list[InputItem]], rank: int, world_size: int) -> list[list[InputItem]]:
+    """The chunks a torchrun rank processes: round-robin over the fixed chunk list
+    (deterministic, balanced within one chunk per rank)."""
+    if world_size <= 1:
+        return list(chunks)
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} outside world size {world_size}")
+    return [c for i, c in enumerate(chunks) if i % world_size == rank]
+
+
+# ---------------------------------------------------------------------------------------------
+# Settings and records
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ScreenSettings:
+    """Everything that changes results goes into :meth:`result_key` (records made with other
+    settings are recomputed on resume); batch size/device/workers only change speed."""
+
+    batch_size: int = 4
+    iterations: int | None = None  # None: the engine's default
+    game: str = "deletion"
+    target: int = 1  # REFERABLE
+    defense: bool = True
+    engine: dict[str, Any] = field(default_factory=dict)  # extra FGVis settings
+    regions: dict[str, Any] = field(default_factory=dict)  # RegionSettings overrides
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    overlay_max_side: int = 1600
+    device: str = "cpu"
+    loader_threads: int = 1
+
+    def result_key(self, weights_sha256: str | None) -> str:
+        payload = {
+            "schema": RECORD_SCHEMA,
+            "weights": weights_sha256,
+            "iterations": self.iterations,
+            "game": self.game,
+            "target": self.target,
+            "defense": self.defense,
+            "engine": self.engine,
+            "regions": self.regions,
+            "max_pixels": self.max_pixels,
+            "overlay_max_side": self.overlay_max_side,
+        }
+        return sha256_hex(json.dumps(payload, sort_keys=True, default=str))[:16]
+
+
+@dataclass
+class ImageRecord:
+    """Per-image result; serialised to ``OUT/records/<hash>.json``."""
+
+    file: str
+    patient: str
+    eye: str | None
+    grouping: str
+    status: str = "error"  # "ok" | "error"
+    error: str = ""
+    p_referable: float | None = None
+    referable: bool | None = None
+    n_regions: int = 0
+    n_red: int = 0
+    n_bright: int = 0
+    flagged_area_pct: float | None = None
+    study_date: str | None = None
+    width: int | None = None
+    height: int | None = None
+    overlay: str | None = None  # relative to OUT
+    patient_dir: str = ""
+    input_sha256: str | None = None
+    result_key: str = ""
+    threshold: float | None = None
+    target_prob_after: float | None = None
+    iterations: int | None = None
+    goal_reached: bool | None = None
+    regions: list[dict[str, Any]] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
+    schema: int = RECORD_SCHEMA
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=1, sort_keys=True, allow_nan=False)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ImageRecord":
+        known = {f for f in cls.__dataclass_fields__}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+def records_dir(out: str | Path) -> Path:
+    return Path(out) / "records"
+
+
+def record_path(out: str | Path, file: str) -> Path:
+    return records_dir(out) / record_name(file)
+
+
+def write_record(out: str | Path, rec: ImageRecord) -> Path:
+    return atomic_write_text(record_path(out, rec.file), rec.to_json())
+
+
+def read_record(out: str | Path, file: str) -> ImageRecord | None:
+    """The stored record for ``file``, or None when absent/unreadable (then it is redone)."""
+    p = record_path(out, file)
+    try:
+        data = json.loads(p.read_text(encoding="utf-8"))
+        rec = ImageRecord.from_dict(data)
+    except (OSError, ValueError, TypeError):
+        return None
+    return rec if rec.file == file else None
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-image helpers
+# ---------------------------------------------------------------------------------------------
+
+
+class ImageRejected(ValueError):
+    """An input that cannot be screened; ``str()`` is the one-line reason."""
+
+
+def probe_size(item: InputItem) -> tuple[int, int] | None:
+    """(width, height) from the header without decoding pixels; None if unknown.
+
+    Pillow refuses images above 2x its bomb limit before allocating anything; we turn that
+    into the same "too large" rejection."""
+    if item.is_dicom:
+        from retina_fgvis.fundus.dicom import read_dicom_header
+
+        h = read_dicom_header(item.path)  # FundusReadError for non-DICOM / corrupt headers
+        if h.rows and h.columns:
+            return int(h.columns), int(h.rows)
+        return None
+    suffix = item.path.suffix.lower()
+    try:
+        if suffix in (".tif", ".tiff"):
+            import tifffile
+
+            with tifffile.TiffFile(item.path) as tf:
+                shape = tf.pages[0].shape
+            if len(shape) >= 2:
+                hw = shape[:2] if len(shape) == 2 or shape[-1] in (1, 2, 3, 4) else shape[-2:]
+                return int(hw[1]), int(hw[0])
+            return None
+        from PIL import Image
+
+        with Image.open(item.path) as im:
+            return int(im.size[0]), int(im.size[1])
+    except Exception as exc:  # noqa: BLE001
+        name = type(exc).__name__
+        if name == "DecompressionBombError":
+            raise ImageRejected(f"image too large ({exc})") from None
+        return None  # leave the real error to the reader
+
+
+def is_greyscale(rgb: np.ndarray, tol: int = 3, share: float = 0.995) -> bool:
+    """True when the three channels are (nearly) equal on the lit pixels: a grey-scale or
+    red-free photograph, which the colour classifier cannot judge."""
+    sub = rgb[:: max(1, rgb.shape[0] // 256), :: max(1, rgb.shape[1] // 256)].astype(np.int16)
+    lit = sub.max(axis=2) > 10
+    if not lit.any():
+        return True
+    spread = (sub.max(axis=2) - sub.min(axis=2))[lit]
+    return float((spread <= tol).mean()) >= share
+
+
+def _resize_max_side(rgb: np.ndarray, max_side: int) -> np.ndarray:
+    import cv2
+
+    h, w = rgb.shape[:2]
+    side = max(h, w)
+    if max_side <= 0 or side <= max_side:
+        return rgb
+    scale = max_side / side
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    return cv2.resize(rgb, size, interpolation=cv2.INTER_AREA)
+
+
+def region_to_dict(region: Any) -> dict[str, Any]:
+    """LesionRegion -> JSON-safe dict (works for any dataclass-like region object)."""
+    from dataclasses import is_dataclass
+
+    d = asdict(region) if is_dataclass(region) else dict(vars(region))
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, (tuple, list)):
+            v = [_jsonable(x) for x in v]
+        else:
+            v = _jsonable(v)
+        out[k] = v
+    return out
+
+
+def _jsonable(v: Any) -> Any:
+    if isinstance(v, (np.integer,)):
+        return int(v)
+    if isinstance(v, (np.floating, float)):
+        f = float(v)
+        return round(f, 6) if math.isfinite(f) else None
+    if isinstance(v, np.bool_):
+        return bool(v)
+    return v
+
+
+# ---------------------------------------------------------------------------------------------
+# Defaults for the injectable parts
+# ---------------------------------------------------------------------------------------------
+
+
+def default_explainer(classifier: Any, settings: ScreenSettings) -> Any:
+    """The real FGVis engine on the classifier's model (imported lazily)."""
+    from retina_fgvis.fgvis.games import FGVis
+
+    kw = dict(settings.engine)
+    if settings.iterations is not None:
+        kw["max_iterations"] = int(settings.iterations)
+    return FGVis(classifier.model, defense=settings.defense, **kw)
+
+
+def default_region_finder(settings: ScreenSettings) -> Callable[..., tuple[np.ndarray, list]]:
+    from retina_fgvis.lesions import RegionSettings, find_regions
+
+    rs = RegionSettings(**settings.regions) if settings.regions else RegionSettings()
+
+    def _find(importance: np.ndarray, fov: np.ndarray, rgb: np.ndarray):
+        return find_regions(importance, fov, rgb, rs)
+
+    return _find
+
+
+#: Fill opacity of flagged regions in screening overlays: low, so that the clinician still
+#: sees the lesion under the colour; the outline carries the location.
+OVERLAY_ALPHA = 0.15
+
+
+def default_overlay() -> Callable[..., np.ndarray]:
+    """Overlay renderer of report/overlay.py: outlined regions coloured by red/bright guess,
+    legend and the research-use caption burnt into the picture (it travels without the page)."""
+    from retina_fgvis.report.overlay import draw_overlay
+
+    def _draw(rgb: np.ndarray, labels: np.ndarray, regions: list, importance: np.ndarray,
+              fov: np.ndarray) -> np.ndarray:
+        return draw_overlay(rgb, labels, regions=regions, alpha=OVERLAY_ALPHA)
+
+    return _draw
+
+
+# ---------------------------------------------------------------------------------------------
+# The pipeline
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Prepared:
+    item: InputItem
+    record: ImageRecord
+    rgb: np.ndarray | None = None
+    prepared: Any = None  # PreparedFundus
+
+
+@dataclass
+class ScreenSummary:
+    total: int = 0
+    ok: int = 0
+    failed: int = 0
+    reused: int = 0
+    seconds: float = 0.0
+    records: list[ImageRecord] = field(default_factory=list)
+
+
+ProgressFn = Callable[[ImageRecord, bool], None]  # (record, reused_from_resume)
+
+
+class Screener:
+    """Runs the per-image pipeline over a list of items and writes per-image records.
+
+    ``classifier`` follows the Classifier contract (``prepare``, ``predict_proba``,
+    ``threshold``, ``model``, ``sha256``); ``explainer`` has ``attribute(batch, target, game,
+    fov_mask) -> FGVisResult``; ``region_finder(importance, fov, rgb) -> (labels, regions)``;
+    ``overlay(rgb, labels, regions, importance, fov) -> (H, W, 3) uint8``.
+    """
+
+    def __init__(
+        self,
+        classifier: Any,
+        out: str | Path,
+        settings: ScreenSettings | None = None,
+        *,
+        explainer: Any = None,
+        region_finder: Callable[..., tuple[np.ndarray, list]] | None = None,
+        overlay: Callable[..., np.ndarray] | None = None,
+    ) -> None:
+        self.classifier = classifier
+        self.out = Path(out)
+        self.settings = settings or ScreenSettings()
+        self.explainer = explainer if explainer is not None else default_explainer(classifier, self.settings)
+        self.region_finder = region_finder or default_region_finder(self.settings)
+        self.overlay = overlay or default_overlay()
+        self.result_key = self.settings.result_key(getattr(classifier, "sha256", None))
+        self.threshold = float(getattr(classifier, "threshold", 0.5))
+
+    # -- resume ------------------------------------------------------------------------------
+    def finished_record(self, item: InputItem) -> ImageRecord | None:
+        """A stored record that is still valid: same settings, same input bytes, overlay on
+        disk. Anything else means the image is done again."""
+        rec = read_record(self.out, item.file)
+        if rec is None or rec.result_key != self.result_key or rec.status not in ("ok", "error"):
+            return None
+        try:
+            sha = file_sha256(item.path)
+        except OSError:
+            sha = None
+        if rec.input_sha256 != sha:
+            return None
+        if rec.status == "ok" and (not rec.overlay or not (self.out / rec.overlay).is_file()):
+            return None
+        return rec
+
+    # -- stages ------------------------------------------------------------------------------
+    def _base_record(self, item: InputItem) -> ImageRecord:
+        patient = item.patient or item.file
+        rec = ImageRecord(
+            file=item.file, patient=patient, eye=item.eye, grouping=item.grouping,
+            patient_dir=patient_dir_name(patient), result_key=self.result_key,
+            threshold=self.threshold,
+        )
+        try:
+            rec.input_sha256 = file_sha256(item.path)
+        except OSError:
+            rec.input_sha256 = None
+        return rec
+
+    def load(self, item: InputItem) -> _Prepared:
+        """Read, check and prepare one image (runs in a loader thread); never raises."""
+        from retina_fgvis.fundus.io import FundusReadError
+
+        rec = self._base_record(item)
+        t0 = time.perf_counter()
+        try:
+            size = probe_size(item)
+            if size is not None and size[0] * size[1] > self.settings.max_pixels:
+                raise ImageRejected(
+                    f"image too large ({size[0]}x{size[1]} = {size[0] * size[1] / 1e6:.0f} MP; "
+                    f"limit {self.settings.max_pixels / 1e6:.0f} MP)"
+                )
+            if item.is_dicom:
+                from retina_fgvis.fundus.dicom import read_dicom
+
+                fundus = read_dicom(item.path)
+                if fundus.patient_id:
+                    rec.patient = fundus.patient_id
+                    rec.patient_dir = patient_dir_name(fundus.patient_id)
+                    rec.grouping = "dicom"
+                if fundus.eye:
+                    rec.eye = fundus.eye
+                rec.study_date = fundus.study_date
+            else:
+                from retina_fgvis.fundus.io import read_fundus
+
+                fundus = read_fundus(item.path)
+            rgb = fundus.rgb
+            rec.height, rec.width = int(rgb.shape[0]), int(rgb.shape[1])
+            if rgb.shape[0] * rgb.shape[1] > self.settings.max_pixels:
+                raise ImageRejected(f"image too large ({rgb.shape[1]}x{rgb.shape[0]})")
+            if is_greyscale(rgb):
+                raise ImageRejected(
+                    "grey-scale image (all colour channels equal): a colour fundus photograph is needed"
+                )
+            prepared = self.classifier.prepare(rgb)
+            rec.timings["read"] = round(time.perf_counter() - t0, 4)
+            return _Prepared(item, rec, rgb, prepared)
+        except FundusReadError as exc:
+            rec.error = exc.reason
+        except ImageRejected as exc:
+            rec.error = str(exc)
+        except MemoryError:
+            rec.error = "out of memory while reading the image (image too large?)"
+        except Exception as exc:  # noqa: BLE001 - NoFundusError and decoder surprises
+            rec.error = _reason(exc)
+        rec.status = "error"
+        rec.timings["read"] = round(time.perf_counter() - t0, 4)
+        return _Prepared(item, rec)
+
+    def _explain(self, batch: list[_Prepared]) -> None:
+        """Classify + deletion game for a batch of prepared images, then regions/overlays."""
+        import torch
+
+        model = getattr(self.classifier, "model", None)
+        device = _model_device(model)
+        x = torch.stack([p.prepared.tensor for p in batch]).to(device)
+        fov = torch.stack([torch.as_tensor(np.asarray(p.prepared.fov_model)) for p in batch]).to(device)
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            probs = self.classifier.predict_proba(x).detach().float().cpu().numpy()
+        t1 = time.perf_counter()
+        result = self.explainer.attribute(x, target=self.settings.target, game=self.settings.game, fov_mask=fov)
+        t2 = time.perf_counter()
+        mean_mask = result.mean_mask.detach().float().cpu().numpy()
+        after = _opt_array(getattr(result, "target_prob_after", None))
+        iters = _opt_array(getattr(result, "iterations", None))
+        goal = _opt_array(getattr(result, "goal_reached", None))
+        n = len(batch)
+        for i, p in enumerate(batch):
+            rec = p.record
+            rec.p_referable = round(float(probs[i]), 6)
+            rec.referable = bool(rec.p_referable >= self.threshold)
+            rec.target_prob_after = None if after is None else round(float(after[i]), 6)
+            rec.iterations = None if iters is None else int(iters[i])
+            rec.goal_reached = None if goal is None else bool(goal[i])
+            rec.timings["classify"] = round((t1 - t0) / n, 4)
+            rec.timings["explain"] = round((t2 - t1) / n, 4)
+            self._finish(p, mean_mask[i])
+
+    def _finish(self, p: _Prepared, model_map: np.ndarray) -> None:
+        """Importance map -> original grid -> regions -> overlay file -> record fields."""
+        rec = p.record
+        t0 = time.perf_counter()
+        prepared = p.prepared
+        importance = prepared.mapping.map_to_original(np.asarray(model_map, dtype=np.float32))
+        fov = np.asarray(prepared.fov_original, dtype=bool)
+        labels, regions = self.region_finder(importance, fov, p.rgb)
+        rec.regions = [region_to_dict(r) for r in regions]
+        rec.n_regions = len(regions)
+        rec.n_red = sum(1 for r in regions if getattr(r, "kind", "") == "red")
+        rec.n_bright = sum(1 for r in regions if getattr(r, "kind", "") == "bright")
+        fov_area = int(fov.sum())
+        flagged = int(sum(int(getattr(r, "area", 0)) for r in regions))
+        rec.flagged_area_pct = round(100.0 * flagged / fov_area, 4) if fov_area else 0.0
+        t1 = time.perf_counter()
+        picture = self.overlay(p.rgb, labels, regions, importance, fov)
+        picture = _resize_max_side(np.asarray(picture, dtype=np.uint8), self.settings.overlay_max_side)
+        rel = f"patients/{rec.patient_dir}/{overlay_file_name(rec.file, rec.eye, '.jpg')}"
+        atomic_write_image(self.out / rel, picture)
+        rec.overlay = rel
+        rec.status, rec.error = "ok", ""
+        rec.timings["regions"] = round(t1 - t0, 4)
+        rec.timings["overlay"] = round(time.perf_counter() - t1, 4)
+
+    def _process_chunk(self, loaded: list[_Prepared]) -> list[ImageRecord]:
+        good = [p for p in loaded if p.prepared is not None]
+        if good:
+            try:
+                self._explain(good)
+            except Exception:  # noqa: BLE001 - retry one by one so one image cannot sink the batch
+                if len(good) == 1:
+                    self._fail(good[0], "explain")
+                else:
+                    for p in good:
+                        _reset(p.record)
+                        try:
+                            self._explain([p])
+                        except Exception:  # noqa: BLE001
+                            self._fail(p, "explain")
+        for p in loaded:
+            write_record(self.out, p.record)
+        return [p.record for p in loaded]
+
+    def _fail(self, p: _Prepared, stage: str) -> None:
+        import sys
+
+        exc = sys.exc_info()[1]
+        rec = p.record
+        _reset(rec)
+        rec.status = "error"
+        rec.error = f"{stage} failed ({_reason(exc)})" if exc else f"{stage} failed"
+
+    # -- driver ------------------------------------------------------------------------------
+    def run(self, items: Sequence[InputItem], resume: bool = False,
+            progress: ProgressFn | None = None, rank: int = 0, world_size: int = 1) -> ScreenSummary:
+        """Process ``items`` (the full sorted list) in fixed chunks of ``batch_size``; with
+        ``world_size > 1`` only this rank's chunks. Returns the records of those images."""
+        t_start = time.perf_counter()
+        chunks = shard_chunks(plan_chunks(items, self.settings.batch_size), rank, world_size)
+        summary = ScreenSummary(total=sum(len(c) for c in chunks))
+        todo: list[list[InputItem]] = []
+        plan: list[tuple[list[InputItem], list[ImageRecord] | None]] = []
+        for chunk in chunks:
+            done = [self.finished_record(it) for it in chunk] if resume else [None] * len(chunk)
+            if resume and all(r is not None for r in done):
+                plan.append((chunk, done))  # type: ignore[arg-type]
+            else:
+                plan.append((chunk, None))
+                todo.append(chunk)
+        workers = max(0, int(self.settings.loader_threads))
+        pool = ThreadPoolExecutor(max_workers=workers) if workers > 0 else None
+        futures: dict[int, list[Future]] = {}
+
+        def submit(idx: int) -> None:
+            if pool is None or idx >= len(plan) or plan[idx][1] is not None or idx in futures:
+                return
+            futures[idx] = [pool.submit(self.load, it) for it in plan[idx][0]]
+
+        try:
+            for idx, (chunk, reused) in enumerate(plan):
+                if reused is not None:
+                    for rec in reused:
+                        summary.records.append(rec)
+                        summary.reused += 1
+                        if progress:
+                            progress(rec, True)
+                    continue
+                submit(idx)
+                # prefetch the next chunk that needs work while this one is explained
+                nxt = next((j for j in range(idx + 1, len(plan)) if plan[j][1] is None), None)
+                if nxt is not None:
+                    submit(nxt)
+                if pool is None:
+                    loaded = [self.load(it) for it in chunk]
+                else:
+                    loaded = [f.result() for f in futures.pop(idx)]
+                for rec in self._process_chunk(loaded):
+                    summary.records.append(rec)
+                    if progress:
+                        progress(rec, False)
+        finally:
+            if pool is not None:
+                pool.shutdown(wait=True, cancel_futures=True)
+        summary.ok = sum(1 for r in summary.records if r.status == "ok")
+        summary.failed = sum(1 for r in summary.records if r.status != "ok")
+        summary.seconds = time.perf_counter() - t_start
+        return summary
+
+
+def _reset(rec: ImageRecord) -> None:
+    rec.p_referable = rec.referable = rec.target_prob_after = None
+    rec.iterations = rec.goal_reached = rec.overlay = None
+    rec.flagged_area_pct = None
+    rec.n_regions = rec.n_red = rec.n_bright = 0
+    rec.regions = []
+
+
+def _reason(exc: BaseException | None) -> str:
+    if exc is None:
+        return "unknown error"
+    lines = str(exc).strip().splitlines()
+    msg = lines[0].strip() if lines else ""
+    if type(exc).__name__ in ("NoFundusError",) and msg:
+        return msg
+    return f"{type(exc).__name__}: {msg}" if msg else type(exc).__name__
+
+
+def _model_device(model: Any):
+    import torch
+
+    if model is not None:
+        try:
+            return next(model.parameters()).device
+        except (StopIteration, AttributeError, TypeError):
+            pass
+    return torch.device("cpu")
+
+
+def _opt_array(t: Any) -> np.ndarray | None:
+    if t is None:
+        return None
+    try:
+        return t.detach().cpu().numpy() if hasattr(t, "detach") else np.asarray(t)
+    except Exception:  # noqa: BLE001
+        return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Merge: records -> results.csv, lesions.csv, report.html, run.json
+# ---------------------------------------------------------------------------------------------
+
+
+def collect_records(out: str | Path, items: Iterable[InputItem]) -> list[ImageRecord]:
+    """Records of ``items`` (in item order) from ``OUT/records``; missing ones become errors
+    (a rank that died leaves holes; the merge must still produce complete tables)."""
+    recs = []
+    for it in items:
+        rec = read_record(out, it.file)
+        if rec is None:
+            patient = it.patient or it.file
+            rec = ImageRecord(file=it.file, patient=patient, eye=it.eye, grouping=it.grouping,
+                              patient_dir=patient_dir_name(patient), status="error",
+                              error="not processed (no record; run again with --resume)")
+        recs.append(rec)
+    return recs
+
+
+def merge_outputs(out: str | Path, records: Sequence[ImageRecord], run_info: dict[str, Any],
+                  embed_images: bool = False) -> dict[str, Path]:
+    """Write results.csv, lesions.csv, report.html and run.json (each atomically).
+
+    ``report.html`` and the CSVs depend only on the records and the settings in
+    ``run_info`` (no timestamps), so an interrupted+resumed run reproduces them byte for byte;
+    times live in run.json."""
+    from retina_fgvis.report.html import render_report
+    from retina_fgvis.report.tables import lesions_frame, results_frame, write_csv
+
+    out = Path(out)
+    records = sorted(records, key=lambda r: r.file)
+    paths = {
+        "results": write_csv(results_frame(records), out / "results.csv"),
+        "lesions": write_csv(lesions_frame(records), out / "lesions.csv"),
+    }
+    html = render_report(records, run_info, out, embed_images=embed_images)
+    paths["report"] = atomic_write_text(out / "report.html", html)
+    info = dict(run_info)
+    info["notice"] = NOTICE
+    info["counts"] = {
+        "images": len(records),
+        "ok": sum(r.status == "ok" for r in records),
+        "error": sum(r.status != "ok" for r in records),
+        "referable": sum(bool(r.referable) for r in records if r.status == "ok"),
+        "patients": len({r.patient for r in records}),
+    }
+    stage_totals: dict[str, float] = {}
+    for r in records:
+        for k, v in (r.timings or {}).items():
+            stage_totals[k] = round(stage_totals.get(k, 0.0) + float(v), 4)
+    info.setdefault("timings", {})["per_stage_seconds_total"] = stage_totals
+    paths["run"] = atomic_write_text(out / "run.json", json.dumps(info, indent=2, sort_keys=True, default=str))
+    return paths
+
+
+def versions() -> dict[str, str]:
+    """Versions of the things that change results (for run.json)."""
+    import platform
+    from importlib import metadata
+
+    out = {"python": platform.python_version(), "platform": platform.platform()}
+    for name in ("retina-fgvis", "torch", "torchvision", "timm", "numpy", "scikit-image",
+                 "opencv-python-headless", "pydicom", "pillow", "pandas"):
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def read_results_csv(path: str | Path):
+    """Read a results/lesions CSV written here (skips the notice line)."""
+    import pandas as pd
+
+    return pd.read_csv(path, skiprows=1, keep_default_na=False)
+
+
+__all__ = [
+    "NOTICE", "InputItem", "ImageRecord", "ScreenSettings", "Screener", "ScreenSummary",
+    "ScreeningUsageError", "discover_inputs", "load_manifest", "assign_groups", "group_from_name",
+    "collect_records", "merge_outputs", "versions", "read_results_csv",
+    "normalise_eye", "is_greyscale", "plan_chunks", "shard_chunks",
+]

@@ -1,0 +1,329 @@
+"""Folder screening: discovery, patient grouping, bad inputs, exit codes, path sanitising,
+resume after a crash, sharding. Fake classifier/explainer (tests/_screening_fakes.py) keep
+every test to about a second; the real preprocessing, regions and overlay are used."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import struct
+import subprocess
+import sys
+import time
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from retina_fgvis import screening as S
+from retina_fgvis.commands.screen import run_screen
+from retina_fgvis.fundus.dicom import write_dicom
+from retina_fgvis.report.files import (
+    overlay_file_name,
+    patient_dir_name,
+    sanitise_component,
+)
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _screening_fakes import FakeClassifier, FakeExplainer, fundus_rgb, make_folder, write_png  # noqa: E402
+
+
+def _screen(inputs, out, explainer=None, **kw) -> int:
+    kw.setdefault("batch_size", 2)
+    return run_screen(inputs=[Path(p) for p in inputs], out=Path(out), device="cpu",
+                      classifier=FakeClassifier(),
+                      screener_kwargs={"explainer": explainer or FakeExplainer()}, **kw)
+
+
+def _results(out: Path):
+    return S.read_results_csv(out / "results.csv")
+
+
+# ------------------------------------------------------------------ discovery and grouping
+
+
+def test_discovery_recursive_sorted_and_filtered(tmp_path):
+    src = tmp_path / "in"
+    write_png(src / "b" / "X1_left.png", fundus_rgb(1))
+    write_png(src / "a.png", fundus_rgb(2))
+    write_png(src / ".hidden" / "h.png", fundus_rgb(3))
+    write_png(src / "b" / ".h2.png", fundus_rgb(3))
+    (src / "notes.txt").write_text("not an image")
+    write_dicom(src / "c" / "IM0001", fundus_rgb(4), patient_id="D1", compression=None)
+    write_png(src / "out" / "old.png", fundus_rgb(5))  # the output folder inside the input
+    items, skipped = S.discover_inputs([src], exclude=[src / "out"])
+    assert [i.file for i in items] == ["a.png", "b/X1_left.png", "c/IM0001"]
+    assert [i.is_dicom for i in items] == [False, False, True]
+    assert [p.name for p in skipped] == ["notes.txt"]
+    # explicit files are always taken, relative to their common folder
+    items2, _ = S.discover_inputs([src / "a.png", src / "b" / "X1_left.png"])
+    assert [i.file for i in items2] == ["a.png", "b/X1_left.png"]
+
+
+def test_group_from_name_rules():
+    assert S.group_from_name("P001_right.png") == ("P001", "right")
+    assert S.group_from_name("sub/10003_LEFT.jpeg") == ("10003", "left")
+    assert S.group_from_name("a_b-OD.tif") == ("a_b", "right")
+    assert S.group_from_name("P7/os.png") == ("P7", "left")
+    assert S.group_from_name("scan_0001.png") == (None, None)
+    assert S.group_from_name("left.png") == (None, "left") or S.group_from_name("left.png")[0] in (None, "")
+
+
+def test_grouping_priority_dicom_manifest_name_file(tmp_path):
+    src = tmp_path / "in"
+    write_png(src / "P1_left.png", fundus_rgb(1))              # file-name rule
+    write_png(src / "scan7.png", fundus_rgb(2))                # manifest
+    write_png(src / "lone.png", fundus_rgb(3))                 # one patient per file
+    write_png(src / "Q9_right.png", fundus_rgb(4))             # manifest beats the name
+    write_dicom(src / "ZZ_left.dcm", fundus_rgb(5), patient_id="DCM-42", eye="right",
+                compression="rle")                             # header beats name + manifest
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("file,patient,eye\nscan7.png,M-1,OS\nQ9_right.png,M-2,\nZZ_left.dcm,M-3,left\n")
+    out = tmp_path / "out"
+    assert _screen([src], out, manifest=manifest) == 0
+    df = _results(out).set_index("file")
+    assert (df.loc["P1_left.png", "patient"], df.loc["P1_left.png", "eye"]) == ("P1", "left")
+    assert (df.loc["scan7.png", "patient"], df.loc["scan7.png", "eye"]) == ("M-1", "left")
+    assert (df.loc["Q9_right.png", "patient"], df.loc["Q9_right.png", "eye"]) == ("M-2", "right")
+    assert df.loc["lone.png", "patient"] == "lone" and df.loc["lone.png", "eye"] == ""
+    assert (df.loc["ZZ_left.dcm", "patient"], df.loc["ZZ_left.dcm", "eye"]) == ("DCM-42", "right")
+    rec = S.read_record(out, "ZZ_left.dcm")
+    assert rec.grouping == "dicom" and rec.study_date is None
+
+
+def test_manifest_errors_are_usage_errors(tmp_path):
+    make_folder(tmp_path / "in", 1)
+    bad = tmp_path / "bad.csv"
+    bad.write_text("name,who\nx,y\n")
+    assert _screen([tmp_path / "in"], tmp_path / "o1", manifest=bad) == 2
+    assert _screen([tmp_path / "in"], tmp_path / "o2", manifest=tmp_path / "missing.csv") == 2
+
+
+# ------------------------------------------------------------------ bad inputs and exit codes
+
+
+def _huge_png_header(path: Path, w: int = 30000, h: int = 30000) -> None:
+    """A PNG that *claims* 30000x30000 (900 MP) with almost no data: must be refused from
+    the header, before any attempt to decode it."""
+    def chunk(tag: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data))
+    ihdr = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr)
+                     + chunk(b"IDAT", zlib.compress(b"\x00" * 100)) + chunk(b"IEND", b""))
+
+
+def test_bad_inputs_become_error_rows_and_the_run_continues(tmp_path, capsys):
+    import cv2
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    src = tmp_path / "in"
+    make_folder(src, 2)                                           # 2 good images
+    (src / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    good_jpg = src / "trunc.jpg"
+    cv2.imwrite(str(good_jpg), fundus_rgb(3)[..., ::-1])
+    good_jpg.write_bytes(good_jpg.read_bytes()[:300])             # truncated JPEG
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.88.11"
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta, ds.PatientID = meta, "SR-1"
+    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds.save_as(str(src / "report.dcm"), enforce_file_format=True)  # DICOM without pixel data
+    grey = fundus_rgb(4)[..., 1]
+    cv2.imwrite(str(src / "grey.png"), grey)                       # grey-scale 8-bit
+    cv2.imwrite(str(src / "grey16.png"), grey.astype(np.uint16) * 257)  # grey-scale 16-bit
+    cv2.imwrite(str(src / "colour16.png"), (fundus_rgb(5)[..., ::-1].astype(np.uint16) * 257))
+    write_png(src / "nofundus.png", np.random.default_rng(0).integers(0, 255, (96, 96, 3), dtype=np.uint8))
+    _huge_png_header(src / "huge.png")
+    (src / "empty.tif").write_bytes(b"")
+
+    out = tmp_path / "out"
+    code = _screen([src], out)
+    assert code == 1
+    df = _results(out).set_index("file")
+    ok = {"P00_left.png", "P00_right.png", "colour16.png"}  # 16-bit colour is converted, not refused
+    assert set(df.index[df.status == "ok"]) == ok
+    err = df[df.status == "error"]
+    assert set(err.index) == {"corrupt.png", "trunc.jpg", "report.dcm", "grey.png", "grey16.png",
+                              "nofundus.png", "huge.png", "empty.tif"}
+    assert all(isinstance(e, str) and e and "\n" not in e for e in err.error)
+    assert "no pixel data" in df.loc["report.dcm", "error"]
+    assert "grey-scale" in df.loc["grey.png", "error"] and "grey-scale" in df.loc["grey16.png", "error"]
+    assert "too large" in df.loc["huge.png", "error"]
+    assert "field of view" in df.loc["nofundus.png", "error"]
+    assert (err.p_referable == "").all()
+    logged = capsys.readouterr().err
+    for name in err.index:  # one log line per failure
+        assert sum(name in line and "failed" in line for line in logged.splitlines()) == 1
+
+
+def test_exit_codes(tmp_path):
+    make_folder(tmp_path / "in", 2)
+    assert _screen([tmp_path / "in"], tmp_path / "ok") == 0
+    (tmp_path / "empty").mkdir()
+    assert _screen([tmp_path / "empty"], tmp_path / "o2") == 2
+    (tmp_path / "txt").mkdir()
+    (tmp_path / "txt" / "a.txt").write_text("x")
+    assert _screen([tmp_path / "txt"], tmp_path / "o3") == 2
+    assert _screen([tmp_path / "nope"], tmp_path / "o4") == 2
+    assert _screen([tmp_path / "in"], tmp_path / "o5", batch_size=0) == 2
+    # an existing run is neither overwritten nor silently mixed in
+    assert _screen([tmp_path / "in"], tmp_path / "ok") == 2
+    assert _screen([tmp_path / "in"], tmp_path / "ok", overwrite=True) == 0
+
+
+def test_batch_failure_is_retried_image_by_image(tmp_path):
+    make_folder(tmp_path / "in", 3)
+    ex = FakeExplainer(fail_on=1.0)  # every multi-image batch raises
+    assert _screen([tmp_path / "in"], tmp_path / "out", explainer=ex, batch_size=3) == 0
+    assert ex.calls == 1 + 3
+
+
+# ------------------------------------------------------------------ path sanitising
+
+
+@pytest.mark.parametrize("pid", ["../../etc/passwd", "Smith^John", "a/b\\c", "x\x00y\n", "..", "",
+                                 "Ölçer José", "CON"])
+def test_patient_dir_is_a_hash_never_the_id(pid):
+    d = patient_dir_name(pid)
+    assert d.startswith("p-") and len(d) == 18 and all(c in "p-0123456789abcdef" for c in d)
+    assert patient_dir_name(pid) == d  # deterministic
+
+
+def test_sanitise_component():
+    assert sanitise_component("../../x") == "x"
+    assert sanitise_component("a/b") == "a_b"
+    assert sanitise_component("\x00\x1f..") == "x"
+    assert sanitise_component(".hidden") == "hidden"
+    assert sanitise_component("ok-Name_1.2") == "ok-Name_1.2"
+    assert len(sanitise_component("y" * 500)) == 64
+
+
+def test_output_paths_carry_no_names(tmp_path):
+    src = tmp_path / "in"
+    write_png(src / "Smith John_left.png", fundus_rgb(1))
+    write_dicom(src / "x.dcm", fundus_rgb(2), patient_id="../../Doe^Jane", eye="left", compression=None)
+    out = tmp_path / "out"
+    assert _screen([src], out) == 0
+    names = [p.relative_to(out).as_posix() for p in out.rglob("*")]
+    assert not any("Smith" in n or "Doe" in n or "Jane" in n or ".." in n for n in names)
+    overlays = sorted(p for p in (out / "patients").rglob("*.jpg"))
+    assert len(overlays) == 2 and all(p.resolve().is_relative_to(out.resolve()) for p in overlays)
+    assert overlay_file_name("a/Smith_left.png", "left").startswith("left-")
+
+
+# ------------------------------------------------------------------ resume and sharding
+
+
+def _outputs(out: Path) -> dict[str, bytes]:
+    keep = {"results.csv", "lesions.csv", "report.html"}
+    files = {n: (out / n).read_bytes() for n in keep}
+    for p in sorted((out / "patients").rglob("*")):
+        if p.is_file():
+            files[p.relative_to(out).as_posix()] = p.read_bytes()
+    return files
+
+
+def test_resume_after_crash_gives_identical_outputs(tmp_path, monkeypatch):
+    src = tmp_path / "in"
+    make_folder(src, 7)
+    ref = tmp_path / "ref"
+    assert _screen([src], ref, batch_size=3) == 0
+
+    # crash in the middle of writing the second batch's records
+    real_write = S.write_record
+    count = {"n": 0}
+
+    def crashing_write(out, rec):
+        count["n"] += 1
+        if count["n"] == 5:
+            raise KeyboardInterrupt("simulated kill")
+        return real_write(out, rec)
+
+    monkeypatch.setattr(S, "write_record", crashing_write)
+    out = tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt):
+        _screen([src], out, batch_size=3)
+    monkeypatch.setattr(S, "write_record", real_write)
+    assert len(list((out / "records").glob("*.json"))) == 4
+    assert not (out / "results.csv").exists()
+
+    ex = FakeExplainer()
+    assert _screen([src], out, explainer=ex, batch_size=3, resume=True) == 0
+    assert ex.images == 4  # batch 1 (3 images) skipped; the half-written batch 2 is redone whole
+    assert _outputs(out) == _outputs(ref)
+    info = json.loads((out / "run.json").read_text())
+    assert info["timings"]["images_reused_from_previous_run"] == 3
+
+    # a changed input is screened again on resume
+    write_png(src / "P00_right.png", fundus_rgb(42))
+    ex2 = FakeExplainer()
+    assert _screen([src], out, explainer=ex2, batch_size=3, resume=True) == 0
+    assert ex2.images == 3
+
+
+_KILL_SCRIPT = r"""
+import sys, time
+from pathlib import Path
+sys.path.insert(0, sys.argv[3])
+from _screening_fakes import FakeClassifier, FakeExplainer
+from retina_fgvis.commands.screen import run_screen
+
+class Slow(FakeExplainer):
+    def attribute(self, *a, **k):
+        time.sleep(0.4)
+        return super().attribute(*a, **k)
+
+run_screen(inputs=[Path(sys.argv[1])], out=Path(sys.argv[2]), device="cpu", batch_size=2,
+           classifier=FakeClassifier(), screener_kwargs={"explainer": Slow()}, resume=True)
+"""
+
+
+def test_kill_9_then_resume(tmp_path):
+    src = tmp_path / "in"
+    make_folder(src, 6)
+    ref = tmp_path / "ref"
+    assert _screen([src], ref) == 0
+    out = tmp_path / "out"
+    script = tmp_path / "run.py"
+    script.write_text(_KILL_SCRIPT)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([sys.executable, str(script), str(src), str(out), str(Path(__file__).parent)],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 60
+    while time.time() < deadline and len(list((out / "records").glob("*.json"))) < 2:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    n_done = len(list((out / "records").glob("*.json")))
+    assert 2 <= n_done < 6, "the kill came too late to test anything"
+    assert _screen([src], out, resume=True) == 0
+    assert _outputs(out) == _outputs(ref)
+
+
+def test_chunks_and_shards_cover_everything_once(tmp_path):
+    items = [S.InputItem(path=tmp_path / f"{k}.png", file=f"{k:02d}.png") for k in range(11)]
+    chunks = S.plan_chunks(items, 3)
+    assert [len(c) for c in chunks] == [3, 3, 3, 2]
+    for world in (1, 2, 3, 5):
+        seen = [it.file for r in range(world) for c in S.shard_chunks(chunks, r, world) for it in c]
+        assert sorted(seen) == [it.file for it in items]
+
+
+def test_two_ranks_then_merge_equals_one_process(tmp_path):
+    src = tmp_path / "in"
+    make_folder(src, 5)
+    ref = tmp_path / "ref"
+    assert _screen([src], ref, batch_size=2) == 0
+    out = tmp_path / "out"
+    items, _ = S.discover_inputs([src])
+    items, _ = S.assign_groups(items)
+    for rank in (0, 1):  # what each torchrun rank does, sequentially
+        scr = S.Screener(FakeClassifier(), out, S.ScreenSettings(batch_size=2), explainer=FakeExplainer())
+        scr.run(items, rank=rank, world_size=2)
+    run_info = json.loads((ref / "run.json").read_text())
+    S.merge_outputs(out, S.collect_records(out, items), run_info)
+    assert _outputs(out) == _outputs(ref)
