@@ -147,12 +147,31 @@ def discover_inputs(
             found[root] = root.suffix.lower() in DICOM_SUFFIXES or is_dicom(root)
     if not found:
         return [], skipped
-    base = Path(os.path.commonpath([str(r) for r in roots]))
-    items = [
-        InputItem(path=p, file=p.relative_to(base).as_posix(), is_dicom=d) for p, d in found.items()
-    ]
+    # Keys: relative to the root for one root; "<root name>/<relative path>" for several
+    # (a counter keeps equal root names apart). Absolute paths never enter keys, so outputs
+    # do not depend on where the folder lives.
+    unique_roots = list(dict.fromkeys(roots))
+    labels: dict[Path, str] = {}
+    if len(unique_roots) > 1:
+        used: dict[str, int] = {}
+        for r in unique_roots:
+            name = r.name or "input"
+            used[name] = used.get(name, 0) + 1
+            labels[r] = name if used[name] == 1 else f"{name}~{used[name]}"
+    items = []
+    for p, d in found.items():
+        root = next(r for r in unique_roots if _within(p, r))  # roots in argument order
+        rel = p.relative_to(root).as_posix()
+        key = f"{labels[root]}/{rel}" if labels else rel
+        items.append(InputItem(path=p, file=key, is_dicom=d))
     items.sort(key=lambda it: it.file)
-    return items, skipped
+    seen: set[str] = set()
+    unique_items = []
+    for it in items:
+        if it.file not in seen:
+            seen.add(it.file)
+            unique_items.append(it)
+    return unique_items, skipped
 
 
 def _within(path: Path, parent: Path) -> bool:
@@ -409,9 +428,10 @@ def probe_size(item: InputItem) -> tuple[int, int] | None:
         with Image.open(item.path) as im:
             return int(im.size[0]), int(im.size[1])
     except Exception as exc:  # noqa: BLE001
-        name = type(exc).__name__
-        if name == "DecompressionBombError":
-            raise ImageRejected(f"image too large ({exc})") from None
+        if type(exc).__name__ == "DecompressionBombError":
+            m = re.search(r"\((\d+) pixels\)", str(exc))
+            size = f"{int(m.group(1)) / 1e6:.0f} MP" if m else "over Pillow's limit"
+            raise ImageRejected(f"image too large ({size}; refused before decoding)") from None
         return None  # leave the real error to the reader
 
 
@@ -470,13 +490,14 @@ def _jsonable(v: Any) -> Any:
 
 
 def default_explainer(classifier: Any, settings: ScreenSettings) -> Any:
-    """The real FGVis engine on the classifier's model (imported lazily)."""
-    from retina_fgvis.fgvis.games import FGVis
+    """The real FGVis engine with the fundus preset (deletion goal = the classifier's
+    operating threshold), the same game `explain` and `evaluate diaretdb1` run."""
+    from retina_fgvis.fgvis.presets import fundus_fgvis
 
     kw = dict(settings.engine)
     if settings.iterations is not None:
         kw["max_iterations"] = int(settings.iterations)
-    return FGVis(classifier.model, defense=settings.defense, **kw)
+    return fundus_fgvis(classifier, defense=settings.defense, **kw)
 
 
 def default_region_finder(settings: ScreenSettings) -> Callable[..., tuple[np.ndarray, list]]:
@@ -599,6 +620,11 @@ class Screener:
         rec = self._base_record(item)
         t0 = time.perf_counter()
         try:
+            try:
+                if item.path.stat().st_size == 0:
+                    raise ImageRejected("empty file (0 bytes)")
+            except OSError as exc:
+                raise ImageRejected(f"cannot open the file ({exc.strerror or type(exc).__name__})") from None
             size = probe_size(item)
             if size is not None and size[0] * size[1] > self.settings.max_pixels:
                 raise ImageRejected(
@@ -640,6 +666,8 @@ class Screener:
         except Exception as exc:  # noqa: BLE001 - NoFundusError and decoder surprises
             rec.error = _reason(exc)
         rec.status = "error"
+        # the absolute path may name the patient's folder; the record already has `file`
+        rec.error = rec.error.replace(str(item.path), item.path.name)
         rec.timings["read"] = round(time.perf_counter() - t0, 4)
         return _Prepared(item, rec)
 
@@ -892,11 +920,19 @@ def versions() -> dict[str, str]:
     return out
 
 
+_TEXT_COLUMNS = {"file", "patient", "eye", "referable", "status", "error", "kind", "overlay"}
+
+
 def read_results_csv(path: str | Path):
-    """Read a results/lesions CSV written here (skips the notice line)."""
+    """Read results.csv / lesions.csv written here: skips the notice line, keeps text columns
+    as text (a patient called "NA" stays "NA"), numbers as numbers (NaN where empty)."""
     import pandas as pd
 
-    return pd.read_csv(path, skiprows=1, keep_default_na=False)
+    df = pd.read_csv(path, skiprows=1, dtype=str, keep_default_na=False)
+    for col in df.columns:
+        if col not in _TEXT_COLUMNS:
+            df[col] = pd.to_numeric(df[col].replace("", None), errors="coerce")
+    return df
 
 
 __all__ = [

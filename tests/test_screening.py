@@ -56,9 +56,11 @@ def test_discovery_recursive_sorted_and_filtered(tmp_path):
     assert [i.file for i in items] == ["a.png", "b/X1_left.png", "c/IM0001"]
     assert [i.is_dicom for i in items] == [False, False, True]
     assert [p.name for p in skipped] == ["notes.txt"]
-    # explicit files are always taken, relative to their common folder
-    items2, _ = S.discover_inputs([src / "a.png", src / "b" / "X1_left.png"])
-    assert [i.file for i in items2] == ["a.png", "b/X1_left.png"]
+    # explicit files are always taken; several roots are told apart by their folder name
+    items2, _ = S.discover_inputs([src / "a.png", src / "notes.txt"])
+    assert [i.file for i in items2] == ["a.png", "notes.txt"]
+    items3, _ = S.discover_inputs([src / "b", src / "c", src / "a.png"])
+    assert [i.file for i in items3] == ["b/X1_left.png", "c/IM0001", "in/a.png"]
 
 
 def test_group_from_name_rules():
@@ -154,7 +156,9 @@ def test_bad_inputs_become_error_rows_and_the_run_continues(tmp_path, capsys):
     assert "grey-scale" in df.loc["grey.png", "error"] and "grey-scale" in df.loc["grey16.png", "error"]
     assert "too large" in df.loc["huge.png", "error"]
     assert "field of view" in df.loc["nofundus.png", "error"]
-    assert (err.p_referable == "").all()
+    assert err.p_referable.isna().all()
+    assert df.loc["empty.tif", "error"] == "empty file (0 bytes)"
+    assert not any(str(src) in e for e in err.error)  # no absolute paths in reasons
     logged = capsys.readouterr().err
     for name in err.index:  # one log line per failure
         assert sum(name in line and "failed" in line for line in logged.splitlines()) == 1

@@ -1,0 +1,125 @@
+"""Screening outputs: report.html (links that exist, risk order, escaping, notice), the CSVs
+(notice line, columns) and run.json. Fake classifier/explainer keep it to seconds."""
+from __future__ import annotations
+
+import json
+import re
+import sys
+from html.parser import HTMLParser
+from pathlib import Path
+
+import pytest
+
+from retina_fgvis import screening as S
+from retina_fgvis.commands.screen import run_screen
+from retina_fgvis.report.tables import LESIONS_COLUMNS, NOTICE_LINE, RESULTS_COLUMNS
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _screening_fakes import FakeClassifier, FakeExplainer, fundus_rgb, make_folder, write_png  # noqa: E402
+
+
+class _Links(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.links: list[str] = []
+        self.ids: list[str] = []
+        self.patients: list[str] = []
+        self._in_index_link = False
+
+    def handle_starttag(self, tag, attrs):
+        a = dict(attrs)
+        if "id" in a:
+            self.ids.append(a["id"])
+        for key in ("src", "href"):
+            if a.get(key):
+                self.links.append(a[key])
+
+
+@pytest.fixture(scope="module")
+def screened(tmp_path_factory):
+    root = tmp_path_factory.mktemp("rep")
+    src = root / "in"
+    make_folder(src, 5)
+    (src / "broken.png").write_bytes(b"not a png")
+    write_png(src / "evil.png", fundus_rgb(9))
+    manifest = root / "m.csv"
+    manifest.write_text('file,patient,eye\nevil.png,"<script>alert(1)</script>",left\n')
+    out = root / "out"
+    code = run_screen(inputs=[src], out=out, device="cpu", batch_size=2, manifest=manifest,
+                      classifier=FakeClassifier(), screener_kwargs={"explainer": FakeExplainer()})
+    assert code == 1  # broken.png
+    return out
+
+
+def test_report_links_exist_and_cover_every_overlay(screened):
+    html = (screened / "report.html").read_text(encoding="utf-8")
+    parser = _Links()
+    parser.feed(html)
+    files = [link for link in parser.links if not link.startswith(("#", "data:", "http"))]
+    assert files, "no overlay linked"
+    for link in files:
+        assert not link.startswith("/") and ".." not in link
+        assert (screened / link).is_file(), link
+    anchors = [link[1:] for link in parser.links if link.startswith("#") and link != "#top"]
+    assert anchors and all(a in parser.ids for a in anchors)
+    df = S.read_results_csv(screened / "results.csv")
+    ok = df[df.status == "ok"]
+    overlays = {S.read_record(screened, f).overlay for f in ok.file}
+    assert overlays <= set(files)
+    assert "http://" not in html and "https://" not in html and "<script" not in html.replace("&lt;script", "")
+
+
+def test_report_text(screened):
+    html = (screened / "report.html").read_text(encoding="utf-8")
+    assert html.count("Research use only, not a diagnosis") >= 2
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in html and "<script>alert" not in html
+    assert "broken.png" in html and "Images that could not be screened (1)" in html
+
+
+def test_patients_sorted_by_risk(screened):
+    html = (screened / "report.html").read_text(encoding="utf-8")
+    df = S.read_results_csv(screened / "results.csv")
+    ok = df[df.status == "ok"]
+    risk = ok.groupby("patient").p_referable.max().sort_values(ascending=False, kind="stable")
+    index = html.split("Patients by risk", 1)[1].split("</table>", 1)[0]
+    order = re.findall(r"<a href='#p-[0-9a-f]+'>(.*?)</a>", index)
+    import html as html_mod
+
+    order = [html_mod.unescape(o) for o in order]
+    expected_ok = list(risk.index)
+    assert order[: len(expected_ok)] == sorted(expected_ok, key=lambda p: (-risk[p], p))
+    assert order[-1] == "broken"  # a patient whose only image failed comes last
+
+
+def test_csvs_have_notice_and_columns(screened):
+    for name, cols in (("results.csv", RESULTS_COLUMNS), ("lesions.csv", LESIONS_COLUMNS)):
+        text = (screened / name).read_text(encoding="utf-8")
+        assert text.splitlines()[0] == NOTICE_LINE
+        assert "Research use only, not a diagnosis" in text.splitlines()[0]
+        assert list(S.read_results_csv(screened / name).columns) == cols
+    df = S.read_results_csv(screened / "results.csv")
+    les = S.read_results_csv(screened / "lesions.csv")
+    assert len(les) == int(df[df.status == "ok"].n_regions.sum())
+    assert set(df.referable) <= {"yes", "no", ""}
+
+
+def test_run_json(screened):
+    info = json.loads((screened / "run.json").read_text())
+    assert info["notice"] == "Research use only, not a diagnosis."
+    assert info["model"]["sha256"] == "f" * 64
+    assert {"torch", "numpy", "pydicom", "python"} <= set(info["versions"])
+    assert info["settings"]["batch_size"] == 2
+    assert info["counts"]["error"] == 1 and info["counts"]["images"] == 7
+    assert info["timings"]["wall_seconds"] >= 0 and "per_stage_seconds_total" in info["timings"]
+
+
+def test_embedded_report_is_one_file(tmp_path):
+    make_folder(tmp_path / "in", 1)
+    out = tmp_path / "out"
+    assert run_screen(inputs=[tmp_path / "in"], out=out, device="cpu", embed_images=True,
+                      classifier=FakeClassifier(), screener_kwargs={"explainer": FakeExplainer()}) == 0
+    html = (out / "report.html").read_text()
+    assert "data:image/jpeg;base64," in html
+    parser = _Links()
+    parser.feed(html)
+    assert all(link.startswith(("#", "data:")) for link in parser.links)
