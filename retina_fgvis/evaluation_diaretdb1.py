@@ -56,7 +56,7 @@ PAPER_TABLE3: dict[float, dict[str, float]] = {
     0.5: {"H": 90.5, "HE": 81.6, "SE": 80.0, "RSD": 86.0},
 }
 #: Absolute importance levels swept for the FROC (the region rule's threshold).
-DEFAULT_FROC_THRESHOLDS: tuple[float, ...] = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+DEFAULT_FROC_THRESHOLDS: tuple[float, ...] = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 CACHE_VERSION = 1
 
 

@@ -53,7 +53,7 @@ def register(app: typer.Typer, evaluate_app: typer.Typer) -> None:
         mode: str = typer.Option("coverage", "--mode", help="Default overlap mode: coverage | precision | iou."),
         aggregate: str = typer.Option("union", "--aggregate", help="GT region vs union of touching proposals "
                                       "(union) or best single proposal (pair)."),
-        froc_thresholds: str = typer.Option("0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9", "--froc-thresholds",
+        froc_thresholds: str = typer.Option("0.05,0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9", "--froc-thresholds",
                                             help="Importance levels swept for the FROC."),
         max_iterations: Optional[int] = typer.Option(None, "--max-iterations",
                                                      help="FGVis iterations per image (default: engine's)."),
