@@ -331,3 +331,68 @@ def test_two_ranks_then_merge_equals_one_process(tmp_path):
     run_info = json.loads((ref / "run.json").read_text())
     S.merge_outputs(out, S.collect_records(out, items), run_info)
     assert _outputs(out) == _outputs(ref)
+
+
+# ------------------------------------------------------------------ the real CLI, engine and torchrun
+
+
+@pytest.fixture(scope="module")
+def tiny_weights(tmp_path_factory):
+    """A real checkpoint of the test architecture (64 px): the whole real stack, in seconds."""
+    import torch
+
+    from retina_fgvis.classifier.model import LITE_MEAN, LITE_STD, TinyNet, save_checkpoint
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("w") / "tiny.pt"
+    save_checkpoint(TinyNet(), {"arch": "tiny", "input_size": 64, "mean": LITE_MEAN, "std": LITE_STD,
+                                "class_names": ["non-referable", "referable"], "threshold": 0.5}, path)
+    return path
+
+
+def _cli(*args, env_extra=None, timeout=120):
+    env = dict(os.environ, OMP_NUM_THREADS="1", **(env_extra or {}))
+    return subprocess.run([sys.executable, "-m", "retina_fgvis", "screen", *map(str, args)],
+                          capture_output=True, text=True, env=env, timeout=timeout)
+
+
+def test_cli_real_engine_on_samples(tmp_path, tiny_weights):
+    samples = Path(__file__).resolve().parents[1] / "data" / "samples"
+    out = tmp_path / "out"
+    proc = _cli(samples, "--out", out, "--weights", tiny_weights, "--device", "cpu",
+                "--iterations", "3", "--batch-size", "2")
+    assert proc.returncode == 0, proc.stderr
+    df = _results(out)
+    assert list(df.file) == ["IM000001.dcm", "SYN001_left.png", "SYN002_right.png"]
+    assert (df.status == "ok").all() and set(df.patient) == {"SYN001", "SYN002"}
+    info = json.loads((out / "run.json").read_text())
+    assert info["settings"]["iterations"] == 3 and len(info["model"]["sha256"]) == 64
+    # usage errors are exit code 2, with one readable line
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    proc = _cli(empty, "--out", tmp_path / "o2", "--weights", tiny_weights)
+    assert proc.returncode == 2 and "no fundus images found" in proc.stderr
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_equal_one(tmp_path, tiny_weights):
+    import shutil
+
+    torchrun = shutil.which("torchrun") or str(Path(sys.executable).with_name("torchrun"))
+    if not Path(torchrun).exists():
+        pytest.skip("torchrun not installed")
+    src = tmp_path / "in"
+    make_folder(src, 5)
+    (src / "bad.png").write_bytes(b"x")
+    args = [src, "--weights", tiny_weights, "--device", "cpu", "--iterations", "3", "--batch-size", "2"]
+    one = _cli(*args, "--out", tmp_path / "one")
+    assert one.returncode == 1, one.stderr
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    two = subprocess.run([torchrun, "--standalone", "--nproc_per_node", "2", "-m", "retina_fgvis", "screen",
+                          *map(str, args), "--out", str(tmp_path / "two")],
+                         capture_output=True, text=True, env=env, timeout=240)
+    assert two.returncode != 0  # the bad file: exit code 1 on every rank (torchrun reports failure)
+    assert "bad.png" in two.stderr
+    assert _outputs(tmp_path / "two") == _outputs(tmp_path / "one")
+    info = json.loads((tmp_path / "two" / "run.json").read_text())
+    assert info["settings"]["world_size"] == 2

@@ -16,13 +16,14 @@ import os
 import shutil
 import sys
 import time
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, Optional
 
 import typer
 
 NOTICE = "Research use only, not a diagnosis."
+DIST_TIMEOUT_HOURS = 72
 _OUTPUT_FILES = ("results.csv", "lesions.csv", "report.html", "run.json")
 
 
@@ -145,11 +146,16 @@ def run_screen(
         device = _resolve_device(device, local_rank, world)
 
         if world > 1:
+            import torch
             import torch.distributed as tdist
 
             backend = "nccl" if device.startswith("cuda") else "gloo"
+            if backend == "nccl":
+                torch.cuda.set_device(torch.device(device))
             if not tdist.is_initialized():
-                tdist.init_process_group(backend=backend)
+                # Ranks wait for each other only at the end of their shard, which can take
+                # hours: the default 30-minute collective timeout would kill a healthy run.
+                tdist.init_process_group(backend=backend, timeout=timedelta(hours=DIST_TIMEOUT_HOURS))
             dist = tdist
         if rank == 0:
             if overwrite:

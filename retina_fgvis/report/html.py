@@ -49,12 +49,16 @@ td.num,th.num{text-align:right;font-variant-numeric:tabular-nums}
 .patient{border:1px solid var(--line);border-radius:10px;margin:22px 0;overflow:hidden}
 .phead{display:flex;gap:12px;align-items:center;flex-wrap:wrap;background:var(--bg);padding:10px 14px;border-bottom:1px solid var(--line)}
 .phead .meta{color:var(--muted);font-size:13px}
-.eyes{display:grid;grid-template-columns:repeat(auto-fit,minmax(420px,1fr));gap:0}
-.eye{padding:12px 14px;border-right:1px solid var(--line)}
-.eye:last-child{border-right:0}
+.eyes{display:grid;grid-template-columns:1fr 1fr;gap:0}
+.eye{padding:12px 14px;min-width:0}
+.eye+.eye{border-left:1px solid var(--line)}
+.eye.right{grid-column:1}
+.eye.left{grid-column:2}
+.eye.empty{color:var(--muted);font-size:13.5px;display:flex;align-items:center;justify-content:center}
+@media (max-width:760px){.eyes{grid-template-columns:1fr}.eye.right,.eye.left{grid-column:1}.eye+.eye{border-left:0;border-top:1px solid var(--line)}.eye.empty{display:none}}
 .eye img{width:100%;height:auto;border-radius:6px;background:#000;display:block}
-.facts{margin:4px 0 10px;color:var(--fg)}
-.facts span{margin-right:14px;white-space:nowrap}
+.facts{margin:4px 0 10px;color:var(--fg);display:flex;flex-wrap:wrap;gap:4px 14px;align-items:center}
+.facts span{white-space:nowrap}
 .file{color:var(--muted);font-size:12.5px;word-break:break-all}
 .err{color:#57606a;background:var(--bg);border-radius:6px;padding:10px}
 .legend{font-size:14px;color:var(--fg);background:var(--bg);border:1px solid var(--line);border-radius:8px;padding:10px 14px}
@@ -162,11 +166,12 @@ def _region_table(rec: Any) -> str:
     )
 
 
-def _eye_card(rec: Any, out: Path, threshold: float, embed: bool) -> str:
+def _eye_card(rec: Any, out: Path, threshold: float, embed: bool, pin: bool = True) -> str:
     label = _EYE_LABEL.get(rec.eye, _EYE_LABEL[None])
+    cls = f"eye {rec.eye}" if pin and rec.eye in ("left", "right") else "eye"
     head = f"<h3>{_e(label)}</h3><div class=file>{_e(rec.file)}</div>"
     if rec.status != "ok":
-        return (f'<div class="eye">{head}<p>{_badge(None)}</p>'
+        return (f'<div class="{cls}">{head}<p>{_badge(None)}</p>'
                 f'<div class="err">Could not be screened: {_e(rec.error)}</div></div>')
     facts = (
         f'<div class="facts"><span>{_badge(rec.referable)}</span>'
@@ -183,7 +188,7 @@ def _eye_card(rec: Any, out: Path, threshold: float, embed: bool) -> str:
         img = (f'<a href="{src}" title="open full size"><img src="{src}" loading="lazy" '
                f'alt="overlay for {_e(label)}"></a>')
     date = f'<div class="file">study date {_e(rec.study_date)}</div>' if rec.study_date else ""
-    return f'<div class="eye">{head}{date}{facts}{img}{_region_table(rec)}</div>'
+    return f'<div class="{cls}">{head}{date}{facts}{img}{_region_table(rec)}</div>'
 
 
 def render_report(records: Sequence[Any], run_info: dict[str, Any], out: str | Path,
@@ -271,7 +276,18 @@ def render_report(records: Sequence[Any], run_info: dict[str, Any], out: str | P
         meta = f"{len(recs)} image{'s' if len(recs) != 1 else ''}"
         if dates:
             meta += " · study " + ", ".join(_e(d) for d in dates)
-        cards = "".join(_eye_card(r, out, threshold, embed_images) for r in recs)
+        eyes = [r.eye for r in recs]
+        # pin right eye -> left column, left eye -> right column (as the clinician faces the
+        # patient) when each eye has one image; otherwise let the pictures flow
+        pin = len(set(eyes)) == len(eyes) and all(e in ("left", "right") for e in eyes)
+        cards = "".join(_eye_card(r, out, threshold, embed_images, pin) for r in recs)
+        if len(recs) == 1 and recs[0].eye in ("left", "right"):
+            # keep the clinical layout (right eye on the left) and the picture half-width
+            other = "left" if recs[0].eye == "right" else "right"
+            placeholder = f'<div class="eye {other} empty">no {other}-eye image</div>'
+            cards = cards + placeholder if other == "left" else placeholder + cards
+        elif len(recs) == 1:
+            cards += '<div class="eye empty"></div>'
         parts.append(
             f'<section class="patient" id="{_e(anchor)}"><div class="phead"><h2>Patient '
             f"{_e(pid)}</h2>{_badge(flag)}<span class=meta>{meta}</span>"
