@@ -355,6 +355,7 @@ class ImageRecord:
     target_prob_after: float | None = None
     iterations: int | None = None
     goal_reached: bool | None = None
+    error_stage: str = ""  # "input" (deterministic: kept on resume) | "explain" (redone on resume)
     regions: list[dict[str, Any]] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
     schema: int = RECORD_SCHEMA
@@ -580,6 +581,8 @@ class Screener:
         self.region_finder = region_finder or default_region_finder(self.settings)
         self.overlay = overlay or default_overlay()
         self.result_key = self.settings.result_key(getattr(classifier, "sha256", None))
+        #: optional status hook (text), called while a batch's game runs (progress bars)
+        self.on_step: Callable[[str], None] | None = None
         self.threshold = float(getattr(classifier, "threshold", 0.5))
 
     # -- resume ------------------------------------------------------------------------------
@@ -589,6 +592,8 @@ class Screener:
         rec = read_record(self.out, item.file)
         if rec is None or rec.result_key != self.result_key or rec.status not in ("ok", "error"):
             return None
+        if rec.status == "error" and rec.error_stage != "input":
+            return None  # may have been transient (out of memory, a bug fixed since): retry
         try:
             sha = file_sha256(item.path)
         except OSError:
@@ -666,6 +671,7 @@ class Screener:
         except Exception as exc:  # noqa: BLE001 - NoFundusError and decoder surprises
             rec.error = _reason(exc)
         rec.status = "error"
+        rec.error_stage = "input"
         # the absolute path may name the patient's folder; the record already has `file`
         rec.error = rec.error.replace(str(item.path), item.path.name)
         rec.timings["read"] = round(time.perf_counter() - t0, 4)
@@ -677,19 +683,25 @@ class Screener:
 
         model = getattr(self.classifier, "model", None)
         device = _model_device(model)
+        n = len(batch)
         x = torch.stack([p.prepared.tensor for p in batch]).to(device)
         fov = torch.stack([torch.as_tensor(np.asarray(p.prepared.fov_model)) for p in batch]).to(device)
         t0 = time.perf_counter()
         with torch.no_grad():
             probs = self.classifier.predict_proba(x).detach().float().cpu().numpy()
         t1 = time.perf_counter()
-        result = self.explainer.attribute(x, target=self.settings.target, game=self.settings.game, fov_mask=fov)
+        kwargs: dict[str, Any] = {}
+        if self.on_step is not None and _accepts(self.explainer.attribute, "progress"):
+            total = getattr(getattr(self.explainer, "settings", None), "max_iterations", None)
+            of = f"/{total}" if total else ""
+            kwargs["progress"] = lambda it, active: self.on_step(f"iteration {it}{of}, {active} of {n} in the batch")
+        result = self.explainer.attribute(x, target=self.settings.target, game=self.settings.game,
+                                          fov_mask=fov, **kwargs)
         t2 = time.perf_counter()
         mean_mask = result.mean_mask.detach().float().cpu().numpy()
         after = _opt_array(getattr(result, "target_prob_after", None))
         iters = _opt_array(getattr(result, "iterations", None))
         goal = _opt_array(getattr(result, "goal_reached", None))
-        n = len(batch)
         for i, p in enumerate(batch):
             rec = p.record
             rec.p_referable = round(float(probs[i]), 6)
@@ -722,7 +734,7 @@ class Screener:
         rel = f"patients/{rec.patient_dir}/{overlay_file_name(rec.file, rec.eye, '.jpg')}"
         atomic_write_image(self.out / rel, picture)
         rec.overlay = rel
-        rec.status, rec.error = "ok", ""
+        rec.status, rec.error, rec.error_stage = "ok", "", ""
         rec.timings["regions"] = round(t1 - t0, 4)
         rec.timings["overlay"] = round(time.perf_counter() - t1, 4)
 
@@ -752,6 +764,7 @@ class Screener:
         rec = p.record
         _reset(rec)
         rec.status = "error"
+        rec.error_stage = stage
         rec.error = f"{stage} failed ({_reason(exc)})" if exc else f"{stage} failed"
 
     # -- driver ------------------------------------------------------------------------------
@@ -809,6 +822,16 @@ class Screener:
         summary.failed = sum(1 for r in summary.records if r.status != "ok")
         summary.seconds = time.perf_counter() - t_start
         return summary
+
+
+def _accepts(fn: Callable, name: str) -> bool:
+    import inspect
+
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+    return name in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
 
 
 def _reset(rec: ImageRecord) -> None:

@@ -186,6 +186,25 @@ def test_batch_failure_is_retried_image_by_image(tmp_path):
     assert ex.calls == 1 + 3
 
 
+class _Broken(FakeExplainer):
+    def attribute(self, inputs, target=1, game="deletion", fov_mask=None):
+        raise RuntimeError("CUDA out of memory\nmore text")
+
+
+def test_explain_errors_are_retried_on_resume_input_errors_are_not(tmp_path):
+    src = tmp_path / "in"
+    make_folder(src, 2)
+    (src / "bad.png").write_bytes(b"nope")
+    out = tmp_path / "out"
+    assert _screen([src], out, explainer=_Broken()) == 1
+    df = _results(out).set_index("file")
+    assert df.loc["P00_right.png", "error"] == "explain failed (RuntimeError: CUDA out of memory)"
+    ex = FakeExplainer()
+    assert _screen([src], out, explainer=ex, resume=True) == 1  # bad.png still bad
+    assert ex.images == 2
+    assert (_results(out).status == "ok").sum() == 2
+
+
 # ------------------------------------------------------------------ path sanitising
 
 
@@ -277,9 +296,9 @@ from _screening_fakes import FakeClassifier, FakeExplainer
 from retina_fgvis.commands.screen import run_screen
 
 class Slow(FakeExplainer):
-    def attribute(self, *a, **k):
+    def attribute(self, inputs, target=1, game="deletion", fov_mask=None):
         time.sleep(0.4)
-        return super().attribute(*a, **k)
+        return super().attribute(inputs, target, game, fov_mask)
 
 run_screen(inputs=[Path(sys.argv[1])], out=Path(sys.argv[2]), device="cpu", batch_size=2,
            classifier=FakeClassifier(), screener_kwargs={"explainer": Slow()}, resume=True)

@@ -252,9 +252,17 @@ def _run_with_progress(screener: Any, items: list, resume: bool, rank: int, worl
                                    highlight=False)
         progress.update(task, advance=1, status=f"{failures} failed" if failures else "")
 
+    def on_step(text: str) -> None:
+        extra = f"{failures} failed · " if failures else ""
+        progress.update(task, status=extra + text)
+
     with progress:
         task = progress.add_task(label, total=mine, status="")
-        return screener.run(items, resume=resume, progress=on_record, rank=rank, world_size=world)
+        screener.on_step = on_step
+        try:
+            return screener.run(items, resume=resume, progress=on_record, rank=rank, world_size=world)
+        finally:
+            screener.on_step = None
 
 
 def _run_info(S: Any, classifier: Any, screener: Any, inputs: list, out: Path, manifest: Any,
