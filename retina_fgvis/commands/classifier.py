@@ -75,6 +75,7 @@ def register(app: typer.Typer, evaluate_app: typer.Typer) -> None:
         threads: int = typer.Option(2, help="CPU threads for torch."),
         max_images: Optional[int] = typer.Option(None, help="Use at most N images per source (smoke runs)."),
         no_pretrained: bool = typer.Option(False, "--no-pretrained", help="Random init even for lite0."),
+        freeze_early: int = typer.Option(2, help="Freeze the stem + this many early blocks (0 = train all)."),
         log_file: Optional[Path] = typer.Option(None, help="Append log lines here as well."),
     ) -> None:
         """Train the referable-DR classifier (resumes automatically from --checkpoint-dir)."""
@@ -85,7 +86,8 @@ def register(app: typer.Typer, evaluate_app: typer.Typer) -> None:
                           batch_size=batch_size, min_sensitivity=min_sensitivity,
                           checkpoint_dir=str(checkpoint_dir) if checkpoint_dir else None,
                           cache_dir=str(cache_dir) if cache_dir else None, device=device,
-                          threads=threads, max_images_per_source=max_images)
+                          threads=threads, max_images_per_source=max_images,
+                          freeze_early=freeze_early)
         log = _log_factory(log_file)
         log(f"train: {json.dumps(cfg.__dict__)}")
         try:

@@ -111,7 +111,13 @@ def _read_tiff(path: Path) -> np.ndarray:
     try:
         import tifffile
 
-        arr = tifffile.imread(path)
+        with tifffile.TiffFile(path) as tf:
+            page = tf.pages[0]
+            arr = page.asarray()
+            # 1-bit masks such as DiaretDB1's fmask.tif are stored "min is white": invert so
+            # that the pixel values mean what a viewer (and Pillow) shows.
+            if page.photometric == tifffile.PHOTOMETRIC.MINISWHITE:
+                arr = ~arr if arr.dtype == bool else np.iinfo(arr.dtype).max - arr
         if arr.ndim == 3 and arr.shape[-1] not in (1, 2, 3, 4) and arr.shape[0] not in (3, 4):
             arr = arr[0]  # multi-page: first page
         if arr.ndim == 4:
