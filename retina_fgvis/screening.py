@@ -311,6 +311,7 @@ class ScreenSettings:
     overlay_max_side: int = 1600
     device: str = "cpu"
     loader_threads: int = 1
+    post_threads: int | None = None  # regions + overlays; None: 0 on CPU, up to 4 with a GPU
 
     def result_key(self, weights_sha256: str | None) -> str:
         payload = {
@@ -677,15 +678,22 @@ class Screener:
         rec.timings["read"] = round(time.perf_counter() - t0, 4)
         return _Prepared(item, rec)
 
-    def _explain(self, batch: list[_Prepared]) -> None:
-        """Classify + deletion game for a batch of prepared images, then regions/overlays."""
+    def _explain(self, batch: list[_Prepared]) -> np.ndarray:
+        """Classify + deletion game for a batch of prepared images (the accelerator part).
+
+        Fills p(referable) and the game's outcome into the records; returns the importance
+        maps on the model grid, (B, S, S)."""
         import torch
 
         model = getattr(self.classifier, "model", None)
         device = _model_device(model)
         n = len(batch)
-        x = torch.stack([p.prepared.tensor for p in batch]).to(device)
-        fov = torch.stack([torch.as_tensor(np.asarray(p.prepared.fov_model)) for p in batch]).to(device)
+        x = torch.stack([p.prepared.tensor for p in batch])
+        fov = torch.stack([torch.as_tensor(np.asarray(p.prepared.fov_model)) for p in batch])
+        if device.type == "cuda":  # pinned host memory: the copy overlaps with queued work
+            x, fov = x.pin_memory().to(device, non_blocking=True), fov.pin_memory().to(device, non_blocking=True)
+        else:
+            x, fov = x.to(device), fov.to(device)
         t0 = time.perf_counter()
         with torch.no_grad():
             probs = self.classifier.predict_proba(x).detach().float().cpu().numpy()
@@ -697,8 +705,8 @@ class Screener:
             kwargs["progress"] = lambda it, active: self.on_step(f"iteration {it}{of}, {active} of {n} in the batch")
         result = self.explainer.attribute(x, target=self.settings.target, game=self.settings.game,
                                           fov_mask=fov, **kwargs)
-        t2 = time.perf_counter()
         mean_mask = result.mean_mask.detach().float().cpu().numpy()
+        t2 = time.perf_counter()
         after = _opt_array(getattr(result, "target_prob_after", None))
         iters = _opt_array(getattr(result, "iterations", None))
         goal = _opt_array(getattr(result, "goal_reached", None))
@@ -711,10 +719,13 @@ class Screener:
             rec.goal_reached = None if goal is None else bool(goal[i])
             rec.timings["classify"] = round((t1 - t0) / n, 4)
             rec.timings["explain"] = round((t2 - t1) / n, 4)
-            self._finish(p, mean_mask[i])
+        return mean_mask
 
     def _finish(self, p: _Prepared, model_map: np.ndarray) -> None:
-        """Importance map -> original grid -> regions -> overlay file -> record fields."""
+        """Importance map -> original grid -> regions -> overlay file -> record fields.
+
+        CPU-only work; runs in a worker thread on GPU machines so that the accelerator can
+        start the next batch's game meanwhile."""
         rec = p.record
         t0 = time.perf_counter()
         prepared = p.prepared
@@ -738,24 +749,35 @@ class Screener:
         rec.timings["regions"] = round(t1 - t0, 4)
         rec.timings["overlay"] = round(time.perf_counter() - t1, 4)
 
-    def _process_chunk(self, loaded: list[_Prepared]) -> list[ImageRecord]:
+    def _finish_safe(self, p: _Prepared, model_map: np.ndarray) -> None:
+        try:
+            self._finish(p, model_map)
+        except Exception:  # noqa: BLE001 - one image's regions/overlay cannot stop the run
+            self._fail(p, "regions/overlay")
+        finally:
+            p.rgb = p.prepared = None  # free the pixels early; the record is all we keep
+
+    def _explain_chunk(self, loaded: list[_Prepared]) -> list[tuple[_Prepared, np.ndarray]]:
+        """The game for a chunk's readable images; a failing batch is retried image by
+        image so that one bad image cannot sink its batch-mates. Returns (image, map) jobs."""
         good = [p for p in loaded if p.prepared is not None]
-        if good:
+        if not good:
+            return []
+        try:
+            maps = self._explain(good)
+            return list(zip(good, maps))
+        except Exception:  # noqa: BLE001
+            if len(good) == 1:
+                self._fail(good[0], "explain")
+                return []
+        jobs = []
+        for p in good:
+            _reset(p.record)
             try:
-                self._explain(good)
-            except Exception:  # noqa: BLE001 - retry one by one so one image cannot sink the batch
-                if len(good) == 1:
-                    self._fail(good[0], "explain")
-                else:
-                    for p in good:
-                        _reset(p.record)
-                        try:
-                            self._explain([p])
-                        except Exception:  # noqa: BLE001
-                            self._fail(p, "explain")
-        for p in loaded:
-            write_record(self.out, p.record)
-        return [p.record for p in loaded]
+                jobs.append((p, self._explain([p])[0]))
+            except Exception:  # noqa: BLE001
+                self._fail(p, "explain")
+        return jobs
 
     def _fail(self, p: _Prepared, stage: str) -> None:
         import sys
@@ -767,15 +789,24 @@ class Screener:
         rec.error_stage = stage
         rec.error = f"{stage} failed ({_reason(exc)})" if exc else f"{stage} failed"
 
+    def _post_threads(self) -> int:
+        if self.settings.post_threads is not None:
+            return max(0, int(self.settings.post_threads))
+        # CPU: the game already uses every core; threads would only compete with it
+        return 0 if str(self.settings.device).startswith("cpu") else min(4, os.cpu_count() or 1)
+
     # -- driver ------------------------------------------------------------------------------
     def run(self, items: Sequence[InputItem], resume: bool = False,
             progress: ProgressFn | None = None, rank: int = 0, world_size: int = 1) -> ScreenSummary:
         """Process ``items`` (the full sorted list) in fixed chunks of ``batch_size``; with
-        ``world_size > 1`` only this rank's chunks. Returns the records of those images."""
+        ``world_size > 1`` only this rank's chunks. Returns the records of those images.
+
+        Pipeline per chunk: load (loader threads, one chunk ahead) -> game (this thread, the
+        accelerator) -> regions + overlay (post threads, while the next game runs) -> records
+        (written in chunk order, each atomically)."""
         t_start = time.perf_counter()
         chunks = shard_chunks(plan_chunks(items, self.settings.batch_size), rank, world_size)
         summary = ScreenSummary(total=sum(len(c) for c in chunks))
-        todo: list[list[InputItem]] = []
         plan: list[tuple[list[InputItem], list[ImageRecord] | None]] = []
         for chunk in chunks:
             done = [self.finished_record(it) for it in chunk] if resume else [None] * len(chunk)
@@ -783,19 +814,34 @@ class Screener:
                 plan.append((chunk, done))  # type: ignore[arg-type]
             else:
                 plan.append((chunk, None))
-                todo.append(chunk)
         workers = max(0, int(self.settings.loader_threads))
         pool = ThreadPoolExecutor(max_workers=workers) if workers > 0 else None
+        n_post = self._post_threads()
+        post = ThreadPoolExecutor(max_workers=n_post) if n_post > 0 else None
         futures: dict[int, list[Future]] = {}
+        pending: list[tuple[list[_Prepared], list[Future]]] = []
 
         def submit(idx: int) -> None:
             if pool is None or idx >= len(plan) or plan[idx][1] is not None or idx in futures:
                 return
             futures[idx] = [pool.submit(self.load, it) for it in plan[idx][0]]
 
+        def drain(keep: int) -> None:
+            while len(pending) > keep:
+                loaded, futs = pending.pop(0)
+                for f in futs:
+                    f.result()
+                for p in loaded:
+                    write_record(self.out, p.record)
+                for p in loaded:
+                    summary.records.append(p.record)
+                    if progress:
+                        progress(p.record, False)
+
         try:
             for idx, (chunk, reused) in enumerate(plan):
                 if reused is not None:
+                    drain(0)  # keep records and progress in list order
                     for rec in reused:
                         summary.records.append(rec)
                         summary.reused += 1
@@ -811,13 +857,19 @@ class Screener:
                     loaded = [self.load(it) for it in chunk]
                 else:
                     loaded = [f.result() for f in futures.pop(idx)]
-                for rec in self._process_chunk(loaded):
-                    summary.records.append(rec)
-                    if progress:
-                        progress(rec, False)
+                jobs = self._explain_chunk(loaded)
+                if post is None:
+                    for p, m in jobs:
+                        self._finish_safe(p, m)
+                    pending.append((loaded, []))
+                else:
+                    pending.append((loaded, [post.submit(self._finish_safe, p, m) for p, m in jobs]))
+                drain(1 if post is not None else 0)
+            drain(0)
         finally:
-            if pool is not None:
-                pool.shutdown(wait=True, cancel_futures=True)
+            for ex in (pool, post):
+                if ex is not None:
+                    ex.shutdown(wait=True, cancel_futures=True)
         summary.ok = sum(1 for r in summary.records if r.status == "ok")
         summary.failed = sum(1 for r in summary.records if r.status != "ok")
         summary.seconds = time.perf_counter() - t_start

@@ -415,3 +415,22 @@ def test_torchrun_two_processes_equal_one(tmp_path, tiny_weights):
     assert _outputs(tmp_path / "two") == _outputs(tmp_path / "one")
     info = json.loads((tmp_path / "two" / "run.json").read_text())
     assert info["settings"]["world_size"] == 2
+
+
+def test_threaded_pipeline_gives_the_same_outputs(tmp_path):
+    """Loader and post-processing threads (the GPU configuration) change nothing but speed."""
+    src = tmp_path / "in"
+    make_folder(src, 5)
+    (src / "bad.png").write_bytes(b"x")
+    items, _ = S.assign_groups(S.discover_inputs([src])[0])
+    outs = []
+    for name, threads in (("serial", (0, 0)), ("threaded", (2, 3))):
+        out = tmp_path / name
+        settings = S.ScreenSettings(batch_size=2, loader_threads=threads[0], post_threads=threads[1])
+        scr = S.Screener(FakeClassifier(), out, settings, explainer=FakeExplainer())
+        seen = []
+        summary = scr.run(items, progress=lambda rec, reused: seen.append(rec.file))
+        assert seen == [it.file for it in items] and summary.failed == 1
+        S.merge_outputs(out, S.collect_records(out, items), {"settings": {}, "model": {}})
+        outs.append(_outputs(out))
+    assert outs[0] == outs[1]
