@@ -227,19 +227,26 @@ def group_from_name(file: str) -> tuple[str | None, str | None]:
 
 
 def assign_groups(
-    items: Sequence[InputItem], manifest: dict[str, tuple[str | None, str | None]] | None = None
+    items: Sequence[InputItem], manifest: dict[str, tuple[str | None, str | None]] | None = None,
+    base_dirs: Sequence[str | Path] = (),
 ) -> tuple[list[InputItem], list[str]]:
     """Pre-read grouping (manifest, else file name, else one patient per file).
 
-    The DICOM header, when present, overrides this after the file is read. Returns the
-    updated items and the manifest keys that matched no input (for a warning)."""
+    A manifest ``file`` matches an input by its key (path relative to the input folder),
+    by absolute path, by a path relative to one of ``base_dirs`` (the manifest's folder, the
+    working directory), or by bare file name when that name is unique. The DICOM header, when
+    present, overrides all this after the file is read. Returns the updated items and the
+    manifest keys that matched no input (for a warning)."""
     manifest = manifest or {}
-    by_abs = {}
+    by_abs: dict[str, str] = {}
     by_name: dict[str, list[str]] = {}
     for key in manifest:
         kp = Path(key)
         if kp.is_absolute():
             by_abs[str(kp.resolve())] = key
+        else:
+            for base in base_dirs:
+                by_abs.setdefault(str((Path(base) / kp).resolve()), key)
         by_name.setdefault(kp.name, []).append(key)
     used: set[str] = set()
     out: list[InputItem] = []

@@ -94,6 +94,18 @@ def test_grouping_priority_dicom_manifest_name_file(tmp_path):
     assert rec.grouping == "dicom" and rec.study_date is None
 
 
+def test_manifest_paths_relative_to_the_manifest_or_absolute(tmp_path):
+    src = tmp_path / "in"
+    write_png(src / "sub" / "a.png", fundus_rgb(1))
+    write_png(src / "b.png", fundus_rgb(2))
+    items, _ = S.discover_inputs([src])
+    manifest = {"in/sub/a.png": ("PA", "right"), str(src / "b.png"): ("PB", "left"), "zzz.png": ("PZ", None)}
+    grouped, unmatched = S.assign_groups(items, manifest, base_dirs=[tmp_path])
+    assert [(i.file, i.patient, i.eye, i.grouping) for i in grouped] == [
+        ("b.png", "PB", "left", "manifest"), ("sub/a.png", "PA", "right", "manifest")]
+    assert unmatched == ["zzz.png"]
+
+
 def test_manifest_errors_are_usage_errors(tmp_path):
     make_folder(tmp_path / "in", 1)
     bad = tmp_path / "bad.csv"

@@ -135,7 +135,8 @@ def run_screen(
             table = S.load_manifest(manifest) if manifest is not None else None
         except S.ScreeningUsageError as exc:
             raise _Usage(str(exc)) from None
-        items, unmatched = S.assign_groups(items, table)
+        bases = [Path(manifest).resolve().parent, Path.cwd()] if manifest is not None else []
+        items, unmatched = S.assign_groups(items, table, base_dirs=bases)
         if rank == 0 and unmatched:
             err.print(f"[yellow]warning[/] {len(unmatched)} manifest rows match no input file "
                       f"(first: {unmatched[0]})")
