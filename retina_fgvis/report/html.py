@@ -311,7 +311,9 @@ def render_report(records: Sequence[Any], run_info: dict[str, Any], out: str | P
         f"explanation: FGVis {_e(settings.get('game', 'deletion'))} game for the referable "
         f"class{', defence on' if settings.get('defense', True) else ''}"
         f"{f', {int(iters)} iterations' if iters else ''}. "
-        "Tables: results.csv, lesions.csv; run details: run.json.</footer>"
+        "Tables: results.csv, lesions.csv; run details: run.json. Overlay folders are named "
+        "p-&lt;first 16 hex digits of SHA-256 of the patient ID&gt;, so no patient identifier "
+        "appears in a file name.</footer>"
         "</main></body></html>\n"
     )
     html_text = "".join(parts)
