@@ -9,7 +9,7 @@ import importlib
 
 import typer
 
-COMMAND_MODULES: list[str] = ["classifier", "explain", "game_study", "diaretdb1", "faithfulness", "screen"]
+COMMAND_MODULES: list[str] = ["classifier", "explain", "game_study", "bench", "diaretdb1", "faithfulness", "screen"]
 
 
 def register_all(app: typer.Typer, evaluate_app: typer.Typer) -> None:

@@ -1,0 +1,79 @@
+"""`retina-fgvis bench`: per-iteration cost of the games vs plain forward+backward, and throughput."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+
+def register(app: typer.Typer, evaluate_app: typer.Typer) -> None:
+    @app.command("bench")
+    def bench_cmd(
+        batch: Optional[List[int]] = typer.Option(None, "--batch", help="Batch sizes (default CPU 1 4 16, GPU 1 16 64)."),
+        weights: Optional[Path] = typer.Option(None, help="Classifier weights (default: shipped)."),
+        device: str = typer.Option("auto", help="auto | cpu | cuda"),
+        repeats: int = typer.Option(3, help="Interleaved rounds; the median is reported."),
+        autocast: bool = typer.Option(False, help="bf16 autocast (CUDA only)."),
+        throughput_images: List[Path] = typer.Option(
+            [], "--images", help="Fundus photos for the full-game throughput (default: data/samples)."),
+        out: Optional[Path] = typer.Option(None, help="Also write the table as markdown here."),
+    ) -> None:
+        """Print ms/iteration of (a) forward+backward, (b) game, (c) defended game, and images/s."""
+        import numpy as np
+        import torch
+
+        from retina_fgvis.bench import bench_iterations, hardware, peak_memory_mb
+        from retina_fgvis.classifier.model import load_classifier
+        from retina_fgvis.fgvis.presets import fundus_fgvis
+        from retina_fgvis.fundus.io import read_fundus
+        from retina_fgvis.report.files import atomic_write_text
+
+        dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
+        clf = load_classifier(weights, device=str(dev))
+        sizes = batch or ([1, 16, 64] if dev.type == "cuda" else [1, 4, 16])
+        lines = [
+            f"Hardware: {hardware()}",
+            f"Classifier: {clf.metadata.get('arch')} at {clf.input_size} px, autocast={autocast and dev.type == 'cuda'}",
+            "",
+            "| batch | (a) fwd+bwd ms/it | (b) game ms/it | (c) defended ms/it | (b)/(a) | (c)/(a) | (c) ms/it/image |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for line in lines:
+            typer.echo(line)
+        for b in sizes:
+            row = bench_iterations(clf.model, clf.input_size, b, dev, repeats=repeats, autocast=autocast)
+            line = (f"| {b} | {row.plain_ms:.1f} | {row.game_ms:.1f} | {row.defended_ms:.1f} | "
+                    f"{row.ratio_game:.3f} | {row.ratio_defended:.3f} | {row.defended_ms / b:.1f} |")
+            typer.echo(line)
+            lines.append(line)
+        # full defended deletion game at the default settings on real photos
+        paths = list(throughput_images) or sorted(
+            p for p in Path("data/samples").glob("*") if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".dcm"))
+        prepared = []
+        for p in paths:
+            try:
+                prepared.append(clf.prepare(read_fundus(p).rgb))
+            except Exception as err:  # noqa: BLE001 - a benchmark skips unreadable inputs
+                typer.echo(f"skip {p}: {err}")
+        if prepared:
+            x = torch.stack([p.tensor for p in prepared]).to(dev)
+            fov = torch.stack([torch.from_numpy(np.ascontiguousarray(p.fov_model)) for p in prepared]).to(dev)
+            fgvis = fundus_fgvis(clf, autocast=autocast)
+            start = time.perf_counter()
+            result = fgvis.attribute(x, target=1, fov_mask=fov)
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+            seconds = time.perf_counter() - start
+            lines += [
+                "",
+                f"Full defended deletion game, default settings, {len(prepared)} images in one batch: "
+                f"{seconds:.1f} s = {len(prepared) / seconds:.3f} images/s; mean iterations "
+                f"{float(result.iterations.float().mean()):.1f}; goal reached {int(result.goal_reached.sum())}/{len(prepared)}",
+            ]
+        lines.append(f"Peak memory: {peak_memory_mb(dev):.0f} MiB ({'CUDA allocated' if dev.type == 'cuda' else 'process max RSS'})")
+        for line in lines[-3:]:
+            typer.echo(line)
+        if out is not None:
+            atomic_write_text(out, "\n".join(lines) + "\n")
