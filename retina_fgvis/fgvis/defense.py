@@ -89,11 +89,17 @@ def _hardtanh_is_nonnegative(args: tuple[Any, ...], kwargs: dict[str, Any]) -> b
 
 @dataclass
 class CallRecord:
-    """One nonlinearity call of the clean pass: op name, output shape, h(x)."""
+    """One nonlinearity call of the clean pass: op name, output shape, Eq. 5 bounds.
+
+    The bounds are computed once here (tolerance included) rather than at every iteration:
+    ``upper`` = max(0, h(x)), ``lower`` = min(0, h(x)), or None for nonnegative ops, whose
+    output can never fall below b_l = 0.
+    """
 
     op: str
     shape: tuple[int, ...]
-    reference: torch.Tensor  # h(x), detached copy, batch-first
+    upper: torch.Tensor  # batch-first
+    lower: torch.Tensor | None
     nonnegative: bool
 
 
@@ -209,12 +215,15 @@ class ActivationBounds:
         if self._selection is not None and torch.equal(indices, self._selection):
             return
         self._selection = indices
-        self._selected_refs = [r.reference.index_select(0, indices) for r in self.records]
+        self._selected_refs = [
+            (r.upper.index_select(0, indices), None if r.lower is None else r.lower.index_select(0, indices))
+            for r in self.records
+        ]
 
     def bounds(self, call: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(b_l, b_u) of Eq. 5 for call number ``call`` (all samples)."""
-        ref = self.records[call].reference
-        return ref.clamp(max=0), ref.clamp(min=0)
+        """(b_l, b_u) of Eq. 5 for call number ``call`` (all samples, tolerance included)."""
+        r = self.records[call]
+        return (torch.zeros_like(r.upper) if r.lower is None else r.lower), r.upper
 
     # ----------------------------------------------------------------- hooks
     def _forward_starts(self, module: torch.nn.Module, args: Any) -> None:
@@ -237,7 +246,15 @@ class ActivationBounds:
 
     def _on_call(self, op: str, out: torch.Tensor, nonnegative: bool) -> None:
         if self._recording:
-            self.records.append(CallRecord(op, tuple(out.shape), out.detach().clone(), nonnegative))
+            ref = out.detach()
+            tol = self.tolerance
+            upper = ref.clamp(min=0)  # a new tensor: later in-place ops on `out` cannot touch it
+            upper = upper + tol * (1 + upper) if tol else upper
+            lower = None
+            if not nonnegative:
+                lower = ref.clamp(max=0)
+                lower = lower - tol * (1 - lower) if tol else lower
+            self.records.append(CallRecord(op, tuple(out.shape), upper, lower, nonnegative))
             return
         k = self._call_index
         self._call_index += 1
@@ -247,32 +264,22 @@ class ActivationBounds:
                 f"({len(self.records)} calls)"
             )
         record = self.records[k]
-        ref = record.reference if self._selected_refs is None else self._selected_refs[k]
-        if record.op != op or tuple(out.shape) != tuple(ref.shape):
+        upper, lower = (record.upper, record.lower) if self._selected_refs is None else self._selected_refs[k]
+        if record.op != op or tuple(out.shape) != tuple(upper.shape):
             raise CallSequenceError(
                 f"activation_bounds: call #{k} is '{op}' with shape {tuple(out.shape)}, the clean "
-                f"pass had '{record.op}' with shape {tuple(ref.shape)}"
+                f"pass had '{record.op}' with shape {tuple(upper.shape)}"
             )
         if not (torch.is_grad_enabled() and out.requires_grad):
             return
-        inside = self._indicator(out.detach(), ref, record.nonnegative)
+        # Eq. 6: [b_l <= h(e) <= b_u]; for h >= 0 the lower bound b_l = 0 always holds
+        h = out.detach()
+        inside = h <= upper
+        if lower is not None:
+            inside &= h >= lower
         if self.track_violations:
             self._violations.append(((~inside).sum(), inside.numel()))
         out.register_hook(_MultiplyBy(inside))
-
-    def _indicator(self, h: torch.Tensor, ref: torch.Tensor, nonnegative: bool) -> torch.Tensor:
-        """Eq. 6: [b_l <= h(e) <= b_u]; for h >= 0 the lower bound b_l = 0 always holds."""
-        tol = self.tolerance
-        upper = ref.clamp(min=0)
-        if tol:
-            upper = upper + tol * (1 + upper)
-        inside = h <= upper
-        if not nonnegative:
-            lower = ref.clamp(max=0)
-            if tol:
-                lower = lower - tol * (1 - lower)
-            inside &= h >= lower
-        return inside
 
 
 class _MultiplyBy:
