@@ -99,12 +99,13 @@ class FGVisExplainer:
 
     def __init__(self, classifier: Any, target: int = 1, game: str = "deletion", defense: bool = True,
                  **fgvis_settings: Any):
-        from retina_fgvis.fgvis.games import FGVis  # lazy: torch only when the real path runs
+        from retina_fgvis.fgvis.presets import fundus_fgvis  # lazy: torch only when the real path runs
 
         self.classifier = classifier
         self.target = int(target)
         self.game = game
-        self.fgvis = FGVis(classifier.model, defense=defense, **fgvis_settings)
+        # the same game as `explain` and `screen` (goal = the classifier's threshold)
+        self.fgvis = fundus_fgvis(classifier, defense=defense, **fgvis_settings)
         self.identity = {
             "weights_sha256": getattr(classifier, "sha256", None),
             "input_size": getattr(classifier, "input_size", None),
