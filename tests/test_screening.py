@@ -446,3 +446,21 @@ def test_threaded_pipeline_gives_the_same_outputs(tmp_path):
         S.merge_outputs(out, S.collect_records(out, items), {"settings": {}, "model": {}})
         outs.append(_outputs(out))
     assert outs[0] == outs[1]
+
+
+@pytest.mark.slow
+def test_cli_with_the_shipped_weights(tmp_path):
+    """README's first command with the real classifier (2 game iterations to stay short)."""
+    weights = Path(__file__).resolve().parents[1] / "weights" / "rdr-effnet-lite0.pt"
+    if not weights.exists():
+        pytest.skip("weights/rdr-effnet-lite0.pt not present (train it or fetch the release)")
+    samples = Path(__file__).resolve().parents[1] / "data" / "samples"
+    out = tmp_path / "out"
+    proc = _cli(samples, "--out", out, "--device", "cpu", "--iterations", "2", "--batch-size", "3",
+                env_extra={"RETINA_FGVIS_WEIGHTS": str(weights)}, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    df = _results(out)
+    assert (df.status == "ok").all() and df.p_referable.between(0, 1).all()
+    info = json.loads((out / "run.json").read_text())
+    assert info["model"]["sha256"] and info["model"]["arch"] == "tf_efficientnet_lite0"
+    assert (out / "report.html").read_text().count("<img") == 3
