@@ -273,25 +273,26 @@ class ActivationBounds:
         if not (torch.is_grad_enabled() and out.requires_grad):
             return
         # Eq. 6: [b_l <= h(e) <= b_u]; for h >= 0 the lower bound b_l = 0 always holds
+        # (stored as its complement so the backward is one masked_fill: no bool->float copy)
         h = out.detach()
-        inside = h <= upper
+        outside = h > upper
         if lower is not None:
-            inside &= h >= lower
+            outside |= h < lower
         if self.track_violations:
-            self._violations.append(((~inside).sum(), inside.numel()))
-        out.register_hook(_MultiplyBy(inside))
+            self._violations.append((outside.sum(), outside.numel()))
+        out.register_hook(_ZeroWhere(outside))
 
 
-class _MultiplyBy:
-    """Gradient hook: multiplies the incoming gradient by a fixed 0/1 indicator."""
+class _ZeroWhere:
+    """Gradient hook: Eq. 6's product with the indicator, as zeroing where it is 0."""
 
-    __slots__ = ("indicator",)
+    __slots__ = ("outside",)
 
-    def __init__(self, indicator: torch.Tensor) -> None:
-        self.indicator = indicator
+    def __init__(self, outside: torch.Tensor) -> None:
+        self.outside = outside
 
     def __call__(self, grad: torch.Tensor) -> torch.Tensor:
-        return grad * self.indicator
+        return torch.where(self.outside, 0.0, grad)
 
 
 def activation_bounds(
