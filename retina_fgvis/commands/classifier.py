@@ -69,13 +69,14 @@ def register(app: typer.Typer, evaluate_app: typer.Typer) -> None:
         batch_size: int = typer.Option(16),
         seed: int = typer.Option(0, help="Split + training seed."),
         min_sensitivity: float = typer.Option(0.85, help="Operating point: highest threshold with validation sensitivity >= this."),
-        checkpoint_dir: Optional[Path] = typer.Option(None, help="Per-epoch checkpoints + resume state (default: <out stem>.train/ next to --out)."),
+        checkpoint_dir: Optional[Path] = typer.Option(None, help="Per-epoch checkpoints + resume state (default: runs/<out stem>/)."),
         cache_dir: Optional[Path] = typer.Option(None, help="Preprocessed image cache (default: <checkpoint-dir>/cache)."),
         device: str = typer.Option("auto", help="auto | cpu | cuda"),
         threads: int = typer.Option(2, help="CPU threads for torch."),
         max_images: Optional[int] = typer.Option(None, help="Use at most N images per source (smoke runs)."),
         no_pretrained: bool = typer.Option(False, "--no-pretrained", help="Random init even for lite0."),
         freeze_early: int = typer.Option(2, help="Freeze the stem + this many early blocks (0 = train all)."),
+        init_from: Optional[Path] = typer.Option(None, help="Start from this classifier checkpoint (continue training with new stages)."),
         log_file: Optional[Path] = typer.Option(None, help="Append log lines here as well."),
     ) -> None:
         """Train the referable-DR classifier (resumes automatically from --checkpoint-dir)."""
@@ -87,7 +88,8 @@ def register(app: typer.Typer, evaluate_app: typer.Typer) -> None:
                           checkpoint_dir=str(checkpoint_dir) if checkpoint_dir else None,
                           cache_dir=str(cache_dir) if cache_dir else None, device=device,
                           threads=threads, max_images_per_source=max_images,
-                          freeze_early=freeze_early)
+                          freeze_early=freeze_early,
+                          init_from=str(init_from) if init_from else None)
         log = _log_factory(log_file)
         log(f"train: {json.dumps(cfg.__dict__)}")
         try:
