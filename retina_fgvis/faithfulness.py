@@ -72,6 +72,15 @@ IMAGENET_SIZE = 224
 RDR_VALIDATION = {"odir5k_512": 0.2, "eyepacs1098_400": 0.5}
 RDR_SPLIT_SEED = 0
 
+#: FGVis settings for the deletion metric, on top of the engine's defaults. The paper's deletion
+#: game has no stopping level: it minimises the class probability. The engine's default goal
+#: (p <= 0.5) is already met by any prediction below 0.5 (common for ImageNet photographs), and
+#: the engine then returns an untouched mask: all ties, removed in raster order (measured on
+#: skimage astronaut / chelsea: deletion AUC 0.209 / 0.250 with the default goal, 0.003 / 0.092
+#: with this one). A goal relative to the image (10 % of the original probability) keeps the
+#: game deleting evidence for every image.
+FAITHFULNESS_FGVIS_SETTINGS: dict[str, Any] = {"goal": "fraction", "goal_fraction": 0.1}
+
 #: FGVis settings of the defence protocol: generation game, no sparsity term (λ = 0).
 DEFENSE_FGVIS_SETTINGS: dict[str, Any] = {"lambda_schedule": "fixed", "lambda_init": 0.0}
 
@@ -369,7 +378,8 @@ def run_faithfulness(em: EvalModel, images: Sequence[EvalImage], methods: Sequen
         raise ValueError(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")
     if not images:
         raise ValueError("no images to evaluate")
-    opts = method_options or {}
+    opts = dict(method_options or {})
+    opts["fgvis"] = {**FAITHFULNESS_FGVIS_SETTINGS, **opts.get("fgvis", {})}
     device = em.device
     rows: list[dict[str, Any]] = []
     curves: dict[str, list[np.ndarray]] = {m: [] for m in methods}

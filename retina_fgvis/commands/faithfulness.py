@@ -28,6 +28,20 @@ def _echo(msg: str) -> None:
     typer.echo(msg, err=True)
 
 
+def _parse_settings(items: list[str]) -> dict[str, Any]:
+    """``KEY=VALUE`` FGVis overrides (VALUE parsed as JSON when possible), as in evaluate diaretdb1."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise typer.BadParameter(f"expects KEY=VALUE, got {item!r}", param_hint="--fgvis-setting")
+        try:
+            out[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key.strip()] = value
+    return out
+
+
 def _device(name: str) -> str:
     import torch
 
@@ -149,6 +163,9 @@ def faithfulness_command(
     lime_samples: int = typer.Option(500, "--lime-samples", min=1, help="LIME: number of perturbed samples."),
     fgvis_max_iterations: Optional[int] = typer.Option(None, "--fgvis-max-iterations", min=1,
                                                        help="FGVis: iteration cap (default: the engine's)."),
+    fgvis_setting: list[str] = typer.Option([], "--fgvis-setting",
+                                            help="FGVis setting override KEY=VALUE (repeatable), on top of "
+                                                 "the faithfulness defaults (goal=fraction)."),
     seed: int = typer.Option(0, "--seed", help="Sample seed (rdr)."),
 ) -> None:
     """Deletion metric of FGVis and the baselines (paper Table 2): CSV, table, curves, run times."""
@@ -174,12 +191,15 @@ def faithfulness_command(
         "rise": {"n_masks": rise_masks},
         "lime": {"n_samples": lime_samples, "mean": em.mean, "std": em.std},  # SLIC on true colours
     }
+    options["fgvis"] = {**F.FAITHFULNESS_FGVIS_SETTINGS, **_parse_settings(fgvis_setting)}
     if fgvis_max_iterations:
-        options["fgvis"] = {"max_iterations": fgvis_max_iterations}
+        options["fgvis"]["max_iterations"] = fgvis_max_iterations
     cmd = _command("faithfulness", model=model, images=images, limit=limit, methods=",".join(chosen),
                    weights=weights, data_root=data_root, device=device, batch_size=batch_size,
                    insertion=insertion, rise_masks=rise_masks, lime_samples=lime_samples,
-                   fgvis_max_iterations=fgvis_max_iterations, seed=seed if seed else None, out=out)
+                   fgvis_max_iterations=fgvis_max_iterations,
+                   fgvis_setting=" --fgvis-setting ".join(fgvis_setting) or None,
+                   seed=seed if seed else None, out=out)
     _echo(f"{em.description}; {image_desc}; methods {', '.join(chosen)}; device {dev}")
     t0 = time.time()
     run = F.run_faithfulness(em, imgs, chosen, options, batch_size=batch_size, with_insertion=insertion,
@@ -251,6 +271,9 @@ def defense_command(
                                           help="rdr: 'confidently non-referable' = p(referable) <= this."),
     max_iterations: Optional[int] = typer.Option(None, "--max-iterations", min=1,
                                                  help="FGVis iteration cap (default: the engine's)."),
+    fgvis_setting: list[str] = typer.Option([], "--fgvis-setting",
+                                            help="FGVis setting override KEY=VALUE (repeatable), on top of "
+                                                 "the protocol's lambda_schedule=fixed, lambda_init=0."),
     examples: int = typer.Option(4, "--examples", min=0, help="Figures (paper Fig. 3) for the first N images."),
     seed: int = typer.Option(0, "--seed", help="Sample seed (rdr)."),
 ) -> None:
@@ -268,14 +291,15 @@ def defense_command(
         _fail(str(exc))
     if not cases:
         _fail("no image meets the selection rule (see --min-confidence / --max-p-referable)")
-    settings = dict(F.DEFENSE_FGVIS_SETTINGS)
+    settings = {**F.DEFENSE_FGVIS_SETTINGS, **_parse_settings(fgvis_setting)}
     if max_iterations:
         settings["max_iterations"] = max_iterations
     cmd = _command("defense", model=model, images=images, limit=limit, weights=weights, data_root=data_root,
                    device=device, batch_size=batch_size,
                    min_confidence=min_confidence if min_confidence else None,
                    max_p_referable=max_p_referable if model == "rdr" else None,
-                   max_iterations=max_iterations, examples=examples, seed=seed if seed else None, out=out)
+                   max_iterations=max_iterations, fgvis_setting=" --fgvis-setting ".join(fgvis_setting) or None,
+                   examples=examples, seed=seed if seed else None, out=out)
     _echo(f"{em.description}; {desc}; device {dev}")
     t0 = time.time()
     run = F.run_defense(em, cases, settings, batch_size=batch_size, n_examples=examples, progress=_echo,
