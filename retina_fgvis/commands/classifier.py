@@ -76,6 +76,7 @@ def register(app: typer.Typer, evaluate_app: typer.Typer) -> None:
         max_images: Optional[int] = typer.Option(None, help="Use at most N images per source (smoke runs)."),
         no_pretrained: bool = typer.Option(False, "--no-pretrained", help="Random init even for lite0."),
         freeze_early: int = typer.Option(2, help="Freeze the stem + this many early blocks (0 = train all)."),
+        rotate: float = typer.Option(180.0, help="Augmentation: random rotation range +-degrees."),
         init_from: Optional[Path] = typer.Option(None, help="Start from this classifier checkpoint (continue training with new stages)."),
         log_file: Optional[Path] = typer.Option(None, help="Append log lines here as well."),
     ) -> None:
@@ -89,7 +90,7 @@ def register(app: typer.Typer, evaluate_app: typer.Typer) -> None:
                           cache_dir=str(cache_dir) if cache_dir else None, device=device,
                           threads=threads, max_images_per_source=max_images,
                           freeze_early=freeze_early,
-                          init_from=str(init_from) if init_from else None)
+                          init_from=str(init_from) if init_from else None, rotate_deg=rotate)
         log = _log_factory(log_file)
         log(f"train: {json.dumps(cfg.__dict__)}")
         try:
