@@ -14,7 +14,7 @@ def register(app: typer.Typer, evaluate_app: typer.Typer) -> None:
         data_dir: Path = typer.Option(..., "--data-dir", help="DiaretDB1 folder (official layout)."),
         out: Path = typer.Option(..., "--out", help="Output folder (tables, curves, plot)."),
         split: str = typer.Option("train", help="train | test | all (tune on train only)."),
-        settings: Optional[List[str]] = typer.Option(None, "--setting", help="Candidate names (default: all)."),
+        settings: Optional[List[str]] = typer.Option(None, "--setting", help="Candidate names (default: game_study.RECORDED)."),
         undefended: Optional[List[str]] = typer.Option(
             None, "--undefended", help="Settings also run without the defence (default: the first)."),
         weights: Optional[Path] = typer.Option(None, help="Classifier weights (default: shipped)."),
@@ -34,7 +34,7 @@ def register(app: typer.Typer, evaluate_app: typer.Typer) -> None:
 
         dev = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
         clf = load_classifier(weights, device=dev)
-        names = list(settings or gs.CANDIDATES)
+        names = list(settings or gs.RECORDED)
         unknown = [n for n in names if n not in gs.CANDIDATES]
         if unknown:
             raise typer.BadParameter(f"unknown setting(s) {unknown}; known: {list(gs.CANDIDATES)}")

@@ -71,7 +71,7 @@ class FGVisSettings:
     lr: float = 0.1
     adam_betas: tuple[float, float] = (0.9, 0.999)
     adam_eps: float = 1e-12
-    max_iterations: int = 300
+    max_iterations: int = 200
     check_every: int = 10
     similarity: Literal["prob", "log_prob", "log_odds"] = "log_odds"
     lambda_schedule: Literal["adaptive", "fixed"] = "adaptive"
