@@ -23,8 +23,6 @@ import dataclasses
 import hashlib
 import io
 import json
-import os
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +32,7 @@ import numpy as np
 import pandas as pd
 
 from retina_fgvis.datasets.diaretdb1 import LESION_KIND, LESION_TYPES, DiaretDB1
+from retina_fgvis.report.files import atomic_write_bytes, atomic_write_text
 from retina_fgvis.lesions import RegionSettings, find_regions, label_regions, regions_table
 from retina_fgvis.metrics.detection import (
     DEFAULT_AGGREGATION, DEFAULT_MODE, DEFAULT_OVERLAPS, OVERLAP_MODES, ImageScore,
@@ -144,26 +143,8 @@ class FGVisExplainer:
 
 
 # --------------------------------------------------------------------------- atomic I/O
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-
-
 def _write_text(path: Path, text: str) -> None:
-    _atomic_write_bytes(path, text.encode("utf-8"))
+    atomic_write_text(path, text)
 
 
 def _write_csv(path: Path, df: pd.DataFrame) -> None:
@@ -181,7 +162,7 @@ def _write_png(path: Path, rgb: np.ndarray) -> None:
 
     buf = io.BytesIO()
     Image.fromarray(np.ascontiguousarray(rgb, dtype=np.uint8)).save(buf, format="PNG", compress_level=6)
-    _atomic_write_bytes(path, buf.getvalue())
+    atomic_write_bytes(path, buf.getvalue())
 
 
 def _sha256_file(path: Path) -> str:
@@ -231,7 +212,7 @@ class ImportanceCache:
         np.savez_compressed(buf, importance=np.asarray(expl.importance, dtype=np.float16),
                             key=np.array(self.key(image_sha256)), identity=np.array(self._id_json),
                             info=np.array(json.dumps(_jsonable(expl.info))))
-        _atomic_write_bytes(p, buf.getvalue())
+        atomic_write_bytes(p, buf.getvalue())
         return p
 
 
@@ -573,7 +554,7 @@ def write_outputs(res: EvalResult, out: Path, settings: EvalSettings) -> list[Pa
                      ("regions.csv", res.regions)):
         _write_csv(out / name, df)
         written.append(out / name)
-    _atomic_write_bytes(out / "froc.png", froc_figure_png(res.froc, settings.default_mode, settings.overlaps))
+    atomic_write_bytes(out / "froc.png", froc_figure_png(res.froc, settings.default_mode, settings.overlaps))
     written.append(out / "froc.png")
     _write_text(out / "summary.md", res.summary_md)
     written.append(out / "summary.md")

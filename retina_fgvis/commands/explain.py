@@ -27,7 +27,6 @@ def register(app: typer.Typer, evaluate_app: typer.Typer) -> None:
         iterations: Optional[int] = typer.Option(None, help="Iteration cap (default: engine default)."),
     ) -> None:
         """Explain p(referable) of each image with an FGVis game (research use only)."""
-        import numpy as np
         import torch
 
         from retina_fgvis.classifier.model import REFERABLE, WeightsError, load_classifier
