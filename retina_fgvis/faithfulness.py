@@ -729,5 +729,5 @@ def defense_figure(example: dict[str, Any], mean, std, enhance: float = 7.0):
     fig.suptitle(f"generation game for '{example['target_name'][:40]}' "
                  f"(predicted: {example['predicted_name'][:40]})", fontsize=9)
     fig.text(0.99, 0.01, RESEARCH_NOTE, ha="right", va="bottom", fontsize=6, color="grey")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.03, 1, 0.9))
     return fig
