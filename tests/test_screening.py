@@ -464,3 +464,29 @@ def test_cli_with_the_shipped_weights(tmp_path):
     info = json.loads((out / "run.json").read_text())
     assert info["model"]["sha256"] and info["model"]["arch"] == "tf_efficientnet_lite0"
     assert (out / "report.html").read_text().count("<img") == 3
+
+
+def test_game_is_skipped_where_the_deletion_goal_already_holds(tmp_path):
+    """Threshold goal: an eye below it needs nothing removed; only the others are explained."""
+    from types import SimpleNamespace
+
+    class GoalExplainer(FakeExplainer):
+        settings = SimpleNamespace(goal="threshold", goal_level=0.93, max_iterations=9)
+
+    src = tmp_path / "in"
+    make_folder(src, 4)
+    items, _ = S.assign_groups(S.discover_inputs([src])[0])
+    clf = FakeClassifier()
+    ex = GoalExplainer()
+    scr = S.Screener(clf, tmp_path / "out", S.ScreenSettings(batch_size=4), explainer=ex)
+    recs = scr.run(items).records
+    above = [r for r in recs if r.p_referable > 0.93]
+    below = [r for r in recs if r.p_referable <= 0.93]
+    assert above and below
+    assert ex.images == len(above)
+    assert all(r.explained is False and r.n_regions == 0 and r.iterations == 0 for r in below)
+    assert all(r.explained is True for r in above)
+    ex_all = GoalExplainer()
+    S.Screener(clf, tmp_path / "out2", S.ScreenSettings(batch_size=4, explain_all=True),
+               explainer=ex_all).run(items)
+    assert ex_all.images == 4

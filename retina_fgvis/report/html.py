@@ -60,6 +60,8 @@ td.num,th.num{text-align:right;font-variant-numeric:tabular-nums}
 .facts{margin:4px 0 10px;color:var(--fg);display:flex;flex-wrap:wrap;gap:4px 14px;align-items:center}
 .facts span{white-space:nowrap}
 .file{color:var(--muted);font-size:12.5px;word-break:break-all}
+.note{font-size:13.5px;color:var(--muted);margin:0 0 8px}
+.note.warn{color:var(--warn)}
 .err{color:#57606a;background:var(--bg);border-radius:6px;padding:10px}
 .legend{font-size:14px;color:var(--fg);background:var(--bg);border:1px solid var(--line);border-radius:8px;padding:10px 14px}
 .legend ul{margin:6px 0 0 18px;padding:0}
@@ -188,7 +190,17 @@ def _eye_card(rec: Any, out: Path, threshold: float, embed: bool, pin: bool = Tr
         img = (f'<a href="{src}" title="open full size"><img src="{src}" loading="lazy" '
                f'alt="overlay for {_e(label)}"></a>')
     date = f'<div class="file">study date {_e(rec.study_date)}</div>' if rec.study_date else ""
-    return f'<div class="{cls}">{head}{date}{facts}{img}{_region_table(rec)}</div>'
+    note = ""
+    if getattr(rec, "explained", None) is False:
+        note = ('<p class="note">No explanation computed: p(referable) is already below the '
+                "referral threshold, so no evidence has to be removed.</p>")
+    elif getattr(rec, "goal_reached", None) is False:
+        after = getattr(rec, "target_prob_after", None)
+        note = ('<p class="note warn">The explanation did not reach its goal'
+                + (f" in {int(rec.iterations)} iterations" if rec.iterations else "")
+                + (f" (p(referable) {_pct(after)} afterwards)" if after is not None else "")
+                + ": the outlined regions may be incomplete.</p>")
+    return f'<div class="{cls}">{head}{date}{facts}{note}{img}{_region_table(rec)}</div>'
 
 
 def render_report(records: Sequence[Any], run_info: dict[str, Any], out: str | Path,
