@@ -43,9 +43,10 @@ td.num,th.num{text-align:right;font-variant-numeric:tabular-nums}
 .b-ref{background:#ffe1de;color:var(--ref)}
 .b-no{background:#dcf5e3;color:var(--ok)}
 .b-err{background:#eceff2;color:#57606a}
-.bar{display:inline-block;width:70px;height:8px;background:#e6e9ec;border-radius:4px;vertical-align:middle;margin-right:6px;overflow:hidden}
+.bar{position:relative;display:inline-block;width:70px;height:8px;background:#e6e9ec;border-radius:4px;vertical-align:middle;margin-right:6px;overflow:hidden}
 .bar i{display:block;height:100%;background:var(--ok)}
 .bar i.hi{background:var(--ref)}
+.bar b{position:absolute;top:0;bottom:0;width:2px;background:#1d232a;opacity:.55}
 .patient{border:1px solid var(--line);border-radius:10px;margin:22px 0;overflow:hidden}
 .phead{display:flex;gap:12px;align-items:center;flex-wrap:wrap;background:var(--bg);padding:10px 14px;border-bottom:1px solid var(--line)}
 .phead .meta{color:var(--muted);font-size:13px}
@@ -100,7 +101,9 @@ def _bar(p: float | None, threshold: float) -> str:
         return ""
     w = max(0.0, min(1.0, float(p))) * 100
     cls = "hi" if float(p) >= threshold else ""
-    return f'<span class="bar"><i class="{cls}" style="width:{w:.0f}%"></i></span>'
+    t = max(0.0, min(1.0, float(threshold))) * 100
+    return (f'<span class="bar" title="tick: referral threshold {t:.0f}%"><i class="{cls}" '
+            f'style="width:{w:.0f}%"></i><b style="left:{t:.0f}%"></b></span>')
 
 
 def _badge(rec_or_flag: Any) -> str:
@@ -175,11 +178,16 @@ def _eye_card(rec: Any, out: Path, threshold: float, embed: bool, pin: bool = Tr
     if rec.status != "ok":
         return (f'<div class="{cls}">{head}<p>{_badge(None)}</p>'
                 f'<div class="err">Could not be screened: {_e(rec.error)}</div></div>')
+    explained = getattr(rec, "explained", None) is not False
+    counts = (
+        f"<span>{int(rec.n_red)} red · {int(rec.n_bright)} bright</span>"
+        f"<span>flagged {float(rec.flagged_area_pct or 0):.2f}% of the field</span>"
+        if explained else ""
+    )
     facts = (
         f'<div class="facts"><span>{_badge(rec.referable)}</span>'
         f"<span>p(referable) {_bar(rec.p_referable, threshold)}<b>{_pct(rec.p_referable)}</b></span>"
-        f"<span>{int(rec.n_red)} red · {int(rec.n_bright)} bright</span>"
-        f"<span>flagged {float(rec.flagged_area_pct or 0):.2f}% of the field</span></div>"
+        f"{counts}</div>"
     )
     src = _img_src(out, rec.overlay, embed) if rec.overlay else None
     if src is None:
@@ -200,7 +208,8 @@ def _eye_card(rec: Any, out: Path, threshold: float, embed: bool, pin: bool = Tr
                 + (f" in {int(rec.iterations)} iterations" if rec.iterations else "")
                 + (f" (p(referable) {_pct(after)} afterwards)" if after is not None else "")
                 + ": the outlined regions may be incomplete.</p>")
-    return f'<div class="{cls}">{head}{date}{facts}{note}{img}{_region_table(rec)}</div>'
+    table = _region_table(rec) if explained else ""
+    return f'<div class="{cls}">{head}{date}{facts}{note}{img}{table}</div>'
 
 
 def render_report(records: Sequence[Any], run_info: dict[str, Any], out: str | Path,
@@ -240,8 +249,8 @@ def render_report(records: Sequence[Any], run_info: dict[str, Any], out: str | P
     )
     parts.append(
         '<div class="legend"><b>How to read the pictures.</b> <i>p(referable)</i> is the '
-        "classifier's probability that the eye needs referral; at or above the threshold the "
-        "eye is marked <span class='badge b-ref'>referable</span>. Outlined regions are what "
+        "classifier's probability that the eye needs referral; at or above the threshold (the "
+        "tick on the bar) the eye is marked <span class='badge b-ref'>referable</span>. Outlined regions are what "
         "the explanation had to remove from the photograph to make the classifier change its "
         "mind (FGVis deletion game):<ul>"
         f'<li><span class="sw" style="background:{_kind_colour("red")}"></span><b>red</b>: darker '
