@@ -34,6 +34,7 @@ import pandas as pd
 from retina_fgvis.datasets.diaretdb1 import LESION_KIND, LESION_TYPES, DiaretDB1
 from retina_fgvis.report.files import atomic_write_bytes, atomic_write_text
 from retina_fgvis.lesions import RegionSettings, find_regions, label_regions, regions_table
+from retina_fgvis.metrics.enrichment import lesion_scores
 from retina_fgvis.metrics.detection import (
     DEFAULT_AGGREGATION, DEFAULT_MODE, DEFAULT_OVERLAPS, OVERLAP_MODES, ImageScore,
     froc_table, image_sensitivity, lesion_level, score_image, type_agreement,
@@ -308,6 +309,8 @@ def evaluate_diaretdb1(dataset: DiaretDB1, explainer: Explainer | None, out_dir:
                                                 fov=img.fov))
 
         n_fov = max(int(img.fov.sum()), 1)
+        gt_any = np.logical_or.reduce([img.gt[t] for t in LESION_TYPES])
+        agreement = lesion_scores(imp, gt_any, img.fov)
         red_ids = [r.id for r in regions if r.kind == "red"]
         bright_ids = [r.id for r in regions if r.kind == "bright"]
         row = {"image": img.name, "cached": cached,
@@ -315,6 +318,8 @@ def evaluate_diaretdb1(dataset: DiaretDB1, explainer: Explainer | None, out_dir:
                                                 "changed_fraction", "game_seconds")},
                "n_regions": score.n_regions, "fp_regions": score.fp_regions,
                "flagged_fraction": score.flagged_fraction,
+               "enrichment": agreement["enrichment"], "precision_top1": agreement["precision_top1"],
+               "precision_top0.5": agreement["precision_top0.5"],
                "red_fraction": float(np.isin(labels, red_ids).sum() / n_fov) if red_ids else 0.0,
                "bright_fraction": float(np.isin(labels, bright_ids).sum() / n_fov) if bright_ids else 0.0}
         les = score.lesions

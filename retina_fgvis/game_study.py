@@ -28,6 +28,7 @@ import pandas as pd
 import torch
 
 from retina_fgvis.fgvis.presets import fundus_fgvis
+from retina_fgvis.metrics.enrichment import lesion_scores
 
 #: Candidate settings (name -> FGVis overrides). The first is the engine default.
 CANDIDATES: dict[str, dict[str, Any]] = {
@@ -46,31 +47,13 @@ CANDIDATES: dict[str, dict[str, Any]] = {
 RECORDED = ["sgdn-logodds-lr0.1", "sgdn-logodds-lr0.3", "sgdn-logodds-lr0.1-warmup30", "adam-prob-lr0.05"]
 
 
-def lesion_scores(importance: np.ndarray, gt_any: np.ndarray, fov: np.ndarray) -> dict[str, float]:
-    """Threshold-free agreement of an importance map with GT (all arrays on one grid)."""
-    imp = np.where(fov, np.clip(importance, 0, None), 0).astype(np.float64)
-    gt = gt_any & fov
-    gt_share = gt.sum() / max(fov.sum(), 1)
-    total = imp.sum()
-    inside = imp[gt].sum() / total if total > 0 else float("nan")
-    out = {"gt_share": float(gt_share), "mass_inside_gt": float(inside),
-           "enrichment": float(inside / gt_share) if gt_share > 0 and total > 0 else float("nan")}
-    values = imp[fov]
-    labels = gt[fov]
-    order = np.argsort(-values, kind="stable")
-    for name, q in (("top0.5", 0.005), ("top1", 0.01)):
-        k = max(1, int(round(q * values.size)))
-        top = order[:k]
-        out[f"precision_{name}"] = float(labels[top].mean()) if values[top[-1]] > 0 else float("nan")
-    return out
-
-
 @dataclass
 class StudyImage:
     name: str
     rgb: np.ndarray
     fov: np.ndarray
     gt_any: np.ndarray
+    path: Path | None = None
 
 
 def _batches(items: list, size: int) -> Iterable[list]:
@@ -86,8 +69,13 @@ def run_setting(
     defense: bool,
     batch_size: int = 4,
     log: Callable[[str], None] = print,
+    seed_cache: Any | None = None,
 ) -> tuple[list[dict], list[dict]]:
-    """Explain every image with one setting; return (per-image rows, per-check curve rows)."""
+    """Explain every image with one setting; return (per-image rows, per-check curve rows).
+
+    ``seed_cache`` (an ``evaluation_diaretdb1.ImportanceCache`` whose identity is this very
+    game) receives each importance map, so that `evaluate diaretdb1` does not re-run it.
+    """
     fgvis = fundus_fgvis(classifier, defense=defense, **overrides)
     device = classifier.device
     rows: list[dict] = []
@@ -121,6 +109,13 @@ def run_setting(
                    "changed_fraction": float(result.changed_fraction[i]), "removed_mass": float(result.removed_mass[i]),
                    "seconds": seconds, **sc}
             rows.append(row)
+            if seed_cache is not None and im.path is not None:
+                from retina_fgvis.evaluation_diaretdb1 import Explanation
+                from retina_fgvis.report.files import file_sha256
+
+                info = {k: row[k] for k in ("p_before", "p_after", "iterations", "goal_reached", "changed_fraction")}
+                seed_cache.save(im.name, file_sha256(im.path), Explanation(importance.astype(np.float32),
+                                                                            {**info, "game_seconds": seconds}))
             log(f"{name} defense={defense} {im.name}: p {row['p_before']:.3f}->{row['p_after']:.3f} "
                 f"it {row['iterations']} enrich {row['enrichment']:.2f} top1 {row['precision_top1']:.3f} "
                 f"({seconds:.1f} s)")
@@ -173,7 +168,7 @@ def load_images(dataset: Any, limit: int | None = None) -> list[StudyImage]:
         gt_any = np.zeros(item.fov.shape, bool)
         for mask in item.gt.values():
             gt_any |= mask
-        images.append(StudyImage(item.name, item.rgb, item.fov, gt_any))
+        images.append(StudyImage(item.name, item.rgb, item.fov, gt_any, item.path))
     return images
 
 

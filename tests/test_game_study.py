@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from retina_fgvis.game_study import lesion_scores
+from retina_fgvis.metrics.enrichment import lesion_scores
 
 
 def test_enrichment_and_topk_precision_by_hand() -> None:
@@ -30,3 +30,32 @@ def test_uniform_importance_is_chance() -> None:
     gt[:5] = True
     s = lesion_scores(np.ones((20, 20)), gt, fov)
     assert s["enrichment"] == pytest.approx(1.0)
+
+
+def test_study_cli_seeds_the_diaretdb1_cache(tmp_path) -> None:
+    """The study's default-game maps are reused by `evaluate diaretdb1` (no second game)."""
+    from typer.testing import CliRunner
+
+    from _synth_diaretdb1 import make_layout
+    from retina_fgvis.classifier.model import build_model, save_checkpoint
+    from retina_fgvis.cli import app
+    from retina_fgvis.evaluation_diaretdb1 import read_csv
+
+    specs = {"image001": {"H": [(20, 20, 26, 26, 189)]}, "image002": {"HE": [(30, 40, 34, 44, 252)]}}
+    root = make_layout(tmp_path / "data", specs, train=list(specs), test=[], write_test_images=False)
+    weights = tmp_path / "tiny.pt"
+    save_checkpoint(build_model("tiny"), {"arch": "tiny", "input_size": 32, "mean": [0.5] * 3, "std": [0.5] * 3,
+                                          "class_names": ["non-referable", "referable"], "threshold": 0.5}, weights)
+    study, ev = tmp_path / "study", tmp_path / "eval"
+    r = CliRunner().invoke(app, ["evaluate", "game-study", "--data-dir", str(root), "--out", str(study),
+                                 "--weights", str(weights), "--setting", "sgdn-logodds-lr0.1",
+                                 "--seed-diaretdb1", str(ev)])
+    assert r.exit_code == 0, r.output
+    table = __import__("pandas").read_csv(study / "summary.csv")
+    assert set(table.defense) == {True, False} and (table.images == 2).all()
+    r = CliRunner().invoke(app, ["evaluate", "diaretdb1", "--data-dir", str(root), "--split", "train",
+                                 "--out", str(ev), "--weights", str(weights), "--no-overlays"])
+    assert r.exit_code == 0, r.output
+    per = read_csv(ev / "per_image.csv")
+    assert per.cached.all()  # the study's maps were used
+    assert "enrichment" in per.columns

@@ -22,6 +22,8 @@ def register(app: typer.Typer, evaluate_app: typer.Typer) -> None:
         max_iterations: Optional[int] = typer.Option(None, help="Override the iteration cap."),
         batch_size: int = typer.Option(4, help="Images per batched game."),
         device: str = typer.Option("auto", help="auto | cpu | cuda"),
+        seed_diaretdb1: Optional[Path] = typer.Option(
+            None, help="An `evaluate diaretdb1` --out folder: the default game's maps are cached there."),
     ) -> None:
         """Compare optimiser / step rule / λ schedule / goal settings of the deletion game."""
         import pandas as pd
@@ -55,7 +57,16 @@ def register(app: typer.Typer, evaluate_app: typer.Typer) -> None:
                 overrides = dict(gs.CANDIDATES[name])
                 if max_iterations:
                     overrides["max_iterations"] = max_iterations
-                r, c = gs.run_setting(clf, images, name, overrides, defense, batch_size=batch_size, log=log)
+                seed = None
+                if seed_diaretdb1 is not None and defense:
+                    from retina_fgvis.evaluation_diaretdb1 import FGVisExplainer, ImportanceCache
+                    from retina_fgvis.fgvis.presets import fundus_fgvis
+
+                    explainer = FGVisExplainer(clf)
+                    if fundus_fgvis(clf, **overrides).settings == explainer.fgvis.settings:
+                        seed = ImportanceCache(seed_diaretdb1 / "cache", explainer.identity)
+                r, c = gs.run_setting(clf, images, name, overrides, defense, batch_size=batch_size, log=log,
+                                      seed_cache=seed)
                 rows += r
                 curves += c
                 per_image = pd.DataFrame(rows)
