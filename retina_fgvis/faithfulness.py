@@ -81,6 +81,10 @@ RDR_SPLIT_SEED = 0
 #: game deleting evidence for every image.
 FAITHFULNESS_FGVIS_SETTINGS: dict[str, Any] = {"goal": "fraction", "goal_fraction": 0.1}
 
+#: "Confidently generated": p(target) on the explanation at least this (the paper discounts its two
+#: VGG16 successes as low-confidence; with two classes, top class only means p > 0.5).
+CONFIDENT_LEVEL = 0.9
+
 #: FGVis settings of the defence protocol: generation game, no sparsity term (λ = 0).
 DEFENSE_FGVIS_SETTINGS: dict[str, Any] = {"lambda_schedule": "fixed", "lambda_init": 0.0}
 
@@ -319,7 +323,7 @@ def rdr_images(em: EvalModel, table_or_folder: pd.DataFrame | str | Path,
             out.append(_rdr_image(em, path, name, label, source))
         except ValueError as exc:  # FundusReadError, NoFundusError
             if on_error:
-                on_error(f"skipped {exc}")
+                on_error(f"skipped {exc}" if str(exc).startswith(str(path)) else f"skipped {name}: {exc}")
     return out
 
 
@@ -598,6 +602,16 @@ def defense_cases(em: EvalModel, images: Sequence[EvalImage], min_confidence: fl
                 skipped += 1
     notes = [f"zero image (normalised 0 = mean colour) is predicted as {em.class_name(zclass)} "
              f"(p = {float(zprobs[zclass]):.3f})"]
+    clf_threshold = getattr(em.classifier, "threshold", None) if em.classifier is not None else None
+    if em.kind == "rdr" and zclass != rdr_target and clf_threshold is not None \
+            and float(zprobs[rdr_target]) >= clf_threshold:
+        notes.append(f"WARNING: the zero image's p(referable) = {float(zprobs[rdr_target]):.3f} is above the "
+                     f"classifier's operating threshold {clf_threshold:.3f}: a blank eye would be "
+                     "referred at that threshold; read the 'confidently generated' rate.")
+    if em.kind == "rdr" and len(zprobs) == 2:
+        notes.append(f"two classes: the target becomes the top class as soon as p(target) > 0.5; the zero "
+                     f"image has p(referable) = {float(zprobs[rdr_target]):.3f}, so also see the rate of "
+                     f"explanations with p(target) >= {CONFIDENT_LEVEL}.")
     if em.kind == "rdr" and zclass == rdr_target:
         notes.append("WARNING: the zero image is already predicted referable: the generation game "
                      "starts at the target class, so 'success' is trivial for this model.")
@@ -641,6 +655,7 @@ def run_defense(em: EvalModel, cases: Sequence[DefenseCase], fgvis_settings: dic
                 top = int(probs[i].argmax())
                 row.update({
                     f"{key}_success": bool(top == c.target),
+                    f"{key}_confident": bool(float(probs[i, c.target]) >= CONFIDENT_LEVEL),
                     f"{key}_p_target": float(probs[i, c.target]),
                     f"{key}_top_class": em.class_name(top),
                     f"{key}_iterations": int(res.iterations[i]),
@@ -688,7 +703,9 @@ def defense_markdown(run: DefenseRun, model_description: str, image_description:
     lines += [*(f"- {note}" for note in run.notes), "",
               "| | images | generated without defence | generated with defence |", "|---|---|---|---|",
               f"| ours ({run.model_kind}) | {n} | {100 * rate('undefended_success'):.1f} % | "
-              f"{100 * rate('defended_success'):.1f} % |"]
+              f"{100 * rate('defended_success'):.1f} % |",
+              f"| ours, p(target) >= {CONFIDENT_LEVEL} | {n} | {100 * rate('undefended_confident'):.1f} % | "
+              f"{100 * rate('defended_confident'):.1f} % |"]
     for model, (a, b) in PAPER_TABLE1.items():
         lines.append(f"| paper {model} (1000 ImageNet images) | 1000 | {100 * a:.1f} % | {100 * b:.1f} % |")
     if n:

@@ -312,7 +312,10 @@ def defense_command(
     df = run.per_image
     meta = {"command": cmd, "model": em.description, "images": desc, "fgvis_settings": settings,
             "generated_without_defence": float(df["undefended_success"].mean()),
-            "generated_with_defence": float(df["defended_success"].mean()), "n": len(df),
+            "generated_with_defence": float(df["defended_success"].mean()),
+            "confidently_generated_without_defence": float(df["undefended_confident"].mean()),
+            "confidently_generated_with_defence": float(df["defended_confident"].mean()),
+            "confident_level": F.CONFIDENT_LEVEL, "n": len(df),
             "notes": run.notes, "seconds_total": round(time.time() - t0, 1),
             "environment": _environment(dev), "note": F.RESEARCH_NOTE}
     _write_text(out / "run.json", json.dumps(meta, indent=2, default=str) + "\n")
