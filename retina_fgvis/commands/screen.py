@@ -287,7 +287,7 @@ def _run_info(S: Any, classifier: Any, screener: Any, inputs: list, out: Path, m
         "manifest": str(manifest) if manifest else None,
     })
     return {
-        "version": getattr(retina_fgvis, "__version__", ""),
+        "version": getattr(retina_fgvis, "__version__", "") or S.versions().get("retina-fgvis", ""),
         "command": " ".join(["retina-fgvis", *sys.argv[1:]]) if sys.argv else "",
         "inputs": [str(p) for p in inputs],
         "out": str(out),

@@ -206,9 +206,12 @@ def _eye_card(rec: Any, out: Path, threshold: float, embed: bool, pin: bool = Tr
         after = getattr(rec, "target_prob_after", None)
         note = ('<p class="note warn">The explanation did not reach its goal'
                 + (f" in {int(rec.iterations)} iterations" if rec.iterations else "")
-                + (f" (p(referable) {_pct(after)} afterwards)" if after is not None else "")
-                + ": the outlined regions may be incomplete.</p>")
-    table = _region_table(rec) if explained else ""
+                + (f" (p(referable) still {_pct(after)})" if after is not None else "")
+                + (": the outlined regions may be incomplete.</p>" if rec.n_regions else
+                   ": it found no evidence it could remove, so no region is shown. This is a "
+                   "limit of the explanation, not a sign of a healthy eye.</p>"))
+    unconverged_empty = getattr(rec, "goal_reached", None) is False and not rec.n_regions
+    table = _region_table(rec) if explained and not unconverged_empty else ""
     return f'<div class="{cls}">{head}{date}{facts}{note}{img}{table}</div>'
 
 
