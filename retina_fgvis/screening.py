@@ -753,7 +753,8 @@ class Screener:
         if self.settings.explain_all or self.settings.game != "deletion":
             return False
         s = getattr(self.explainer, "settings", None)
-        if getattr(s, "goal", None) != "threshold":
+        # p <= threshold implies p <= max(threshold, p(reference)): the goal holds either way
+        if getattr(s, "goal", None) not in ("threshold", "threshold_or_reference"):
             return False
         level = getattr(s, "goal_level", None)
         return level is not None and p <= float(level)

@@ -112,3 +112,16 @@ def test_defended_game_runs_on_standard_cnns(build) -> None:
     assert r.mask.shape == x.shape
     assert torch.all(r.iterations == 3) or bool(r.goal_reached.any())
     assert float((1 - r.mask).abs().sum()) > 0  # the mask moved: gradient reached it
+
+
+def test_per_sample_reference_with_early_stopping() -> None:
+    """A (B, C, H, W) reference follows its own sample when finished samples leave the batch."""
+    model = trained_blob_cnn()
+    x, _, _ = make_blobs(3, seed=17, positive=True)
+    ref = torch.stack([torch.full_like(x[0], v) for v in (0.0, -0.2, 0.1)])
+    fgvis = FGVis(model)
+    batched = fgvis.attribute(x, target=1, reference=ref)
+    for i in range(3):
+        single = fgvis.attribute(x[i : i + 1], target=1, reference=ref[i : i + 1])
+        assert torch.allclose(single.explanation[0], batched.explanation[i], atol=1e-4)
+    assert torch.allclose(batched.explanation, batched.mask * x + (1 - batched.mask) * ref)

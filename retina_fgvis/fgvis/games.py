@@ -18,7 +18,9 @@ Choices the paper leaves open (the README's method section gives the measurement
   repression ``p <= goal_prob``, for preservation / generation ``p >= goal_prob``. The level is
   a fixed probability (``goal="threshold"``), a fraction of the original probability
   (``goal="fraction"``) or the probability of the reference image ``r`` itself
-  (``goal="reference"``: "the model sees no more evidence than in a blank image").
+  (``goal="reference"``: "the model sees no more evidence than in a blank image"), or the
+  larger of a fixed level and that (``goal="threshold_or_reference"``: deletion can never
+  take p below what the fully deleted image scores, so a fixed level under p(r) is unreachable).
 * **λ rule.** λ is per sample and adapted at every check (``check_every`` steps): multiplied by
   ``lambda_up`` while the goal holds (restore pixels: fewer changes), by ``lambda_down`` while it
   does not (the similarity term dominates). The returned mask is the goal-reaching snapshot
@@ -81,7 +83,7 @@ class FGVisSettings:
     lambda_min: float = 1e-4
     lambda_max: float = 1e3
     warmup_iterations: int = 0  # λ = 0 for these first steps
-    goal: Literal["threshold", "fraction", "reference"] = "threshold"
+    goal: Literal["threshold", "fraction", "reference", "threshold_or_reference"] = "threshold"
     goal_level: float = 0.5
     goal_fraction: float = 0.1
     patience: int = 3  # checks without improvement after the goal is reached
@@ -95,7 +97,7 @@ class FGVisSettings:
             raise ValueError(f"unknown similarity '{self.similarity}'")
         if self.lambda_schedule not in ("adaptive", "fixed"):
             raise ValueError(f"unknown lambda_schedule '{self.lambda_schedule}'")
-        if self.goal not in ("threshold", "fraction", "reference"):
+        if self.goal not in ("threshold", "fraction", "reference", "threshold_or_reference"):
             raise ValueError(f"unknown goal '{self.goal}'")
         if self.max_iterations < 1 or self.check_every < 1:
             raise ValueError("max_iterations and check_every must be >= 1")
@@ -195,14 +197,23 @@ class FGVis:
             return torch.autocast("cuda", dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
+    def _reference_for(self, x: torch.Tensor, reference: float | torch.Tensor | None) -> torch.Tensor:
+        """The reference r as a (B, C, H, W) tensor: a constant, one image for all, or one per sample."""
+        ref = torch.as_tensor(self.reference if reference is None else reference, dtype=x.dtype, device=x.device)
+        if ref.dim() == 4 and ref.shape[0] == x.shape[0]:
+            return ref
+        return ref.expand_as(x[:1] if ref.dim() < 4 else ref).expand_as(x).contiguous()
+
     def _goal(self, spec: GameSpec, p_before: torch.Tensor, ref: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         s = self.settings
         if s.goal == "fraction":
             return p_before * s.goal_fraction
-        if s.goal == "reference" and spec.removes_evidence:
+        level = torch.full_like(p_before, s.goal_level)
+        if s.goal in ("reference", "threshold_or_reference") and spec.removes_evidence:
             with torch.no_grad():
-                return self._probs(ref.expand(len(target), *ref.shape[1:]).contiguous(), target)
-        return torch.full_like(p_before, s.goal_level)
+                p_ref = self._probs(ref, target)
+            return p_ref if s.goal == "reference" else torch.maximum(level, p_ref)
+        return level
 
     # ------------------------------------------------------------------ the game
     def attribute(
@@ -213,6 +224,7 @@ class FGVis:
         fov_mask: torch.Tensor | None = None,
         progress: Callable[[int, int], None] | None = None,
         snapshot: Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], None] | None = None,
+        reference: float | torch.Tensor | None = None,
     ) -> FGVisResult:
         """Run ``game`` for class ``target`` on the batch ``inputs``.
 
@@ -221,6 +233,8 @@ class FGVis:
         evidence of anything). ``progress(iteration, active_samples)`` is called at each check;
         ``snapshot(iteration, sample_indices, masks, probs)`` too, with the active samples'
         current masks (for studies of how the explanation evolves; costs a copy).
+        ``reference`` overrides the constructor's r for this call (e.g. one blurred copy of each
+        image, (B, C, H, W)).
         """
         if game not in GAMES:
             raise ValueError(f"unknown game '{game}' (choose from {', '.join(GAMES)})")
@@ -230,8 +244,7 @@ class FGVis:
         x = inputs.detach()
         device, B = x.device, x.shape[0]
         target = torch.as_tensor(target, device=device, dtype=torch.long).expand(B).contiguous()
-        ref = torch.as_tensor(self.reference, dtype=x.dtype, device=device)
-        ref = ref.expand_as(x[:1]).contiguous() if ref.dim() < 4 else ref.to(device)
+        ref = self._reference_for(x, reference)
         if fov_mask is None:
             fov = torch.ones(B, 1, *x.shape[2:], dtype=torch.bool, device=device)
         else:
@@ -264,7 +277,7 @@ class FGVis:
                         defended.select(None if len(active) == B else active)
                     xa, fa = x[active], fov[active]
                     m = mask[active].requires_grad_(True)
-                    e = m * xa + (1 - m) * ref
+                    e = m * xa + (1 - m) * ref[active]
                     log_pt, log_odds = self._log_probs(e, target[active])
                     p = log_pt.exp()
                     sim = self._similarity(log_pt, log_odds)

@@ -15,6 +15,27 @@ from retina_fgvis.fgvis.games import FGVis
 
 def fundus_fgvis(classifier: Any, defense: bool = True, **overrides: Any) -> FGVis:
     """FGVis for ``classifier`` (a :class:`retina_fgvis.classifier.model.Classifier`)."""
-    settings: dict[str, Any] = {"goal": "threshold", "goal_level": float(classifier.threshold)}
+    settings: dict[str, Any] = {"goal": "threshold_or_reference", "goal_level": float(classifier.threshold)}
     settings.update({k: v for k, v in overrides.items() if v is not None})
     return FGVis(classifier.model, defense=defense, **settings)
+
+
+def background_reference(prepared: Any, mean: Any, std: Any, kernel_fraction: float = 0.06) -> Any:
+    """A lesion-free stand-in for each pixel: the median-blurred photo (normalised, (3, S, S)).
+
+    Why: r = 0 is the data-mean colour, and a grey patch where a dark haemorrhage was can
+    itself look like a pale lesion to the classifier; the local background does not. Median
+    filtering with a kernel of ~6 % of the field of view removes lesions (much smaller) and
+    keeps the background's colour and illumination.
+    """
+    import cv2
+    import numpy as np
+    import torch
+
+    m = torch.as_tensor(mean, dtype=torch.float32).view(3, 1, 1)
+    s = torch.as_tensor(std, dtype=torch.float32).view(3, 1, 1)
+    rgb = ((prepared.tensor.cpu() * s + m).clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
+    k = max(3, int(kernel_fraction * rgb.shape[0]) | 1)
+    blurred = cv2.medianBlur(np.ascontiguousarray(rgb), k)
+    out = (torch.from_numpy(blurred).permute(2, 0, 1).float() / 255 - m) / s
+    return out * torch.from_numpy(np.ascontiguousarray(prepared.fov_model))[None]
