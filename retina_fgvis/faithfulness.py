@@ -493,6 +493,19 @@ def faithfulness_markdown(run: FaithfulnessRun, model_description: str, image_de
             + (f"{_fmt(r.insertion_auc_mean)} | " if has_ins else "")
             + f"{_fmt(r.paper_resnet50)} | {_fmt(r.paper_vgg16)} |"
         )
+    df = run.per_image
+    if df["target"].nunique() > 1:  # e.g. RDR: referable and non-referable eyes behave differently
+        pivot = df.pivot_table(index="method", columns="target_name", values="deletion_auc",
+                               aggfunc="mean", sort=False)
+        counts = df[df["method"] == df["method"].iloc[0]].groupby("target_name").size()
+        cols = list(pivot.columns)
+        lines += ["", "By explained class (mean deletion AUC). Every curve ends at the zero image's "
+                  "probability of that class; with two classes that is near 0.5, so these AUCs are "
+                  "not comparable with the paper's 1000-class numbers, only with each other:", "",
+                  "| Method | " + " | ".join(f"{c} (n = {int(counts.get(c, 0))})" for c in cols) + " |",
+                  "|---|" + "---|" * len(cols)]
+        for method, r in pivot.iterrows():
+            lines.append(f"| {METHOD_LABELS.get(method, method)} | " + " | ".join(_fmt(r[c]) for c in cols) + " |")
     base = s[s["method"] != "fgvis"]
     if "fgvis" in set(s["method"]) and len(base):
         best = base.loc[base["deletion_auc_mean"].idxmin()]
