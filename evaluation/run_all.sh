@@ -23,3 +23,12 @@ retina-fgvis bench --out evaluation/bench/cpu.md
 
 step "screening of the bundled samples (issue 5)"
 retina-fgvis screen data/samples --out runs/samples || true
+
+# Faithfulness and defence validation: hours on a CPU at 512 px (~110 s per image per method);
+# meant for a GPU (add --device cuda).
+step "faithfulness (issue 6)"
+retina-fgvis evaluate faithfulness --model rdr --limit 60 --insertion --out evaluation/faithfulness/rdr
+retina-fgvis evaluate faithfulness --model imagenet --insertion --out evaluation/faithfulness/imagenet
+step "defence validation (issue 6)"
+retina-fgvis evaluate defense --model rdr --limit 100 --out evaluation/defense/rdr
+retina-fgvis evaluate defense --model imagenet --out evaluation/defense/imagenet
