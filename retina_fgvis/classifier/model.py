@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,6 +25,7 @@ import torch
 from torch import nn
 
 from retina_fgvis.fundus.preprocess import PreparedFundus, prepare_fundus
+from retina_fgvis.report.files import atomic_write_bytes
 
 REFERABLE = 1
 CLASS_NAMES = ["non-referable", "referable"]
@@ -161,20 +161,6 @@ def sha256_file(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; weights are meant to be shared
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def _plain(obj: Any) -> Any:
     """Metadata must be plain Python (str/int/float/bool/None/list/dict) for weights_only."""
     if isinstance(obj, dict):
@@ -219,9 +205,9 @@ def save_checkpoint(model: nn.Module, metadata: dict, path: str | Path, half: bo
     buf = io.BytesIO()
     torch.save({"format": FORMAT, "state_dict": state, "metadata": meta}, buf)
     data = buf.getvalue()
-    _atomic_write_bytes(path, data)
+    atomic_write_bytes(path, data)
     digest = hashlib.sha256(data).hexdigest()
-    _atomic_write_bytes(path.with_name(path.name + ".sha256"), f"{digest}  {path.name}\n".encode())
+    atomic_write_bytes(path.with_name(path.name + ".sha256"), f"{digest}  {path.name}\n".encode())
     return digest
 
 

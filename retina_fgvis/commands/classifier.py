@@ -8,14 +8,14 @@ read -> prepare -> predict path a user gets.
 from __future__ import annotations
 
 import json
-import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Iterable, Optional
 
 import typer
+
+from retina_fgvis.report.files import atomic_write_text
 
 RESEARCH = "Research use only, not a diagnosis."
 
@@ -48,15 +48,6 @@ def _log_factory(log_file: Optional[Path]):
             fh.write(line + "\n")
 
     return log
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as fh:
-        fh.write(text)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
 
 
 def register(app: typer.Typer, evaluate_app: typer.Typer) -> None:
@@ -143,7 +134,7 @@ def register(app: typer.Typer, evaluate_app: typer.Typer) -> None:
         if csv:
             df = pd.DataFrame(rows)
             df["note"] = RESEARCH
-            _atomic_write_text(csv, df.to_csv(index=False))
+            atomic_write_text(csv, df.to_csv(index=False))
         if failed == len(images):
             raise typer.Exit(1)
 
@@ -258,7 +249,7 @@ def register(app: typer.Typer, evaluate_app: typer.Typer) -> None:
         typer.echo(f"({len(ev)} images in {secs:.0f} s)")
         if out:
             out.mkdir(parents=True, exist_ok=True)
-            _atomic_write_text(out / "metrics.json", json.dumps(results, indent=1))
-            _atomic_write_text(out / "metrics.md", text + "\n")
+            atomic_write_text(out / "metrics.json", json.dumps(results, indent=1))
+            atomic_write_text(out / "metrics.md", text + "\n")
             cols = ["source", "file", "patient", "rdr", "p_referable", "error"]
-            _atomic_write_text(out / "predictions.csv", ev[cols].assign(note=RESEARCH).to_csv(index=False))
+            atomic_write_text(out / "predictions.csv", ev[cols].assign(note=RESEARCH).to_csv(index=False))

@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import platform
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Optional
 
 import typer
+
+from retina_fgvis.report.files import atomic_write_bytes, atomic_write_text
 
 MODEL_HELP = "Model to evaluate: 'rdr' (the referable-DR classifier) or 'imagenet' (EfficientNet-Lite0)."
 IMAGES_HELP = ("Folder of images. Default: rdr -> held-out validation images of ../shared/data "
@@ -57,23 +57,8 @@ def _fail(msg: str) -> None:
     raise typer.Exit(code=2)
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Temp file in the same folder, then os.replace: readers never see a half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def _write_text(path: Path, text: str) -> None:
-    _atomic_write_bytes(path, text.encode("utf-8"))
+    atomic_write_text(path, text)
 
 
 def _write_csv(path: Path, df) -> None:
@@ -86,7 +71,7 @@ def _write_figure(path: Path, fig) -> None:
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
     plt.close(fig)
-    _atomic_write_bytes(path, buf.getvalue())
+    atomic_write_bytes(path, buf.getvalue())
 
 
 def _environment(device: str) -> dict[str, Any]:
