@@ -2,14 +2,14 @@
 
 Only shippable material is used (never anything from ../shared/data):
 
-* ``SYN001_left.png``  -- ``skimage.data.retina()`` (CC0 1.0, Mikael Häggström, Wikimedia
+* ``SYNA_left.png``  -- ``skimage.data.retina()`` (CC0 1.0, Mikael Häggström, Wikimedia
   Commons "Fundus photograph of normal left eye"), resized to 512 px. Patient and eye come
   from the file-name rule ``<patient>_<eye>``.
 * ``IM000001.dcm``     -- the same photograph mirrored left-right (so it looks like a right
   eye), stored as an RLE-compressed Ophthalmic Photography DICOM with a synthetic patient
-  (PatientID ``SYN001``, ImageLaterality ``R``, StudyDate 2024-01-15). The file name says
+  (PatientID ``SYNA``, ImageLaterality ``R``, StudyDate 2024-01-15). The file name says
   nothing on purpose: patient and eye come from the DICOM header.
-* ``SYN002_right.png`` -- a generated phantom fundus (no real photograph involved): field of
+* ``SYNB_right.png`` -- a generated phantom fundus (no real photograph involved): field of
   view, vessels, optic disc, macula, plus drawn red dots (microaneurysms), blot haemorrhages
   and hard exudates.
 
@@ -161,12 +161,12 @@ def make_samples(out_dir: str | Path = DEFAULT_DIR) -> list[Path]:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     left = retina_sample()
-    paths = [atomic_write_image(out / "SYN001_left.png", left)]
+    paths = [atomic_write_image(out / "SYNA_left.png", left)]
     paths.append(write_dicom(out / "IM000001.dcm", np.ascontiguousarray(left[:, ::-1]),
-                             patient_id="SYN001", eye="right", study_date="2024-01-15",
+                             patient_id="SYNA", eye="right", study_date="2024-01-15",
                              compression="rle"))
     phantom, _ = phantom_fundus(eye="right")
-    paths.append(atomic_write_image(out / "SYN002_right.png", phantom))
+    paths.append(atomic_write_image(out / "SYNB_right.png", phantom))
     return paths
 
 

@@ -394,8 +394,8 @@ def test_cli_real_engine_on_samples(tmp_path, tiny_weights):
                 "--iterations", "3", "--batch-size", "2")
     assert proc.returncode == 0, proc.stderr
     df = _results(out)
-    assert list(df.file) == ["IM000001.dcm", "SYN001_left.png", "SYN002_right.png"]
-    assert (df.status == "ok").all() and set(df.patient) == {"SYN001", "SYN002"}
+    assert list(df.file) == ["IM000001.dcm", "SYNA_left.png", "SYNB_right.png"]
+    assert (df.status == "ok").all() and set(df.patient) == {"SYNA", "SYNB"}
     info = json.loads((out / "run.json").read_text())
     assert info["settings"]["iterations"] == 3 and len(info["model"]["sha256"]) == 64
     # usage errors are exit code 2, with one readable line
