@@ -48,7 +48,7 @@ def test_study_cli_seeds_the_diaretdb1_cache(tmp_path) -> None:
                                           "class_names": ["non-referable", "referable"], "threshold": 0.5}, weights)
     study, ev = tmp_path / "study", tmp_path / "eval"
     r = CliRunner().invoke(app, ["evaluate", "game-study", "--data-dir", str(root), "--out", str(study),
-                                 "--weights", str(weights), "--setting", "sgdn-logodds-lr0.1",
+                                 "--weights", str(weights), "--setting", "sgdn-logodds-lr0.3",
                                  "--seed-diaretdb1", str(ev)])
     assert r.exit_code == 0, r.output
     table = __import__("pandas").read_csv(study / "summary.csv")

@@ -70,7 +70,7 @@ class FGVisSettings:
     """Every knob of the optimisation. Defaults come from the study in evaluation/game-study/."""
 
     optimizer: Literal["adam", "sgd_normalized", "sign"] = "sgd_normalized"
-    lr: float = 0.1
+    lr: float = 0.3
     adam_betas: tuple[float, float] = (0.9, 0.999)
     adam_eps: float = 1e-12
     max_iterations: int = 200
