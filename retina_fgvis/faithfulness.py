@@ -111,10 +111,9 @@ class EvalModel:
 
     @property
     def device(self) -> torch.device:
-        try:
-            return next(self.model.parameters()).device
-        except StopIteration:
-            return torch.device("cpu")
+        from retina_fgvis.classifier.model import module_device
+
+        return module_device(self.model)
 
     def class_name(self, i: int) -> str:
         return self.class_names[i] if 0 <= i < len(self.class_names) else str(i)

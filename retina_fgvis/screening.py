@@ -695,7 +695,9 @@ class Screener:
         import torch
 
         model = getattr(self.classifier, "model", None)
-        device = _model_device(model)
+        from retina_fgvis.classifier.model import module_device
+
+        device = module_device(model)
         n = len(batch)
         x = torch.stack([p.prepared.tensor for p in batch])
         fov = torch.stack([torch.as_tensor(np.asarray(p.prepared.fov_model)) for p in batch])
@@ -940,17 +942,6 @@ def _reason(exc: BaseException | None) -> str:
     if type(exc).__name__ in ("NoFundusError",) and msg:
         return msg
     return f"{type(exc).__name__}: {msg}" if msg else type(exc).__name__
-
-
-def _model_device(model: Any):
-    import torch
-
-    if model is not None:
-        try:
-            return next(model.parameters()).device
-        except (StopIteration, AttributeError, TypeError):
-            pass
-    return torch.device("cpu")
 
 
 def _opt_array(t: Any) -> np.ndarray | None:

@@ -39,6 +39,14 @@ DEFAULT_WEIGHTS = REPO_ROOT / "weights" / "rdr-effnet-lite0.pt"
 REQUIRED_METADATA = ("arch", "input_size", "mean", "std", "class_names", "threshold")
 
 
+def module_device(model: Any) -> torch.device:
+    """Where a model's parameters live (CPU for parameter-less models and test fakes)."""
+    try:
+        return next(model.parameters()).device
+    except (StopIteration, AttributeError, TypeError):
+        return torch.device("cpu")
+
+
 class WeightsError(ValueError):
     """One-line, user-facing problem with a weights file: ``"<path>: <reason>"``."""
 
@@ -244,10 +252,7 @@ class Classifier:
 
     @property
     def device(self) -> torch.device:
-        try:
-            return next(self.model.parameters()).device
-        except StopIteration:
-            return torch.device("cpu")
+        return module_device(self.model)
 
     def prepare(self, rgb: np.ndarray, fov: np.ndarray | None = None) -> PreparedFundus:
         """:func:`prepare_fundus` with this model's input size and normalisation."""

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -300,14 +300,3 @@ def activation_bounds(
 ) -> ActivationBounds:
     """Defend ``model`` for explanations of the batch ``x`` (Eq. 4-6). See :class:`ActivationBounds`."""
     return ActivationBounds(model, x, tolerance=tolerance, track_violations=track_violations)
-
-
-def count_nonlinearity_calls(model: torch.nn.Module, x: torch.Tensor) -> list[str]:
-    """Names of the supported nonlinearity calls in one forward pass (diagnostics, tests)."""
-    with activation_bounds(model, x) as bounds:
-        return [r.op for r in bounds.records]
-
-
-def iter_unsupported() -> Iterator[str]:
-    """Names of the nonlinearities the defence refuses (for documentation)."""
-    return iter(sorted(set(_UNSUPPORTED.values())))
