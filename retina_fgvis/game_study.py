@@ -27,7 +27,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from retina_fgvis.fgvis.presets import fundus_fgvis
+from retina_fgvis.fgvis.presets import background_reference, fundus_fgvis
 from retina_fgvis.metrics.enrichment import lesion_scores
 
 #: Candidate settings (name -> FGVis overrides); "sgdn-logodds-lr0.3" is the engine default.
@@ -43,6 +43,12 @@ CANDIDATES: dict[str, dict[str, Any]] = {
     "adam-prob-lr0.05": dict(optimizer="adam", lr=0.05, similarity="prob"),
     "sgdn-logodds-goal-reference": dict(optimizer="sgd_normalized", lr=0.1, similarity="log_odds", goal="reference"),
     "adam-logodds-lr0.05": dict(optimizer="adam", lr=0.05, similarity="log_odds"),
+    # λ in units of each image's evidence gradient (99th percentile): a sparse mask, no haze
+    "sgdn-logodds-lr0.3-lamq99": dict(optimizer="sgd_normalized", lr=0.3, similarity="log_odds",
+                                      lambda_calibration_quantile=0.99),
+    # removed pixels become the median-blurred photo (local background) instead of the mean colour
+    "sgdn-logodds-lr0.3-blurref": dict(optimizer="sgd_normalized", lr=0.3, similarity="log_odds",
+                                       reference="background"),
 }
 RECORDED = ["sgdn-logodds-lr0.3", "sgdn-logodds-lr0.1", "adam-prob-lr0.05"]  # first = engine default
 
@@ -76,6 +82,8 @@ def run_setting(
     ``seed_cache`` (an ``evaluation_diaretdb1.ImportanceCache`` whose identity is this very
     game) receives each importance map, so that `evaluate diaretdb1` does not re-run it.
     """
+    overrides = dict(overrides)
+    reference_kind = overrides.pop("reference", None)
     fgvis = fundus_fgvis(classifier, defense=defense, **overrides)
     device = classifier.device
     rows: list[dict] = []
@@ -96,8 +104,11 @@ def run_setting(
                 curve.append({"setting": name, "defense": defense, "image": batch[i].name, "iteration": t,
                               "p": float(probs[j]), "enrichment": sc["enrichment"]})
 
+        reference = None
+        if reference_kind == "background":
+            reference = torch.stack([background_reference(p, classifier.mean, classifier.std) for p in prepared]).to(device)
         start = time.perf_counter()
-        result = fgvis.attribute(x, target=1, game="deletion", fov_mask=fov, snapshot=snapshot)
+        result = fgvis.attribute(x, target=1, game="deletion", fov_mask=fov, snapshot=snapshot, reference=reference)
         seconds = (time.perf_counter() - start) / len(batch)
         for i, (im, p) in enumerate(zip(batch, prepared)):
             importance = p.mapping.map_to_original(result.mean_mask[i].numpy(), order=1)

@@ -59,3 +59,26 @@ def test_study_cli_seeds_the_diaretdb1_cache(tmp_path) -> None:
     per = read_csv(ev / "per_image.csv")
     assert per.cached.all()  # the study's maps were used
     assert "enrichment" in per.columns
+
+
+def test_background_reference_setting_runs_and_never_seeds_the_cache(tmp_path) -> None:
+    """A setting with another reference is a different game: its maps must not enter the cache."""
+    from typer.testing import CliRunner
+
+    from _synth_diaretdb1 import make_layout
+    from retina_fgvis.classifier.model import build_model, save_checkpoint
+    from retina_fgvis.cli import app
+
+    specs = {"image001": {"H": [(20, 20, 26, 26, 189)]}}
+    root = make_layout(tmp_path / "data", specs, train=list(specs), test=[], write_test_images=False)
+    weights = tmp_path / "tiny.pt"
+    save_checkpoint(build_model("tiny"), {"arch": "tiny", "input_size": 32, "mean": [0.5] * 3, "std": [0.5] * 3,
+                                          "class_names": ["non-referable", "referable"], "threshold": 0.5}, weights)
+    study, ev = tmp_path / "study", tmp_path / "eval"
+    r = CliRunner().invoke(app, ["evaluate", "game-study", "--data-dir", str(root), "--out", str(study),
+                                 "--weights", str(weights), "--setting", "sgdn-logodds-lr0.3-blurref",
+                                 "--undefended", "", "--seed-diaretdb1", str(ev), "--max-iterations", "5"])
+    assert r.exit_code == 0, r.output
+    rows = __import__("pandas").read_csv(study / "per_image.csv")
+    assert list(rows.setting) == ["sgdn-logodds-lr0.3-blurref"] and rows.iterations.iloc[0] >= 1
+    assert not any(p.is_file() for p in ev.rglob("*"))

@@ -125,3 +125,38 @@ def test_per_sample_reference_with_early_stopping() -> None:
         single = fgvis.attribute(x[i : i + 1], target=1, reference=ref[i : i + 1])
         assert torch.allclose(single.explanation[0], batched.explanation[i], atol=1e-4)
     assert torch.allclose(batched.explanation, batched.mask * x + (1 - batched.mask) * ref)
+
+
+def test_lambda_calibration_sets_lambda_from_the_evidence_gradient() -> None:
+    """λ's unit = q-quantile of |d log-odds / d m| over the FOV times the number of mask elements."""
+    model = trained_blob_cnn()
+    x, _, _ = make_blobs(2, seed=18, positive=True)
+    fov = torch.zeros(2, 32, 32, dtype=torch.bool)
+    fov[:, 2:30, 2:30] = True
+    q = 0.9
+    r = FGVis(model, defense=True, lambda_calibration_quantile=q, lambda_schedule="fixed", lambda_init=2.0,
+              max_iterations=1).attribute(x, target=1, fov_mask=fov)
+    # the same gradient by hand: at m = 1 the defence passes everything (h(e) = h(x))
+    m = torch.ones_like(x, requires_grad=True)
+    log_p = torch.log_softmax(model(m * x), 1)
+    (g,) = torch.autograd.grad((log_p[:, 1] - log_p[:, 0]).sum(), m)
+    f3 = fov[:, None].expand_as(g)
+    expected = torch.stack([2.0 * torch.quantile(gi[fi].abs(), q) * fi.sum() for gi, fi in zip(g, f3)])
+    assert torch.allclose(r.final_lambda, expected, rtol=1e-4)
+
+
+def test_lambda_calibration_removes_the_haze_off_the_evidence() -> None:
+    """With λ in evidence units the mass off the blob shrinks; an absolute λ = 1 is negligible."""
+    model = trained_blob_cnn()
+    x, _, blobs = make_blobs(4, seed=19, positive=True)
+    absolute = FGVis(model, defense=True).attribute(x, target=1)
+    calibrated = FGVis(model, defense=True, lambda_calibration_quantile=0.99).attribute(x, target=1)
+    assert bool(calibrated.goal_reached.all())
+    off_blob = lambda r: ((r.mean_mask * ~blobs).flatten(1).sum(1))  # noqa: E731
+    assert float(off_blob(calibrated).sum()) < float(off_blob(absolute).sum())
+    assert float(share_inside(calibrated, blobs).mean()) >= float(share_inside(absolute, blobs).mean())
+
+
+def test_lambda_calibration_quantile_is_validated() -> None:
+    with pytest.raises(ValueError, match="lambda_calibration_quantile"):
+        FGVis(trained_blob_cnn(), lambda_calibration_quantile=1.5)

@@ -16,7 +16,7 @@ def register(app: typer.Typer, evaluate_app: typer.Typer) -> None:
         split: str = typer.Option("train", help="train | test | all (tune on train only)."),
         settings: Optional[List[str]] = typer.Option(None, "--setting", help="Candidate names (default: game_study.RECORDED)."),
         undefended: Optional[List[str]] = typer.Option(
-            None, "--undefended", help="Settings also run without the defence (default: the first)."),
+            None, "--undefended", help="Settings also run without the defence (default: the first; '' = none)."),
         weights: Optional[Path] = typer.Option(None, help="Classifier weights (default: shipped)."),
         limit: Optional[int] = typer.Option(None, help="Only the first N images (quick check)."),
         max_iterations: Optional[int] = typer.Option(None, help="Override the iteration cap."),
@@ -40,7 +40,9 @@ def register(app: typer.Typer, evaluate_app: typer.Typer) -> None:
         unknown = [n for n in names if n not in gs.CANDIDATES]
         if unknown:
             raise typer.BadParameter(f"unknown setting(s) {unknown}; known: {list(gs.CANDIDATES)}")
-        plain = list(undefended) if undefended is not None else names[:1]
+        plain = [n for n in undefended if n] if undefended is not None else names[:1]  # "" = none
+        if set(plain) - set(names):
+            raise typer.BadParameter(f"--undefended {sorted(set(plain) - set(names))} not among the --setting names")
         images = gs.load_images(DiaretDB1(data_dir, split=split), limit=limit)
         out.mkdir(parents=True, exist_ok=True)
         log_file = (out / "study.log").open("a")
@@ -58,7 +60,7 @@ def register(app: typer.Typer, evaluate_app: typer.Typer) -> None:
                 if max_iterations:
                     overrides["max_iterations"] = max_iterations
                 seed = None
-                if seed_diaretdb1 is not None and defense:
+                if seed_diaretdb1 is not None and defense and "reference" not in overrides:
                     from retina_fgvis.evaluation_diaretdb1 import FGVisExplainer, ImportanceCache
                     from retina_fgvis.fgvis.presets import fundus_fgvis
 
@@ -84,8 +86,8 @@ def register(app: typer.Typer, evaluate_app: typer.Typer) -> None:
             f"Classifier: `{clf.path}` (sha256 {str(clf.sha256)[:12]}…), threshold {clf.threshold:.3f}, "
             f"device {dev}, total {elapsed / 60:.1f} min.", "",
             "Enrichment = share of removed mass inside GT lesions (any type, >= 0.75) / GT share of the FOV "
-            "(1 = chance). Goal = p(referable) <= the classifier's threshold; 'referable' = images the "
-            "classifier calls referable.", "",
+            "(1 = chance). Goal = p(referable) <= max(the classifier's threshold, p of the fully deleted image); "
+            "'referable' = images the classifier calls referable.", "",
             table.to_markdown(index=False, floatfmt=".3g"), "",
         ]
         atomic_write_text(out / "summary.md", "\n".join(md))

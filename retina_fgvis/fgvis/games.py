@@ -83,6 +83,10 @@ class FGVisSettings:
     lambda_min: float = 1e-4
     lambda_max: float = 1e3
     warmup_iterations: int = 0  # λ = 0 for these first steps
+    # λ in units of the image's own evidence gradient: at the first sparsity step the per-element
+    # sparsity gradient is set to this quantile of |d similarity / d m| over the FOV (None: λ is
+    # absolute). lambda_init/min/max then scale that unit.
+    lambda_calibration_quantile: float | None = None
     goal: Literal["threshold", "fraction", "reference", "threshold_or_reference"] = "threshold"
     goal_level: float = 0.5
     goal_fraction: float = 0.1
@@ -99,6 +103,9 @@ class FGVisSettings:
             raise ValueError(f"unknown lambda_schedule '{self.lambda_schedule}'")
         if self.goal not in ("threshold", "fraction", "reference", "threshold_or_reference"):
             raise ValueError(f"unknown goal '{self.goal}'")
+        q = self.lambda_calibration_quantile
+        if q is not None and not 0.0 < q < 1.0:
+            raise ValueError(f"lambda_calibration_quantile must be in (0, 1), got {q}")
         if self.max_iterations < 1 or self.check_every < 1:
             raise ValueError("max_iterations and check_every must be >= 1")
         return self
@@ -215,6 +222,29 @@ class FGVis:
             return p_ref if s.goal == "reference" else torch.maximum(level, p_ref)
         return level
 
+    def _calibrate_lambda(
+        self, grad: torch.Tensor, fov: torch.Tensor, factor: torch.Tensor, spec: GameSpec
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """λ's unit per sample, and this step's gradient with the sparsity term added.
+
+        Why: the sparsity term is a mean over ~10^6 mask elements, so λ = 1 gives each element a
+        gradient of ~1e-6, thousands of times below the evidence gradient of a fundus photo:
+        the term then does nothing and the mask collects a faint haze of removals everywhere.
+        Measuring λ in units of the image's own gradient makes "λ = 1" mean "at first only the
+        pixels above the q-quantile of evidence may move", for any model and resolution.
+        """
+        fov_e = fov.expand_as(grad)
+        n = fov_e.flatten(1).sum(1).clamp_min(1)
+        unit = torch.stack([
+            torch.quantile(g[f].abs().float(), self.settings.lambda_calibration_quantile) if f.any()
+            else g.new_zeros(())
+            for g, f in zip(grad, fov_e)
+        ]) * n
+        unit = unit.clamp_min(1e-12)
+        # d(mean sparsity)/dm = -1/n (deletion, repression) or +1/n per FOV element
+        d_sparse = fov_e.to(grad.dtype) / n.view(-1, 1, 1, 1) * (-1.0 if spec.removes_evidence else 1.0)
+        return unit, grad + (factor * unit).view(-1, 1, 1, 1) * d_sparse
+
     # ------------------------------------------------------------------ the game
     def attribute(
         self,
@@ -260,6 +290,8 @@ class FGVis:
         since_best = torch.zeros(B, dtype=torch.long, device=device)
         iterations = torch.zeros(B, dtype=torch.long, device=device)
         lam = torch.full((B,), s.lambda_init, device=device)
+        lam_unit = torch.ones(B, device=device)  # set by the calibration step, if any
+        calibrate_at = s.warmup_iterations + 1 if s.lambda_calibration_quantile is not None else None
         lam_hist: list[list[float]] = [[] for _ in range(B)]
         prob_hist: list[list[float]] = [[] for _ in range(B)]
         active = torch.arange(B, device=device)
@@ -282,9 +314,14 @@ class FGVis:
                     p = log_pt.exp()
                     sim = self._similarity(log_pt, log_odds)
                     sparse = (spec.sparsity(m) * fa).flatten(1).sum(1) / (fov_pixels[active] * x.shape[1])
-                    lam_now = lam[active] if t > s.warmup_iterations else torch.zeros_like(sim)
+                    lam_now = (lam * lam_unit)[active] if t > s.warmup_iterations else torch.zeros_like(sim)
+                    if t == calibrate_at:
+                        lam_now = torch.zeros_like(sim)  # this step's gradient is the evidence alone
                     loss = (sign * sim + lam_now * sparse).sum()
                     (grad,) = torch.autograd.grad(loss, m)
+                    if t == calibrate_at:
+                        with torch.no_grad():
+                            lam_unit[active], grad = self._calibrate_lambda(grad, fa, lam[active], spec)
                     with torch.no_grad():
                         m_used = m.detach()
                         new = (m_used - optimizer.step(grad, active, t)).clamp_(0, 1)
@@ -310,7 +347,7 @@ class FGVis:
                             lam[active] = torch.where(ok, lam_a * s.lambda_up, lam_a * s.lambda_down).clamp_(
                                 s.lambda_min, s.lambda_max
                             )
-                        lam_log = lam[active] if t > s.warmup_iterations else torch.zeros_like(p_now)
+                        lam_log = (lam * lam_unit)[active] if t > s.warmup_iterations else torch.zeros_like(p_now)
                         for i, pi, li in zip(active.tolist(), p_now.tolist(), lam_log.tolist()):
                             prob_hist[i].append(pi)
                             lam_hist[i].append(li)
@@ -346,7 +383,7 @@ class FGVis:
             iterations=cpu(iterations),
             changed_fraction=cpu(moved.flatten(1).sum(1) / fov_pixels),
             removed_mass=cpu(removed),
-            final_lambda=cpu(lam),
+            final_lambda=cpu(lam * lam_unit),
             lambda_trajectory=lam_hist,
             prob_trajectory=prob_hist,
             settings={"defense": self.defense, **asdict(self.settings)},
