@@ -53,6 +53,14 @@ def test_study_cli_seeds_the_diaretdb1_cache(tmp_path) -> None:
     assert r.exit_code == 0, r.output
     table = __import__("pandas").read_csv(study / "summary.csv")
     assert set(table.defense) == {True, False} and (table.images == 2).all()
+    # re-summarising runs no game and rebuilds the same table from per_image.csv
+    (study / "summary.csv").unlink()
+    r = CliRunner().invoke(app, ["evaluate", "game-study", "--data-dir", str(root), "--out", str(study),
+                                 "--weights", str(weights), "--summarise-only"])
+    assert r.exit_code == 0, r.output
+    again = __import__("pandas").read_csv(study / "summary.csv")
+    assert again.equals(table) and "enrichment_goal_reached" in again.columns
+    assert (study / "enrichment_vs_iterations_sgdn-logodds-lr0.3.png").is_file()
     r = CliRunner().invoke(app, ["evaluate", "diaretdb1", "--data-dir", str(root), "--split", "train",
                                  "--out", str(ev), "--weights", str(weights), "--no-overlays"])
     assert r.exit_code == 0, r.output

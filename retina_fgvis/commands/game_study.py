@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import List, Optional
+from typing import Any, List, Optional
 
 import typer
 
@@ -24,6 +24,9 @@ def register(app: typer.Typer, evaluate_app: typer.Typer) -> None:
         device: str = typer.Option("auto", help="auto | cpu | cuda"),
         seed_diaretdb1: Optional[Path] = typer.Option(
             None, help="An `evaluate diaretdb1` --out folder: the default game's maps are cached there."),
+        summarise_only: bool = typer.Option(
+            False, "--summarise-only", help="Run no game: rebuild summary.md/csv and the plots from OUT/per_image.csv "
+            "and OUT/curves.csv (e.g. after the summary gained a column)."),
     ) -> None:
         """Compare optimiser / step rule / λ schedule / goal settings of the deletion game."""
         import pandas as pd
@@ -43,6 +46,13 @@ def register(app: typer.Typer, evaluate_app: typer.Typer) -> None:
         plain = [n for n in undefended if n] if undefended is not None else names[:1]  # "" = none
         if set(plain) - set(names):
             raise typer.BadParameter(f"--undefended {sorted(set(plain) - set(names))} not among the --setting names")
+        if summarise_only:
+            rows_df, curve_df = pd.read_csv(out / "per_image.csv"), pd.read_csv(out / "curves.csv")
+            plain = sorted(set(rows_df.setting[~rows_df.defense.astype(bool)]))
+            header = f"{rows_df.image.nunique()} images; run time: see study.log"
+            _write_summary(out, rows_df, curve_df, plain, split, header, clf, dev)
+            typer.echo(f"re-summarised -> {out / 'summary.md'}")
+            return
         images = gs.load_images(DiaretDB1(data_dir, split=split), limit=limit)
         out.mkdir(parents=True, exist_ok=True)
         log_file = (out / "study.log").open("a")
@@ -74,21 +84,32 @@ def register(app: typer.Typer, evaluate_app: typer.Typer) -> None:
                 per_image = pd.DataFrame(rows)
                 atomic_write_text(out / "per_image.csv", per_image.to_csv(index=False))
                 atomic_write_text(out / "curves.csv", pd.DataFrame(curves).to_csv(index=False))
-        table = gs.aggregate(pd.DataFrame(rows))
-        atomic_write_text(out / "summary.csv", table.to_csv(index=False))
-        curve_df = pd.DataFrame(curves)
-        for name in plain:
-            gs.plot_curves(curve_df, name, out / f"enrichment_vs_iterations_{name}.png")
         elapsed = time.perf_counter() - start
-        md = [
-            "# Deletion-game study on DiaretDB1 (" + split + f" split, {len(images)} images)", "",
-            "Research use only, not a diagnosis.", "",
-            f"Classifier: `{clf.path}` (sha256 {str(clf.sha256)[:12]}…), threshold {clf.threshold:.3f}, "
-            f"device {dev}, total {elapsed / 60:.1f} min.", "",
-            "Enrichment = share of removed mass inside GT lesions (any type, >= 0.75) / GT share of the FOV "
-            "(1 = chance). Goal = p(referable) <= max(the classifier's threshold, p of the fully deleted image); "
-            "'referable' = images the classifier calls referable.", "",
-            table.to_markdown(index=False, floatfmt=".3g"), "",
-        ]
-        atomic_write_text(out / "summary.md", "\n".join(md))
+        _write_summary(out, pd.DataFrame(rows), pd.DataFrame(curves), plain, split,
+                       f"{len(images)} images, total {elapsed / 60:.1f} min", clf, dev)
         log(f"done in {elapsed / 60:.1f} min -> {out / 'summary.md'}")
+
+
+def _write_summary(out: Path, rows: Any, curves: Any, plain: list[str], split: str,
+                   header: str, clf: object, dev: str) -> None:
+    """summary.csv, summary.md and one enrichment-vs-iterations plot per setting run both ways."""
+    from retina_fgvis import game_study as gs
+    from retina_fgvis.report.files import atomic_write_text
+
+    table = gs.aggregate(rows)
+    atomic_write_text(out / "summary.csv", table.to_csv(index=False))
+    for name in plain:
+        gs.plot_curves(curves, name, out / f"enrichment_vs_iterations_{name}.png")
+    md = [
+        f"# Deletion-game study on DiaretDB1 ({split} split)", "",
+        "Research use only, not a diagnosis.", "",
+        f"Classifier: `{clf.path}` (sha256 {str(clf.sha256)[:12]}…), threshold {clf.threshold:.3f}, "
+        f"device {dev}; {header}.", "",
+        "Enrichment = share of removed mass inside GT lesions (any type, >= 0.75) / GT share of the FOV "
+        "(1 = chance; images without GT lesions have none and are left out of its medians). Goal = p(referable) "
+        "<= max(the classifier's threshold, p of the fully deleted image); 'referable' = images the classifier "
+        "calls referable. `enrichment_goal_reached` / `_missed`: medians over the images whose goal was / was not "
+        "reached.", "",
+        table.to_markdown(index=False, floatfmt=".3g"), "",
+    ]
+    atomic_write_text(out / "summary.md", "\n".join(md))

@@ -222,28 +222,30 @@ class FGVis:
             return p_ref if s.goal == "reference" else torch.maximum(level, p_ref)
         return level
 
-    def _calibrate_lambda(
-        self, grad: torch.Tensor, fov: torch.Tensor, factor: torch.Tensor, spec: GameSpec
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """λ's unit per sample, and this step's gradient with the sparsity term added.
+    def _evidence_unit(self, grad_sim: torch.Tensor, fov: torch.Tensor) -> torch.Tensor:
+        """λ's unit per sample: the q-quantile of |d similarity / d m| times the mask size.
 
         Why: the sparsity term is a mean over ~10^6 mask elements, so λ = 1 gives each element a
         gradient of ~1e-6, thousands of times below the evidence gradient of a fundus photo:
         the term then does nothing and the mask collects a faint haze of removals everywhere.
-        Measuring λ in units of the image's own gradient makes "λ = 1" mean "at first only the
-        pixels above the q-quantile of evidence may move", for any model and resolution.
+        Measuring λ in units of the image's own gradient makes "λ = 1" mean "only the pixels
+        above the q-quantile of evidence may move", for any model and resolution.
         """
-        fov_e = fov.expand_as(grad)
+        fov_e = fov.expand_as(grad_sim)
         n = fov_e.flatten(1).sum(1).clamp_min(1)
+        q = self.settings.lambda_calibration_quantile
         unit = torch.stack([
-            torch.quantile(g[f].abs().float(), self.settings.lambda_calibration_quantile) if f.any()
-            else g.new_zeros(())
-            for g, f in zip(grad, fov_e)
-        ]) * n
-        unit = unit.clamp_min(1e-12)
-        # d(mean sparsity)/dm = -1/n (deletion, repression) or +1/n per FOV element
-        d_sparse = fov_e.to(grad.dtype) / n.view(-1, 1, 1, 1) * (-1.0 if spec.removes_evidence else 1.0)
-        return unit, grad + (factor * unit).view(-1, 1, 1, 1) * d_sparse
+            torch.quantile(g[f].abs().float(), q) if f.any() else g.new_zeros(())
+            for g, f in zip(grad_sim, fov_e)
+        ])
+        return (unit * n).clamp_min(1e-12)
+
+    @staticmethod
+    def _sparsity_grad(fov: torch.Tensor, like: torch.Tensor, spec: GameSpec) -> torch.Tensor:
+        """d(mean sparsity)/dm per element: -1/n (deletion, repression) or +1/n inside the FOV."""
+        fov_e = fov.expand_as(like).to(like.dtype)
+        n = fov_e.flatten(1).sum(1).clamp_min(1).view(-1, 1, 1, 1)
+        return fov_e / n * (-1.0 if spec.removes_evidence else 1.0)
 
     # ------------------------------------------------------------------ the game
     def attribute(
@@ -321,7 +323,9 @@ class FGVis:
                     (grad,) = torch.autograd.grad(loss, m)
                     if t == calibrate_at:
                         with torch.no_grad():
-                            lam_unit[active], grad = self._calibrate_lambda(grad, fa, lam[active], spec)
+                            lam_unit[active] = self._evidence_unit(grad, fa)
+                            d_sparse = self._sparsity_grad(fa, grad, spec)
+                            grad = grad + ((lam * lam_unit)[active]).view(-1, 1, 1, 1) * d_sparse
                     with torch.no_grad():
                         m_used = m.detach()
                         new = (m_used - optimizer.step(grad, active, t)).clamp_(0, 1)
