@@ -18,7 +18,9 @@ weakly-supervised lesion detections. This module turns that map into regions:
    *Why the area cap:* image-level sensitivity can be won by flagging the whole retina. The
    cap bounds the flagged share of the FOV (default 5 %, far above the lesion share of a
    typical DiaretDB1 image) so a diffuse or saturated mask cannot buy sensitivity with area.
-   When the cap binds, only the most-removed pixels are kept. Set it to 1.0 to disable.
+   When the cap binds, only the most-removed pixels are kept. Closing (step 3) adds area, so
+   the cap is applied once more to the final regions: regions are taken in order of mean
+   importance while their total area fits in the budget. Set it to 1.0 to disable.
 3. **Closing** – a small disk closing (radius in original pixels) joins the speckled,
    fine-grained removed pixels of one lesion into one region; the map is upsampled from the
    model grid (about 3 original pixels per model pixel at 512 px), so radius 2 bridges
@@ -155,6 +157,16 @@ def label_regions(importance: np.ndarray, fov: np.ndarray,
     sums = np.bincount(raw.ravel(), weights=imp.ravel().astype(np.float64), minlength=n + 1)
     keep = [i for i in range(1, n + 1) if areas[i] >= settings.min_area]
     keep.sort(key=lambda i: (-sums[i] / areas[i], i))
+    if settings.max_fov_fraction < 1.0:
+        # the area cap again, on the final regions: closing adds area, and a large closing
+        # radius must not buy sensitivity with it. Most important regions first; a region
+        # that does not fit in what is left of the budget is dropped.
+        budget, used, capped = math.floor(settings.max_fov_fraction * int(fov.sum())), 0, []
+        for i in keep:
+            if used + int(areas[i]) <= budget:
+                capped.append(i)
+                used += int(areas[i])
+        keep = capped
     remap = np.zeros(n + 1, dtype=np.int32)
     for new_id, old in enumerate(keep, start=1):
         remap[old] = new_id

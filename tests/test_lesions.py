@@ -97,3 +97,19 @@ def test_overlay():
     boxes = draw_overlay(rgb, regions, None, legend=True)
     assert boxes.shape == rgb.shape and not np.array_equal(boxes, rgb)
     assert isinstance(regions[0], LesionRegion)
+
+
+def test_area_cap_also_bounds_the_regions_after_closing():
+    """Closing must not let regions outgrow the area budget (sensitivity bought with area)."""
+    fov = np.ones((100, 100), bool)
+    rgb = np.full((100, 100, 3), 100, np.uint8)
+    imp = np.zeros((100, 100), np.float32)
+    imp[10:40:2, 10:40:2] = 0.9      # a sparse grid of 225 flagged pixels; closing joins it into ~800 px
+    imp[70:75, 70:75] = 1.0          # a compact 25-pixel region, more important
+    s = RegionSettings(max_fov_fraction=0.05, closing_radius=2, min_area=4)  # budget 500 px
+    assert flag_pixels(imp, fov, s).sum() == 250
+    labels, regions = find_regions(imp, fov, rgb, s)
+    assert [r.area for r in regions] == [25]  # the closed grid no longer fits
+    assert (labels > 0).sum() <= 500
+    loose = sorted(r.area for r in find_regions(imp, fov, rgb, s.replace(max_fov_fraction=1.0))[1])
+    assert loose[0] == 25 and len(loose) == 2 and loose[1] > 500
