@@ -434,9 +434,12 @@ def summary_markdown(res: EvalResult, settings: EvalSettings, split: str, n_imag
         lines.append(f"- explainer: game `{ident.get('game')}`, target {ident.get('target')}, "
                      f"defence {ident.get('defense')}")
     r = settings.regions
+    scaled = "" if r.reference_fov_diameter is None else (
+        f" (sizes at a {r.reference_fov_diameter:g}-px FOV diameter, scaled to each image)")
     lines += [
         f"- region rule: importance >= {r.threshold:g} and within the top {100 * r.max_fov_fraction:g} % "
-        f"of FOV pixels; closing radius {r.closing_radius} px; min area {r.min_area} px; "
+        f"of FOV pixels and of final region area; closing radius {r.closing_radius} px; min area {r.min_area} px"
+        f"{scaled}; "
         f"{'8' if r.connectivity == 2 else '4'}-connected",
         f"- overlap: GT connected component vs the {settings.aggregate} of touching proposals; default "
         f"mode **{settings.default_mode}** (all modes below)",
@@ -487,7 +490,7 @@ def summary_markdown(res: EvalResult, settings: EvalSettings, split: str, n_imag
     for _, rr in res.type_agreement.iterrows():
         lines.append(f"| {rr.kind} | {int(rr.n_regions)} | {int(rr.agree)} | {_pct(rr.agreement)} |")
     amb = int(res.type_agreement.n_ambiguous.iloc[0]) if len(res.type_agreement) else 0
-    lines += [f"", f"{amb} regions touch both red and bright GT and are left out.", ""]
+    lines += ["", f"{amb} regions touch both red and bright GT and are left out.", ""]
     sweep = threshold_sweep(res.froc, settings.default_mode)
     if len(sweep):
         ov_cols = [c for c in sweep.columns if c.startswith("img_sens_")]

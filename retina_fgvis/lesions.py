@@ -56,12 +56,16 @@ __all__ = ["RegionSettings", "LesionRegion", "flag_pixels", "label_regions", "fi
 class RegionSettings:
     """How an importance map becomes regions; see the module docstring for the rule."""
 
-    threshold: float = 0.5          # absolute importance level (mask in [0, 1])
+    # defaults: evaluation/diaretdb1/region-sweep-train.md (DiaretDB1 training split only)
+    threshold: float = 0.02         # absolute importance level (mask in [0, 1])
     max_fov_fraction: float = 0.05  # at most this share of FOV pixels flagged (1.0 = no cap)
-    closing_radius: int = 2         # disk radius in original pixels (0 = no closing)
-    min_area: int = 10              # regions smaller than this (original pixels) are dropped
+    closing_radius: int = 2         # disk radius, px at the reference FOV (0 = no closing)
+    min_area: int = 150             # smaller regions are dropped (px at the reference FOV)
     connectivity: int = 2           # 2 = 8-connected, 1 = 4-connected
     background_margin: int = 15     # min margin (px) around a bbox for the local background
+    # closing_radius and min_area are given for a field of view of this equivalent diameter
+    # (DiaretDB1's, 1339 px at 1500x1152) and scaled to each image's FOV; None = absolute pixels
+    reference_fov_diameter: float | None = 1339.0
 
     def __post_init__(self) -> None:
         if not math.isfinite(self.threshold):
@@ -72,6 +76,20 @@ class RegionSettings:
             raise ValueError("closing_radius >= 0, min_area >= 1 and background_margin >= 1 required")
         if self.connectivity not in (1, 2):
             raise ValueError("connectivity must be 1 or 2")
+        if self.reference_fov_diameter is not None and not self.reference_fov_diameter > 0:
+            raise ValueError("reference_fov_diameter must be > 0 (or None for absolute pixels)")
+
+    def scaled_to(self, fov: np.ndarray) -> tuple[int, int]:
+        """(closing radius, min area) in this image's pixels.
+
+        Why: the rule is tuned on DiaretDB1 photographs; a 512-px screening photo shows the same
+        lesion ~2.6x smaller, so pixel sizes follow the FOV's equivalent diameter.
+        """
+        if self.reference_fov_diameter is None:
+            return self.closing_radius, self.min_area
+        scale = 2.0 * math.sqrt(float(np.count_nonzero(fov)) / math.pi) / self.reference_fov_diameter
+        radius = max(1, round(self.closing_radius * scale)) if self.closing_radius > 0 else 0
+        return radius, max(1, round(self.min_area * scale * scale))
 
     def replace(self, **changes) -> "RegionSettings":
         from dataclasses import replace
@@ -144,10 +162,11 @@ def label_regions(importance: np.ndarray, fov: np.ndarray,
     """
     imp, fov = _check_inputs(importance, fov, None)
     flagged = flag_pixels(imp, fov, settings)
+    closing_radius, min_area = settings.scaled_to(fov)
     closed = flagged
-    if settings.closing_radius > 0 and flagged.any():
+    if closing_radius > 0 and flagged.any():
         # OpenCV's closing treats the image border neutrally (no erosion from outside).
-        kernel = morphology.disk(settings.closing_radius).astype(np.uint8)
+        kernel = morphology.disk(closing_radius).astype(np.uint8)
         closed = cv2.morphologyEx(flagged.astype(np.uint8), cv2.MORPH_CLOSE, kernel).astype(bool) & fov
     raw = cc_label(closed, connectivity=settings.connectivity)
     n = int(raw.max())
@@ -155,7 +174,7 @@ def label_regions(importance: np.ndarray, fov: np.ndarray,
         return np.zeros(imp.shape, dtype=np.int32), flagged
     areas = np.bincount(raw.ravel(), minlength=n + 1)
     sums = np.bincount(raw.ravel(), weights=imp.ravel().astype(np.float64), minlength=n + 1)
-    keep = [i for i in range(1, n + 1) if areas[i] >= settings.min_area]
+    keep = [i for i in range(1, n + 1) if areas[i] >= min_area]
     keep.sort(key=lambda i: (-sums[i] / areas[i], i))
     if settings.max_fov_fraction < 1.0:
         # the area cap again, on the final regions: closing adds area, and a large closing

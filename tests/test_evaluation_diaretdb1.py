@@ -24,7 +24,7 @@ SPECS = {
     "image002": {"HE": [(30, 40, 34, 44, 252)], "RSD": [(10, 38, 12, 40, 210)]},
     "image003": {"SE": [(0, 0, 5, 5, 252)], "rgb_only": [(28, 10, 31, 13, 0)]},
 }
-SETTINGS = EvalSettings(regions=RegionSettings(min_area=1, max_fov_fraction=1.0, closing_radius=0),
+SETTINGS = EvalSettings(regions=RegionSettings(min_area=1, max_fov_fraction=1.0, closing_radius=0, reference_fov_diameter=None),
                         froc_thresholds=(0.5, 1.5))
 
 

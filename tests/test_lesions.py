@@ -9,6 +9,8 @@ from retina_fgvis.lesions import LesionRegion, RegionSettings, find_regions, fla
 from retina_fgvis.report.overlay import GT_COLORS, draw_overlay
 
 H, W = 120, 160
+# the phantom's rule in absolute pixels (the defaults scale sizes to a DiaretDB1-sized FOV)
+ABS = RegionSettings(threshold=0.5, closing_radius=2, min_area=10, reference_fov_diameter=None)
 
 
 def _phantom():
@@ -30,7 +32,7 @@ def _phantom():
 
 def test_phantom_regions():
     imp, fov, rgb = _phantom()
-    labels, regions = find_regions(imp, fov, rgb)
+    labels, regions = find_regions(imp, fov, rgb, ABS)
     assert labels.dtype == np.int32 and labels.shape == (H, W)
     assert len(regions) == 2
     red, bright = regions                               # ordered by mean importance
@@ -49,16 +51,16 @@ def test_phantom_regions():
 def test_threshold_and_area_cap():
     imp, fov, rgb = _phantom()
     # absolute level .8: only the disk (and the speck, dropped by min_area)
-    _, regions = find_regions(imp, fov, rgb, RegionSettings(threshold=0.8))
+    _, regions = find_regions(imp, fov, rgb, ABS.replace(threshold=0.8))
     assert [r.area for r in regions] == [81]
     # area cap: budget of 85 FOV pixels keeps the top 85 = speck (4 x .95) + disk (81 x .9)
     frac = 85.5 / fov.sum()
-    flagged = flag_pixels(imp, fov, RegionSettings(max_fov_fraction=frac))
+    flagged = flag_pixels(imp, fov, ABS.replace(max_fov_fraction=frac))
     assert flagged.sum() == 85
-    _, regions = find_regions(imp, fov, rgb, RegionSettings(max_fov_fraction=frac))
+    _, regions = find_regions(imp, fov, rgb, ABS.replace(max_fov_fraction=frac))
     assert [(r.area, r.kind) for r in regions] == [(81, "red")]
     # no cap: 0.3 everywhere is still below the .5 level
-    assert flag_pixels(imp, fov, RegionSettings(max_fov_fraction=1.0)).sum() == 81 + 80 + 4
+    assert flag_pixels(imp, fov, ABS.replace(max_fov_fraction=1.0)).sum() == 81 + 80 + 4
 
 
 def test_closing_merges_fragments():
@@ -67,7 +69,7 @@ def test_closing_merges_fragments():
     imp[10:14, 15:19] = 1.0                             # one-pixel gap at col 14
     fov = np.ones((40, 40), bool)
     rgb = np.full((40, 40, 3), 100, np.uint8)
-    s = RegionSettings(max_fov_fraction=1.0, min_area=4)
+    s = ABS.replace(max_fov_fraction=1.0, min_area=4)
     assert len(find_regions(imp, fov, rgb, s)[1]) == 1
     assert len(find_regions(imp, fov, rgb, s.replace(closing_radius=0))[1]) == 2
 
@@ -75,16 +77,16 @@ def test_closing_merges_fragments():
 def test_bad_inputs():
     imp, fov, rgb = _phantom()
     with pytest.raises(ValueError, match="fov shape"):
-        find_regions(imp, fov[:-1], rgb)
+        find_regions(imp, fov[:-1], rgb, ABS)
     with pytest.raises(ValueError):
         RegionSettings(max_fov_fraction=0)
-    labels, regions = find_regions(np.zeros_like(imp), fov, rgb)
+    labels, regions = find_regions(np.zeros_like(imp), fov, rgb, ABS)
     assert regions == [] and labels.max() == 0
 
 
 def test_overlay():
     imp, fov, rgb = _phantom()
-    labels, regions = find_regions(imp, fov, rgb)
+    labels, regions = find_regions(imp, fov, rgb, ABS)
     gt = np.zeros((H, W), bool)
     gt[30:50, 40:60] = True
     before = rgb.copy()
@@ -106,10 +108,40 @@ def test_area_cap_also_bounds_the_regions_after_closing():
     imp = np.zeros((100, 100), np.float32)
     imp[10:40:2, 10:40:2] = 0.9      # a sparse grid of 225 flagged pixels; closing joins it into ~800 px
     imp[70:75, 70:75] = 1.0          # a compact 25-pixel region, more important
-    s = RegionSettings(max_fov_fraction=0.05, closing_radius=2, min_area=4)  # budget 500 px
+    s = ABS.replace(max_fov_fraction=0.05, closing_radius=2, min_area=4)  # budget 500 px
     assert flag_pixels(imp, fov, s).sum() == 250
     labels, regions = find_regions(imp, fov, rgb, s)
     assert [r.area for r in regions] == [25]  # the closed grid no longer fits
     assert (labels > 0).sum() <= 500
     loose = sorted(r.area for r in find_regions(imp, fov, rgb, s.replace(max_fov_fraction=1.0))[1])
     assert loose[0] == 25 and len(loose) == 2 and loose[1] > 500
+
+
+def test_pixel_sizes_follow_the_field_of_view():
+    """closing radius and min area are DiaretDB1-sized and scale with the FOV's diameter."""
+    s = RegionSettings(closing_radius=4, min_area=100, reference_fov_diameter=200.0)
+    yy, xx = np.mgrid[:400, :400]
+    big = (yy - 200) ** 2 + (xx - 200) ** 2 <= 100 ** 2      # diameter 200: the reference
+    small = (yy - 200) ** 2 + (xx - 200) ** 2 <= 50 ** 2     # half the diameter
+    assert s.scaled_to(big) == (4, 100)
+    assert s.scaled_to(small) == (2, 25)
+    assert s.replace(reference_fov_diameter=None).scaled_to(small) == (4, 100)
+    # a 64-px region survives min area 100 at half scale (25 px) but not at full scale
+    imp = np.zeros((400, 400), np.float32)
+    imp[196:204, 196:204] = 1.0
+    rgb = np.full((400, 400, 3), 100, np.uint8)
+    assert len(find_regions(imp, small, rgb, s.replace(max_fov_fraction=1.0))[1]) == 1
+    assert len(find_regions(imp, big, rgb, s.replace(max_fov_fraction=1.0))[1]) == 0
+
+
+def test_cli_region_defaults_are_the_library_defaults():
+    """`evaluate diaretdb1` must score with the rule `screen` uses (RegionSettings())."""
+    import typer
+
+    from retina_fgvis.cli import app
+
+    command = typer.main.get_command(app).commands["evaluate"].commands["diaretdb1"]
+    defaults = {p.name: p.default for p in command.params}
+    d = RegionSettings()
+    assert (defaults["threshold"], defaults["min_area"], defaults["closing_radius"], defaults["max_fov_fraction"]) == (
+        d.threshold, d.min_area, d.closing_radius, d.max_fov_fraction)

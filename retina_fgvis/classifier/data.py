@@ -24,7 +24,7 @@ import pandas as pd
 import torch
 
 from retina_fgvis.fundus.io import FundusReadError, read_fundus
-from retina_fgvis.fundus.preprocess import (FOVCircle, NoFundusError, circle_mask,
+from retina_fgvis.fundus.preprocess import (FOVCircle, NoFundusError,
                                             crop_fundus_uint8, mapping_for_circle)
 
 

@@ -45,11 +45,11 @@ def register(app: typer.Typer, evaluate_app: typer.Typer) -> None:
         limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Only the first N images of the split."),
         weights: Optional[Path] = typer.Option(None, "--weights", help="Classifier checkpoint "
                                                "(default: $RETINA_FGVIS_WEIGHTS or weights/rdr-effnet-lite0.pt)."),
-        threshold: float = typer.Option(0.5, "--threshold", help="Absolute importance level for a flagged pixel."),
+        threshold: float = typer.Option(0.02, "--threshold", help="Absolute importance level for a flagged pixel."),
         max_fov_fraction: float = typer.Option(0.05, "--max-fov-fraction",
                                                help="Flag at most this share of FOV pixels (1 = no cap)."),
-        min_area: int = typer.Option(10, "--min-area", help="Drop regions smaller than this (original px)."),
-        closing_radius: int = typer.Option(2, "--closing-radius", help="Disk closing radius (original px)."),
+        min_area: int = typer.Option(150, "--min-area", help="Drop regions smaller than this (px at a DiaretDB1-sized FOV; scaled to the image)."),
+        closing_radius: int = typer.Option(2, "--closing-radius", help="Disk closing radius (px at a DiaretDB1-sized FOV; scaled to the image)."),
         mode: str = typer.Option("coverage", "--mode", help="Default overlap mode: coverage | precision | iou."),
         aggregate: str = typer.Option("union", "--aggregate", help="GT region vs union of touching proposals "
                                       "(union) or best single proposal (pair)."),
