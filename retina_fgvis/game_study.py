@@ -161,7 +161,10 @@ def plot_curves(curve: pd.DataFrame, setting: str, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    for defense, g in curve[curve.setting == setting].groupby("defense"):
+    rows = curve[curve.setting == setting] if "setting" in curve.columns else curve.iloc[0:0]
+    if rows.empty:  # every image met its goal before the first check: nothing was optimised
+        ax.text(0.5, 0.5, "no checks recorded (every goal met at the start)", ha="center", transform=ax.transAxes)
+    for defense, g in (rows.groupby("defense") if not rows.empty else []):
         med = g.groupby("iteration").enrichment.median()
         ax.plot(med.index, med.values, marker="o", label="with defence" if defense else "without defence")
     ax.axhline(1.0, color="grey", lw=0.8, ls="--", label="chance")

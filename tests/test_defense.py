@@ -194,7 +194,7 @@ def test_fgvis_restores_requires_grad_when_the_game_fails() -> None:
     flags = [p.requires_grad for p in model.parameters()]
     model.fail_after = 2
     with pytest.raises(Boom):
-        FGVis(model, max_iterations=5).attribute(torch.randn(1, 3, 4, 4), target=0)
+        FGVis(model, max_iterations=5, goal_level=0.0).attribute(torch.randn(1, 3, 4, 4), target=0)
     assert [p.requires_grad for p in model.parameters()] == flags
     assert model.training is True
     assert torch._C._len_torch_function_stack() == 0

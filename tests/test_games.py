@@ -160,3 +160,18 @@ def test_lambda_calibration_removes_the_haze_off_the_evidence() -> None:
 def test_lambda_calibration_quantile_is_validated() -> None:
     with pytest.raises(ValueError, match="lambda_calibration_quantile"):
         FGVis(trained_blob_cnn(), lambda_calibration_quantile=1.5)
+
+
+def test_goal_met_at_the_start_returns_the_untouched_mask() -> None:
+    """Nothing to remove: an image already below the deletion goal costs no iteration."""
+    model = trained_blob_cnn()
+    neg, _, _ = make_blobs(2, seed=20, positive=False)
+    pos, _, _ = make_blobs(1, seed=21, positive=True)
+    x = torch.cat([neg, pos])
+    r = FGVis(model, defense=True).attribute(x, target=1, game="deletion")
+    assert float(r.target_prob_before[:2].max()) < 0.5 < float(r.target_prob_before[2])
+    assert r.iterations[:2].tolist() == [0, 0] and bool(r.goal_reached.all())
+    assert torch.equal(r.mask[:2], torch.ones_like(r.mask[:2]))
+    assert int(r.iterations[2]) > 0 and float((1 - r.mask[2]).sum()) > 0
+    only_neg = FGVis(model, defense=True).attribute(neg, target=1, game="deletion")
+    assert only_neg.iterations.tolist() == [0, 0] and torch.equal(only_neg.explanation, neg)

@@ -47,7 +47,9 @@ def register(app: typer.Typer, evaluate_app: typer.Typer) -> None:
         if set(plain) - set(names):
             raise typer.BadParameter(f"--undefended {sorted(set(plain) - set(names))} not among the --setting names")
         if summarise_only:
-            rows_df, curve_df = pd.read_csv(out / "per_image.csv"), pd.read_csv(out / "curves.csv")
+            rows_df = pd.read_csv(out / "per_image.csv")
+            curves_path = out / "curves.csv"
+            curve_df = pd.read_csv(curves_path) if curves_path.stat().st_size > 1 else pd.DataFrame()
             plain = sorted(set(rows_df.setting[~rows_df.defense.astype(bool)]))
             header = f"{rows_df.image.nunique()} images; run time: see study.log"
             _write_summary(out, rows_df, curve_df, plain, split, header, clf, dev)

@@ -27,7 +27,9 @@ Choices the paper leaves open (the README's method section gives the measurement
   with the least removed mass, so λ only has to visit the right range, not settle in it.
 * **Stopping.** A sample stops once it reached the goal and its best snapshot has not improved
   for ``patience`` checks, or at ``max_iterations``. Finished samples leave the batch (and the
-  defence's bounds are sub-selected), so they cost nothing.
+  defence's bounds are sub-selected), so they cost nothing. In deletion and generation, whose
+  start mask costs nothing, a sample whose goal already holds at m0 (e.g. an eye already below
+  the deletion goal) returns m0 after 0 iterations.
 * **Optimiser.** Adam on the mask, projected onto [0,1] after each step, with a tiny epsilon:
   under the defence the gradient reaching the mask is ~1000× smaller than without it, and
   Adam's usual eps=1e-8 would then silently scale the steps down. ``sgd_normalized`` (steps of
@@ -304,9 +306,19 @@ class FGVis:
             with torch.no_grad():
                 p_before = self._probs(x, target)
                 goal = self._goal(spec, p_before, ref, target)
-            defended = activation_bounds(self.model, x, tolerance=s.defense_tolerance) if self.defense else None
+                # deletion / generation: m0 costs nothing (sparsity 0), so a sample whose goal already
+                # holds at m0 is done, and no later snapshot can beat it; it never enters the loop.
+                # (preservation / repression start at the most expensive mask and must optimise.)
+                if float(spec.sparsity(torch.tensor(m0))) == 0.0:
+                    p_start = p_before if m0 == 1.0 else self._probs(m0 * x + (1 - m0) * ref, target)
+                    done = p_start <= goal if spec.removes_evidence else p_start >= goal
+                    reached |= done
+                    best_cost = torch.where(done, torch.zeros_like(best_cost), best_cost)
+                    active = active[~done]
+            defended = (activation_bounds(self.model, x, tolerance=s.defense_tolerance)
+                        if self.defense and len(active) else None)
             with defended if defended is not None else contextlib.nullcontext():
-                for t in range(1, s.max_iterations + 1):
+                for t in range(1, s.max_iterations + 1 if len(active) else 1):
                     if defended is not None:
                         defended.select(None if len(active) == B else active)
                     xa, fa = x[active], fov[active]
