@@ -498,9 +498,8 @@ def faithfulness_markdown(run: FaithfulnessRun, model_description: str, image_de
                                aggfunc="mean", sort=False)
         counts = df[df["method"] == df["method"].iloc[0]].groupby("target_name").size()
         cols = list(pivot.columns)
-        two_class = df["target"].nunique() == 2 and set(df["target"]) <= {0, 1}
         note = ("; with two classes that is near 0.5, so these AUCs are not comparable with the paper's "
-                "1000-class numbers, only with each other" if two_class else "")
+                "1000-class numbers, only with each other" if run.model_kind == "rdr" else "")
         lines += ["", "By explained class (mean deletion AUC). Every curve ends at the zero image's "
                   f"probability of that class{note}:", "",
                   "| Method | " + " | ".join(f"{c} (n = {int(counts.get(c, 0))})" for c in cols) + " |",

@@ -67,6 +67,20 @@ def _batches(items: list, size: int) -> Iterable[list]:
         yield items[i : i + size]
 
 
+def diaretdb1_seed_cache(classifier: Any, overrides: dict[str, Any], folder: Path) -> Any | None:
+    """The `evaluate diaretdb1` cache under ``folder`` if ``overrides`` describe exactly the game that
+    command runs (same settings, same reference), else None: a different game must not seed it."""
+    from retina_fgvis.evaluation_diaretdb1 import FGVisExplainer, ImportanceCache
+
+    overrides = dict(overrides)
+    if overrides.pop("reference", None) is not None:
+        return None
+    explainer = FGVisExplainer(classifier)
+    if fundus_fgvis(classifier, **overrides).settings != explainer.fgvis.settings:
+        return None
+    return ImportanceCache(folder / "cache", explainer.identity)
+
+
 def run_setting(
     classifier: Any,
     images: list[StudyImage],
@@ -161,12 +175,13 @@ def plot_curves(curve: pd.DataFrame, setting: str, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    rows = curve[curve.setting == setting] if "setting" in curve.columns else curve.iloc[0:0]
+    rows = curve[curve.setting == setting] if "setting" in curve.columns else pd.DataFrame()
     if rows.empty:  # every image met its goal before the first check: nothing was optimised
         ax.text(0.5, 0.5, "no checks recorded (every goal met at the start)", ha="center", transform=ax.transAxes)
-    for defense, g in (rows.groupby("defense") if not rows.empty else []):
-        med = g.groupby("iteration").enrichment.median()
-        ax.plot(med.index, med.values, marker="o", label="with defence" if defense else "without defence")
+    else:
+        for defense, g in rows.groupby("defense"):
+            med = g.groupby("iteration").enrichment.median()
+            ax.plot(med.index, med.values, marker="o", label="with defence" if defense else "without defence")
     ax.axhline(1.0, color="grey", lw=0.8, ls="--", label="chance")
     ax.set_xlabel("iteration")
     ax.set_ylabel("median lesion enrichment (model grid)")

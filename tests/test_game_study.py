@@ -32,20 +32,27 @@ def test_uniform_importance_is_chance() -> None:
     assert s["enrichment"] == pytest.approx(1.0)
 
 
-def test_study_cli_seeds_the_diaretdb1_cache(tmp_path) -> None:
-    """The study's default-game maps are reused by `evaluate diaretdb1` (no second game)."""
-    from typer.testing import CliRunner
-
+def _tiny_layout_and_weights(tmp_path, specs):
+    """A synthetic DiaretDB1 training split and a tiny 32-px classifier checkpoint."""
     from _synth_diaretdb1 import make_layout
     from retina_fgvis.classifier.model import build_model, save_checkpoint
-    from retina_fgvis.cli import app
-    from retina_fgvis.evaluation_diaretdb1 import read_csv
 
-    specs = {"image001": {"H": [(20, 20, 26, 26, 189)]}, "image002": {"HE": [(30, 40, 34, 44, 252)]}}
     root = make_layout(tmp_path / "data", specs, train=list(specs), test=[], write_test_images=False)
     weights = tmp_path / "tiny.pt"
     save_checkpoint(build_model("tiny"), {"arch": "tiny", "input_size": 32, "mean": [0.5] * 3, "std": [0.5] * 3,
                                           "class_names": ["non-referable", "referable"], "threshold": 0.5}, weights)
+    return root, weights
+
+
+def test_study_cli_seeds_the_diaretdb1_cache(tmp_path) -> None:
+    """The study's default-game maps are reused by `evaluate diaretdb1` (no second game)."""
+    from typer.testing import CliRunner
+
+    from retina_fgvis.cli import app
+    from retina_fgvis.evaluation_diaretdb1 import read_csv
+
+    root, weights = _tiny_layout_and_weights(
+        tmp_path, {"image001": {"H": [(20, 20, 26, 26, 189)]}, "image002": {"HE": [(30, 40, 34, 44, 252)]}})
     study, ev = tmp_path / "study", tmp_path / "eval"
     r = CliRunner().invoke(app, ["evaluate", "game-study", "--data-dir", str(root), "--out", str(study),
                                  "--weights", str(weights), "--setting", "sgdn-logodds-lr0.3",
@@ -73,15 +80,9 @@ def test_background_reference_setting_runs_and_never_seeds_the_cache(tmp_path) -
     """A setting with another reference is a different game: its maps must not enter the cache."""
     from typer.testing import CliRunner
 
-    from _synth_diaretdb1 import make_layout
-    from retina_fgvis.classifier.model import build_model, save_checkpoint
     from retina_fgvis.cli import app
 
-    specs = {"image001": {"H": [(20, 20, 26, 26, 189)]}}
-    root = make_layout(tmp_path / "data", specs, train=list(specs), test=[], write_test_images=False)
-    weights = tmp_path / "tiny.pt"
-    save_checkpoint(build_model("tiny"), {"arch": "tiny", "input_size": 32, "mean": [0.5] * 3, "std": [0.5] * 3,
-                                          "class_names": ["non-referable", "referable"], "threshold": 0.5}, weights)
+    root, weights = _tiny_layout_and_weights(tmp_path, {"image001": {"H": [(20, 20, 26, 26, 189)]}})
     study, ev = tmp_path / "study", tmp_path / "eval"
     r = CliRunner().invoke(app, ["evaluate", "game-study", "--data-dir", str(root), "--out", str(study),
                                  "--weights", str(weights), "--setting", "sgdn-logodds-lr0.3-blurref",

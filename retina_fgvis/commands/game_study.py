@@ -48,8 +48,10 @@ def register(app: typer.Typer, evaluate_app: typer.Typer) -> None:
             raise typer.BadParameter(f"--undefended {sorted(set(plain) - set(names))} not among the --setting names")
         if summarise_only:
             rows_df = pd.read_csv(out / "per_image.csv")
-            curves_path = out / "curves.csv"
-            curve_df = pd.read_csv(curves_path) if curves_path.stat().st_size > 1 else pd.DataFrame()
+            try:
+                curve_df = pd.read_csv(out / "curves.csv")
+            except pd.errors.EmptyDataError:  # no check was ever reached (every goal met at the start)
+                curve_df = pd.DataFrame()
             plain = sorted(set(rows_df.setting[~rows_df.defense.astype(bool)]))
             header = f"{rows_df.image.nunique()} images; run time: see study.log"
             _write_summary(out, rows_df, curve_df, plain, split, header, clf, dev)
@@ -71,14 +73,8 @@ def register(app: typer.Typer, evaluate_app: typer.Typer) -> None:
                 overrides = dict(gs.CANDIDATES[name])
                 if max_iterations:
                     overrides["max_iterations"] = max_iterations
-                seed = None
-                if seed_diaretdb1 is not None and defense and "reference" not in overrides:
-                    from retina_fgvis.evaluation_diaretdb1 import FGVisExplainer, ImportanceCache
-                    from retina_fgvis.fgvis.presets import fundus_fgvis
-
-                    explainer = FGVisExplainer(clf)
-                    if fundus_fgvis(clf, **overrides).settings == explainer.fgvis.settings:
-                        seed = ImportanceCache(seed_diaretdb1 / "cache", explainer.identity)
+                seed = (gs.diaretdb1_seed_cache(clf, overrides, seed_diaretdb1)
+                        if seed_diaretdb1 is not None and defense else None)
                 r, c = gs.run_setting(clf, images, name, overrides, defense, batch_size=batch_size, log=log,
                                       seed_cache=seed)
                 rows += r

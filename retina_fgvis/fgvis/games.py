@@ -54,6 +54,11 @@ class GameSpec:
     mask_init: float
     removes_evidence: bool  # deletion/repression push the target probability down
 
+    @property
+    def start_is_free(self) -> bool:
+        """Whether m0 has sparsity cost 0 (deletion, generation): no later snapshot can beat it."""
+        return self.mask_init == (1.0 if self.removes_evidence else 0.0)
+
     def sparsity(self, m: torch.Tensor) -> torch.Tensor:
         """Per-element sparsity cost whose mean the game minimises (times λ)."""
         return 1 - m if self.removes_evidence else m
@@ -309,7 +314,7 @@ class FGVis:
                 # deletion / generation: m0 costs nothing (sparsity 0), so a sample whose goal already
                 # holds at m0 is done, and no later snapshot can beat it; it never enters the loop.
                 # (preservation / repression start at the most expensive mask and must optimise.)
-                if float(spec.sparsity(torch.tensor(m0))) == 0.0:
+                if spec.start_is_free:
                     p_start = p_before if m0 == 1.0 else self._probs(m0 * x + (1 - m0) * ref, target)
                     done = p_start <= goal if spec.removes_evidence else p_start >= goal
                     reached |= done
