@@ -10,10 +10,10 @@ THRESHOLDS=0.01,0.02,0.05,0.1,0.2,0.3
 [ "${TABLE_ONLY:-0}" = 1 ] || for c in 2 6 10; do
   for a in 10 60 150 300; do
     d=runs/region-sweep/c$c-a$a
-    mkdir -p "$d" && rm -rf "$d/cache" && cp -r "$SRC/cache" "$d/cache"
+    mkdir -p "$d" && rm -rf "$d/cache" && ln -s "$(realpath "$SRC/cache")" "$d/cache"   # read-only reuse, no copy
     retina-fgvis evaluate diaretdb1 --data-dir "$DATA" --split train --out "$d" --closing-radius $c \
         --min-area $a --no-overlays --froc-thresholds $THRESHOLDS > "$d.log" 2>&1
-    rm -rf "$d/cache"
+    rm "$d/cache"
   done
 done
 python - <<'PY'
