@@ -57,7 +57,7 @@ PAPER_TABLE3: dict[float, dict[str, float]] = {
 }
 #: Absolute importance levels swept for the FROC (the region rule's threshold).
 DEFAULT_FROC_THRESHOLDS: tuple[float, ...] = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: lowest-p snapshot for missed goals, pruning
 
 
 # --------------------------------------------------------------------------- explainers
@@ -138,6 +138,7 @@ class FGVisExplainer:
             "iterations": int(result.iterations[0]),
             "goal_reached": bool(result.goal_reached[0]),
             "changed_fraction": float(result.changed_fraction[0]),
+            "prune_level": None if result.prune_level is None else float(result.prune_level[0]),
             "game_seconds": seconds,
         }
         return Explanation(importance=importance, info=info)
@@ -315,7 +316,7 @@ def evaluate_diaretdb1(dataset: DiaretDB1, explainer: Explainer | None, out_dir:
         bright_ids = [r.id for r in regions if r.kind == "bright"]
         row = {"image": img.name, "cached": cached,
                **{k: expl.info.get(k) for k in ("p_before", "p_after", "iterations", "goal_reached",
-                                                "changed_fraction", "game_seconds")},
+                                                "changed_fraction", "prune_level", "game_seconds")},
                "n_regions": score.n_regions, "fp_regions": score.fp_regions,
                "flagged_fraction": score.flagged_fraction,
                "enrichment": agreement["enrichment"], "precision_top1": agreement["precision_top1"],

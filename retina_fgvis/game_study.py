@@ -49,6 +49,11 @@ CANDIDATES: dict[str, dict[str, Any]] = {
     # removed pixels become the median-blurred photo (local background) instead of the mean colour
     "sgdn-logodds-lr0.3-blurref": dict(optimizer="sgd_normalized", lr=0.3, similarity="log_odds",
                                        reference="background"),
+    # the engine default before pruning: the optimised mask as it is, haze included
+    "sgdn-logodds-lr0.3-noprune": dict(optimizer="sgd_normalized", lr=0.3, similarity="log_odds", prune_levels=()),
+    # take back steps that made the objective worse, halve the step (measured: stalls, see README)
+    "sgdn-logodds-lr0.3-backtrack": dict(optimizer="sgd_normalized", lr=0.3, similarity="log_odds",
+                                         step_control="backtrack"),
 }
 RECORDED = ["sgdn-logodds-lr0.3", "sgdn-logodds-lr0.1", "adam-prob-lr0.05"]  # first = engine default
 
@@ -132,13 +137,15 @@ def run_setting(
                    "referable": float(result.target_prob_before[i]) >= classifier.threshold,
                    "goal_reached": bool(result.goal_reached[i]), "iterations": int(result.iterations[i]),
                    "changed_fraction": float(result.changed_fraction[i]), "removed_mass": float(result.removed_mass[i]),
+                   "prune_level": None if result.prune_level is None else float(result.prune_level[i]),
                    "seconds": seconds, **sc}
             rows.append(row)
             if seed_cache is not None and im.path is not None:
                 from retina_fgvis.evaluation_diaretdb1 import Explanation
                 from retina_fgvis.report.files import file_sha256
 
-                info = {k: row[k] for k in ("p_before", "p_after", "iterations", "goal_reached", "changed_fraction")}
+                info = {k: row[k] for k in ("p_before", "p_after", "iterations", "goal_reached", "changed_fraction",
+                                            "prune_level")}
                 seed_cache.save(im.name, file_sha256(im.path), Explanation(importance.astype(np.float32),
                                                                             {**info, "game_seconds": seconds}))
             log(f"{name} defense={defense} {im.name}: p {row['p_before']:.3f}->{row['p_after']:.3f} "

@@ -149,8 +149,8 @@ def test_lambda_calibration_removes_the_haze_off_the_evidence() -> None:
     """With λ in evidence units the mass off the blob shrinks; an absolute λ = 1 is negligible."""
     model = trained_blob_cnn()
     x, _, blobs = make_blobs(4, seed=19, positive=True)
-    absolute = FGVis(model, defense=True).attribute(x, target=1)
-    calibrated = FGVis(model, defense=True, lambda_calibration_quantile=0.99).attribute(x, target=1)
+    absolute = FGVis(model, defense=True, prune_levels=()).attribute(x, target=1)
+    calibrated = FGVis(model, defense=True, lambda_calibration_quantile=0.99, prune_levels=()).attribute(x, target=1)
     assert bool(calibrated.goal_reached.all())
     off_blob = lambda r: ((r.mean_mask * ~blobs).flatten(1).sum(1))  # noqa: E731
     assert float(off_blob(calibrated).sum()) < float(off_blob(absolute).sum())
@@ -175,3 +175,89 @@ def test_goal_met_at_the_start_returns_the_untouched_mask() -> None:
     assert int(r.iterations[2]) > 0 and float((1 - r.mask[2]).sum()) > 0
     only_neg = FGVis(model, defense=True).attribute(neg, target=1, game="deletion")
     assert only_neg.iterations.tolist() == [0, 0] and torch.equal(only_neg.explanation, neg)
+
+
+class _Parabola(torch.nn.Module):
+    """log-odds of class 1 = w·(mean(e) - 0.3)²: deleting helps only down to mean 0.3, then hurts."""
+
+    def __init__(self, w: float = 10.0) -> None:
+        super().__init__()
+        self.w = w
+
+    def forward(self, e: torch.Tensor) -> torch.Tensor:
+        z = self.w * (e.flatten(1).mean(1) - 0.3) ** 2
+        return torch.stack([torch.zeros_like(z), z], 1)
+
+
+def test_missed_goal_returns_the_snapshot_closest_to_it() -> None:
+    """Sign steps of 0.5 oscillate between m = 0.5 (p lowest) and m = 0; the last iterate is m = 0."""
+    x = torch.ones(1, 3, 4, 4)
+    settings = dict(optimizer="sign", lr=0.5, max_iterations=4, check_every=1, goal_level=1e-3, prune_levels=())
+    r = FGVis(_Parabola(), defense=False, **settings).attribute(x, target=1, game="deletion")
+    assert not bool(r.goal_reached[0])
+    assert torch.allclose(r.mask, torch.full_like(r.mask, 0.5))  # not the last iterate (0)
+    expected = torch.sigmoid(torch.tensor(10.0 * 0.2**2))
+    assert torch.allclose(r.target_prob_after[0], expected, atol=1e-5)
+    assert float(r.target_prob_after[0]) == pytest.approx(min(r.prob_trajectory[0]), abs=1e-6)
+
+
+def test_pruning_undoes_faint_changes_and_keeps_the_goal() -> None:
+    model = trained_blob_cnn()
+    x, _, blobs = make_blobs(4, seed=22, positive=True)
+    raw = FGVis(model, defense=True, prune_levels=()).attribute(x, target=1)
+    pruned = FGVis(model, defense=True).attribute(x, target=1)
+    assert bool(raw.goal_reached.all()) and bool(pruned.goal_reached.all())
+    assert bool((pruned.target_prob_after <= pruned.goal_prob + 1e-6).all())
+    assert float(pruned.prune_level.max()) > 0 and float(raw.prune_level.max()) == 0
+    change = 1 - pruned.mask
+    for i in range(4):  # every change left is at least the sample's prune level
+        kept = change[i][change[i] > 0]
+        assert kept.numel() > 0 and float(kept.min()) >= float(pruned.prune_level[i])
+    assert bool((pruned.removed_mass <= raw.removed_mass + 1e-7).all())
+    assert float(share_inside(pruned, blobs).mean()) > float(share_inside(raw, blobs).mean())
+    assert pruned.summary(0)["prune_level"] == pytest.approx(float(pruned.prune_level[0]))
+
+
+def test_pruning_never_takes_a_missed_goal_further_from_it() -> None:
+    model = trained_blob_cnn()
+    x, _, _ = make_blobs(2, seed=23, positive=True)
+    settings = dict(max_iterations=10, goal_level=1e-12)  # unreachable in 10 steps
+    raw = FGVis(model, defense=True, prune_levels=(), **settings).attribute(x, target=1)
+    pruned = FGVis(model, defense=True, **settings).attribute(x, target=1)
+    assert not bool(raw.goal_reached.any()) and not bool(pruned.goal_reached.any())
+    assert bool((pruned.target_prob_after <= raw.target_prob_after + 1e-6).all())
+
+
+def test_prune_levels_are_validated() -> None:
+    with pytest.raises(ValueError, match="prune_levels"):
+        FGVis(trained_blob_cnn(), prune_levels=(0.0, 0.5))
+
+
+def test_backtracking_takes_back_a_step_that_made_things_worse() -> None:
+    """Plain sign steps of 0.5 oscillate (best p = sigmoid(0.4)); taking back the step that
+    overshoots to m = 0 and halving it walks down to the minimum at mean(m) = 0.3 (p = 0.5)."""
+    x = torch.ones(1, 3, 4, 4)
+    settings = dict(optimizer="sign", lr=0.5, max_iterations=30, check_every=1, goal_level=1e-3, prune_levels=())
+    plain = FGVis(_Parabola(), defense=False, **settings).attribute(x, target=1, game="deletion")
+    careful = FGVis(_Parabola(), defense=False, step_control="backtrack", **settings).attribute(x, target=1)
+    assert float(plain.target_prob_after[0]) == pytest.approx(float(torch.sigmoid(torch.tensor(0.4))), abs=1e-4)
+    assert float(careful.target_prob_after[0]) < 0.52
+    assert abs(float(careful.mask.mean()) - 0.3) < 0.05
+
+
+def test_step_control_is_validated() -> None:
+    with pytest.raises(ValueError, match="step_control"):
+        FGVis(trained_blob_cnn(), step_control="linesearch")
+
+
+def test_backtracking_batch_equals_single_runs_and_reaches_the_goal() -> None:
+    model = trained_blob_cnn()
+    x, _, blobs = make_blobs(3, seed=24, positive=True)
+    fgvis = FGVis(model, defense=True, step_control="backtrack")
+    batched = fgvis.attribute(x, target=1)
+    assert bool(batched.goal_reached.all())
+    assert float(share_inside(batched, blobs).min()) > 0.6
+    for i in range(3):
+        single = fgvis.attribute(x[i : i + 1], target=1)
+        assert torch.allclose(single.mask[0], batched.mask[i], atol=1e-4)
+        assert int(single.iterations[0]) == int(batched.iterations[i])

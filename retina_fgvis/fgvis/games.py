@@ -30,6 +30,17 @@ Choices the paper leaves open (the README's method section gives the measurement
   defence's bounds are sub-selected), so they cost nothing. In deletion and generation, whose
   start mask costs nothing, a sample whose goal already holds at m0 (e.g. an eye already below
   the deletion goal) returns m0 after 0 iterations.
+* **Missed goal.** A sample that never reaches its goal returns the snapshot with the lowest
+  target probability (deletion/repression; highest for the other two), possibly m0 itself:
+  the last iterate can be worse than where the game started.
+* **Pruning.** Normalised gradient steps move every pixel in proportion to its evidence, so after
+  200 steps the mask carries a faint haze of removals everywhere (on DiaretDB1 ~85 % of the
+  removed mass sits in pixels changed by < 0.5). In deletion and generation, whose sparse
+  direction is back towards m0, the finished mask is cleaned: changes smaller than ``τ`` are
+  undone for the largest ``τ`` in ``prune_levels`` whose explanation still meets the goal (a
+  missed goal: scores no worse than the game's result). Only forward passes, no gradient: the
+  pruned explanation is a mix of the optimised one and the original image, so it cannot hold
+  evidence the defended optimisation did not find.
 * **Optimiser.** Adam on the mask, projected onto [0,1] after each step, with a tiny epsilon:
   under the defence the gradient reaching the mask is ~1000× smaller than without it, and
   Adam's usual eps=1e-8 would then silently scale the steps down. ``sgd_normalized`` (steps of
@@ -98,7 +109,16 @@ class FGVisSettings:
     goal_level: float = 0.5
     goal_fraction: float = 0.1
     patience: int = 3  # checks without improvement after the goal is reached
+    # "backtrack": a step that made the objective worse is taken back and retried from the previous
+    # point with half the step size; accepted steps grow it by step_grow (per sample, no sync)
+    step_control: Literal["none", "backtrack"] = "none"
+    step_grow: float = 1.2
+    step_scale_max: float = 4.0
     defense_tolerance: float = 1e-6
+    # after the game (deletion, generation): undo every change smaller than the largest of these
+    # levels whose explanation still meets the goal (or, where the goal was missed, scores no
+    # worse than the game's own result); () = keep the optimised mask as it is
+    prune_levels: tuple[float, ...] = (0.01, 0.02, 0.03, 0.05, 0.07, 0.1, 0.15, 0.2, 0.3, 0.5, 0.7)
     autocast: bool = False  # CUDA only: bf16 forward/backward (the mask stays fp32)
 
     def validate(self) -> "FGVisSettings":
@@ -106,6 +126,8 @@ class FGVisSettings:
             raise ValueError(f"unknown optimizer '{self.optimizer}'")
         if self.similarity not in ("prob", "log_prob", "log_odds"):
             raise ValueError(f"unknown similarity '{self.similarity}'")
+        if self.step_control not in ("none", "backtrack"):
+            raise ValueError(f"unknown step_control '{self.step_control}'")
         if self.lambda_schedule not in ("adaptive", "fixed"):
             raise ValueError(f"unknown lambda_schedule '{self.lambda_schedule}'")
         if self.goal not in ("threshold", "fraction", "reference", "threshold_or_reference"):
@@ -113,6 +135,8 @@ class FGVisSettings:
         q = self.lambda_calibration_quantile
         if q is not None and not 0.0 < q < 1.0:
             raise ValueError(f"lambda_calibration_quantile must be in (0, 1), got {q}")
+        if any(not 0.0 < level < 1.0 for level in self.prune_levels):
+            raise ValueError(f"prune_levels must lie in (0, 1), got {self.prune_levels}")
         if self.max_iterations < 1 or self.check_every < 1:
             raise ValueError("max_iterations and check_every must be >= 1")
         return self
@@ -254,6 +278,62 @@ class FGVis:
         n = fov_e.flatten(1).sum(1).clamp_min(1).view(-1, 1, 1, 1)
         return fov_e / n * (-1.0 if spec.removes_evidence else 1.0)
 
+    def _backtrack(
+        self, active: torch.Tensor, m: torch.Tensor, grad: torch.Tensor, sim: torch.Tensor,
+        sparse: torch.Tensor, lam: torch.Tensor, sign: float, prev_mask: torch.Tensor,
+        prev_grad: torch.Tensor, prev_sim: torch.Tensor, prev_sparse: torch.Tensor,
+        step_scale: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Accept or take back this iteration's point; return (base mask, its gradient, step scale).
+
+        Why: under the defence the gradient is a *clipped* gradient, not the true one, so a full
+        step along it can raise the objective; on DiaretDB1 p(referable) then oscillates for
+        hundreds of steps. Comparing the true objective of consecutive points (same λ) and
+        halving the step after a worse one makes the game monotone, with no extra forward pass
+        and no host synchronisation. The state tensors are updated in place for ``active``.
+        """
+        obj = sign * sim + lam * sparse
+        obj_prev = sign * prev_sim[active] + lam * prev_sparse[active]
+        # False at the first step (NaN); a tie within float noise (batched vs single kernels) is no worse
+        worse = obj > obj_prev + 1e-5 * (1 + obj_prev.abs())
+        w4 = worse.view(-1, 1, 1, 1)
+        base = torch.where(w4, prev_mask[active], m)
+        base_grad = torch.where(w4, prev_grad[active], grad)
+        s = self.settings
+        scale = torch.where(worse, step_scale[active] * 0.5, (step_scale[active] * s.step_grow).clamp_(max=s.step_scale_max))
+        step_scale[active] = scale
+        prev_mask[active], prev_grad[active] = base, base_grad
+        prev_sim[active] = torch.where(worse, prev_sim[active], sim)
+        prev_sparse[active] = torch.where(worse, prev_sparse[active], sparse)
+        return base, base_grad, scale.view(-1, 1, 1, 1)
+
+    def _prune(
+        self, spec: GameSpec, mask: torch.Tensor, x: torch.Tensor, ref: torch.Tensor,
+        target: torch.Tensor, goal: torch.Tensor, fov: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Undo the changes smaller than the largest admissible level of ``prune_levels``.
+
+        Admissible per sample: the pruned explanation meets the goal, or scores no worse than the
+        unpruned one. Every level is tried (the probability is not monotone in the level: a faint
+        removal can even raise it), one forward pass of the batch per level.
+        """
+        m0 = spec.mask_init
+
+        def prob(m: torch.Tensor) -> torch.Tensor:
+            return self._probs(m * x + (1 - m) * ref, target)
+
+        p_game = prob(mask)
+        limit = torch.maximum(goal, p_game) if spec.removes_evidence else torch.minimum(goal, p_game)
+        pruned, level = mask.clone(), torch.zeros(len(mask), device=mask.device)
+        for tau in sorted(self.settings.prune_levels):
+            candidate = torch.where((mask - m0).abs() < tau, torch.full_like(mask, m0), mask)
+            p = prob(candidate)
+            ok = p <= limit if spec.removes_evidence else p >= limit
+            ok &= ((candidate - m0).abs() * fov).flatten(1).sum(1) > 0  # never prune to nothing
+            pruned[ok] = candidate[ok]
+            level = torch.where(ok, torch.full_like(level, tau), level)
+        return pruned, level
+
     # ------------------------------------------------------------------ the game
     def attribute(
         self,
@@ -297,6 +377,8 @@ class FGVis:
         best_cost = torch.full((B,), float("inf"), device=device)
         reached = torch.zeros(B, dtype=torch.bool, device=device)
         since_best = torch.zeros(B, dtype=torch.long, device=device)
+        # for samples that never reach the goal: the snapshot closest to it (m0 to start with)
+        closest = mask.clone()
         iterations = torch.zeros(B, dtype=torch.long, device=device)
         lam = torch.full((B,), s.lambda_init, device=device)
         lam_unit = torch.ones(B, device=device)  # set by the calibration step, if any
@@ -305,12 +387,19 @@ class FGVis:
         prob_hist: list[list[float]] = [[] for _ in range(B)]
         active = torch.arange(B, device=device)
         optimizer = _Optimizer(s, mask)
+        backtrack = s.step_control == "backtrack"
+        if backtrack:  # the last accepted point: its mask, gradient and objective parts
+            prev_mask, prev_grad = mask.clone(), torch.zeros_like(mask)
+            prev_sim = torch.full((B,), float("nan"), device=device)
+            prev_sparse = torch.zeros(B, device=device)
+            step_scale = torch.ones(B, device=device)
         sign = 1.0 if spec.removes_evidence else -1.0
 
         with _explaining(self.model):
             with torch.no_grad():
                 p_before = self._probs(x, target)
                 goal = self._goal(spec, p_before, ref, target)
+                closest_p = (p_before if m0 == 1.0 else self._probs(m0 * x + (1 - m0) * ref, target)).clone()
                 # deletion / generation: m0 costs nothing (sparsity 0), so a sample whose goal already
                 # holds at m0 is done, and no later snapshot can beat it; it never enters the loop.
                 # (preservation / repression start at the most expensive mask and must optimise.)
@@ -345,7 +434,14 @@ class FGVis:
                             grad = grad + ((lam * lam_unit)[active]).view(-1, 1, 1, 1) * d_sparse
                     with torch.no_grad():
                         m_used = m.detach()
-                        new = (m_used - optimizer.step(grad, active, t)).clamp_(0, 1)
+                        if backtrack:
+                            base, base_grad, scale = self._backtrack(
+                                active, m_used, grad, sim.detach(), sparse.detach(), lam_now.detach(), sign,
+                                prev_mask, prev_grad, prev_sim, prev_sparse, step_scale,
+                            )
+                            new = (base - scale * optimizer.step(base_grad, active, t)).clamp_(0, 1)
+                        else:
+                            new = (m_used - optimizer.step(grad, active, t)).clamp_(0, 1)
                         mask[active] = torch.where(fa, new, torch.full_like(new, m0))
                         iterations[active] += 1
                     if t % s.check_every and t != s.max_iterations:
@@ -362,6 +458,11 @@ class FGVis:
                             best[idx] = m_used[better]
                             best_cost[idx] = cost[better]
                         reached[active] |= ok
+                        nearer = p_now < closest_p[active] if spec.removes_evidence else p_now > closest_p[active]
+                        if nearer.any():
+                            idx = active[nearer]
+                            closest[idx] = m_used[nearer]
+                            closest_p[idx] = p_now[nearer]
                         since_best[active] = torch.where(better, 0, since_best[active] + 1)
                         if s.lambda_schedule == "adaptive" and t > s.warmup_iterations:
                             lam_a = lam[active]
@@ -382,7 +483,10 @@ class FGVis:
                         break
 
             with torch.no_grad():
-                final = torch.where(reached[:, None, None, None], best, mask)
+                final = torch.where(reached[:, None, None, None], best, closest)
+                prune_level = torch.zeros(B, device=device)
+                if spec.start_is_free and s.prune_levels:
+                    final, prune_level = self._prune(spec, final, x, ref, target, goal, fov)
                 explanation = final * x + (1 - final) * ref
                 p_after = self._probs(explanation, target)
 
@@ -405,6 +509,7 @@ class FGVis:
             changed_fraction=cpu(moved.flatten(1).sum(1) / fov_pixels),
             removed_mass=cpu(removed),
             final_lambda=cpu(lam * lam_unit),
+            prune_level=cpu(prune_level),
             lambda_trajectory=lam_hist,
             prob_trajectory=prob_hist,
             settings={"defense": self.defense, **asdict(self.settings)},

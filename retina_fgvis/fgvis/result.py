@@ -29,6 +29,7 @@ class FGVisResult:
     changed_fraction: torch.Tensor  # (B,) share of (FOV) pixels with any channel moved > 0.5
     removed_mass: torch.Tensor  # (B,) mean |m - m0| over (FOV) pixels and channels
     final_lambda: torch.Tensor  # (B,)
+    prune_level: torch.Tensor | None = None  # (B,) changes below this were undone (0: none)
     lambda_trajectory: list[list[float]] = field(default_factory=list)  # per sample, per check
     prob_trajectory: list[list[float]] = field(default_factory=list)  # per sample, per check
     settings: dict = field(default_factory=dict)
@@ -49,6 +50,7 @@ class FGVisResult:
             "changed_fraction": float(self.changed_fraction[i]),
             "removed_mass": float(self.removed_mass[i]),
             "final_lambda": float(self.final_lambda[i]),
+            "prune_level": None if self.prune_level is None else float(self.prune_level[i]),
             "lambda_trajectory": self.lambda_trajectory[i] if self.lambda_trajectory else [],
             "prob_trajectory": self.prob_trajectory[i] if self.prob_trajectory else [],
         }
