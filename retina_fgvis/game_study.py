@@ -134,6 +134,7 @@ def run_setting(
             sc = lesion_scores(importance, im.gt_any, im.fov)
             row = {"setting": name, "defense": defense, "image": im.name,
                    "p_before": float(result.target_prob_before[i]), "p_after": float(result.target_prob_after[i]),
+                   "goal_prob": float(result.goal_prob[i]),
                    "referable": float(result.target_prob_before[i]) >= classifier.threshold,
                    "goal_reached": bool(result.goal_reached[i]), "iterations": int(result.iterations[i]),
                    "changed_fraction": float(result.changed_fraction[i]), "removed_mass": float(result.removed_mass[i]),

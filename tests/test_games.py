@@ -261,3 +261,18 @@ def test_backtracking_batch_equals_single_runs_and_reaches_the_goal() -> None:
         single = fgvis.attribute(x[i : i + 1], target=1)
         assert torch.allclose(single.mask[0], batched.mask[i], atol=1e-4)
         assert int(single.iterations[0]) == int(batched.iterations[i])
+
+
+@pytest.mark.parametrize("every", [True, False])
+def test_a_goal_crossed_between_checks_is_kept_only_when_tracking_every_iteration(every: bool) -> None:
+    """Points m = 1, 0.5, 0 (p 0.99, 0.60, 0.71); goal 0.65 holds only at iteration 2, the check is at 3."""
+    x = torch.ones(1, 3, 4, 4)
+    settings = dict(optimizer="sign", lr=0.5, max_iterations=3, check_every=3, goal_level=0.65, prune_levels=(),
+                    track_every_iteration=every)
+    r = FGVis(_Parabola(), defense=False, **settings).attribute(x, target=1, game="deletion")
+    assert bool(r.goal_reached[0]) is every
+    if every:
+        assert torch.allclose(r.mask, torch.full_like(r.mask, 0.5))
+        assert float(r.target_prob_after[0]) == pytest.approx(float(torch.sigmoid(torch.tensor(0.4))), abs=1e-5)
+    else:
+        assert float(r.target_prob_after[0]) > 0.65

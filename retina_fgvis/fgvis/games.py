@@ -24,7 +24,8 @@ Choices the paper leaves open (the README's method section gives the measurement
 * **λ rule.** λ is per sample and adapted at every check (``check_every`` steps): multiplied by
   ``lambda_up`` while the goal holds (restore pixels: fewer changes), by ``lambda_down`` while it
   does not (the similarity term dominates). The returned mask is the goal-reaching snapshot
-  with the least removed mass, so λ only has to visit the right range, not settle in it.
+  with the least removed mass over every iteration (``track_every_iteration``; on-device, no
+  synchronisation), so λ only has to visit the right range, not settle in it.
 * **Stopping.** A sample stops once it reached the goal and its best snapshot has not improved
   for ``patience`` checks, or at ``max_iterations``. Finished samples leave the batch (and the
   defence's bounds are sub-selected), so they cost nothing. In deletion and generation, whose
@@ -109,6 +110,9 @@ class FGVisSettings:
     goal_level: float = 0.5
     goal_fraction: float = 0.1
     patience: int = 3  # checks without improvement after the goal is reached
+    # keep the best (and the closest-to-goal) snapshot over every iteration, not only at checks:
+    # under the defence p swings by ±0.1 between checks, so a goal crossing is often between two
+    track_every_iteration: bool = True
     # "backtrack": a step that made the objective worse is taken back and retried from the previous
     # point with half the step size; accepted steps grow it by step_grow (per sample, no sync)
     step_control: Literal["none", "backtrack"] = "none"
@@ -278,6 +282,22 @@ class FGVis:
         n = fov_e.flatten(1).sum(1).clamp_min(1).view(-1, 1, 1, 1)
         return fov_e / n * (-1.0 if spec.removes_evidence else 1.0)
 
+    @staticmethod
+    def _track(
+        spec: GameSpec, active: torch.Tensor, m: torch.Tensor, p: torch.Tensor, ok: torch.Tensor,
+        cost: torch.Tensor, best: torch.Tensor, best_cost: torch.Tensor, reached: torch.Tensor,
+        closest: torch.Tensor, closest_p: torch.Tensor,
+    ) -> None:
+        """Update, in place for ``active``, the goal-reaching snapshot with the lowest sparsity cost
+        and the snapshot closest to the goal, from the point ``m`` whose probability is ``p``."""
+        better = ok & (cost < best_cost[active])
+        best[active] = torch.where(better.view(-1, 1, 1, 1), m, best[active])
+        best_cost[active] = torch.where(better, cost, best_cost[active])
+        reached[active] |= ok
+        nearer = p < closest_p[active] if spec.removes_evidence else p > closest_p[active]
+        closest[active] = torch.where(nearer.view(-1, 1, 1, 1), m, closest[active])
+        closest_p[active] = torch.where(nearer, p, closest_p[active])
+
     def _backtrack(
         self, active: torch.Tensor, m: torch.Tensor, grad: torch.Tensor, sim: torch.Tensor,
         sparse: torch.Tensor, lam: torch.Tensor, sign: float, prev_mask: torch.Tensor,
@@ -377,6 +397,7 @@ class FGVis:
         best_cost = torch.full((B,), float("inf"), device=device)
         reached = torch.zeros(B, dtype=torch.bool, device=device)
         since_best = torch.zeros(B, dtype=torch.long, device=device)
+        cost_at_check = best_cost.clone()  # best cost at the previous check (patience counts from it)
         # for samples that never reach the goal: the snapshot closest to it (m0 to start with)
         closest = mask.clone()
         iterations = torch.zeros(B, dtype=torch.long, device=device)
@@ -408,6 +429,7 @@ class FGVis:
                     done = p_start <= goal if spec.removes_evidence else p_start >= goal
                     reached |= done
                     best_cost = torch.where(done, torch.zeros_like(best_cost), best_cost)
+                    cost_at_check = best_cost.clone()
                     active = active[~done]
             defended = (activation_bounds(self.model, x, tolerance=s.defense_tolerance)
                         if self.defense and len(active) else None)
@@ -444,26 +466,23 @@ class FGVis:
                             new = (m_used - optimizer.step(grad, active, t)).clamp_(0, 1)
                         mask[active] = torch.where(fa, new, torch.full_like(new, m0))
                         iterations[active] += 1
+                        if s.track_every_iteration:  # tensor ops only: no host synchronisation
+                            p_it = p.detach()
+                            ok_it = p_it <= goal[active] if spec.removes_evidence else p_it >= goal[active]
+                            self._track(spec, active, m_used, p_it, ok_it, sparse.detach(), best, best_cost,
+                                        reached, closest, closest_p)
                     if t % s.check_every and t != s.max_iterations:
                         continue
                     # ---- check: the only host-device synchronisation of the loop
                     with torch.no_grad():
                         p_now = p.detach()
                         ok = p_now <= goal[active] if spec.removes_evidence else p_now >= goal[active]
-                        # the snapshot kept is the goal-reaching one with the lowest sparsity cost
-                        cost = (spec.sparsity(m_used) * fa).flatten(1).sum(1) / (fov_pixels[active] * x.shape[1])
-                        better = ok & (cost < best_cost[active])
-                        if better.any():
-                            idx = active[better]
-                            best[idx] = m_used[better]
-                            best_cost[idx] = cost[better]
-                        reached[active] |= ok
-                        nearer = p_now < closest_p[active] if spec.removes_evidence else p_now > closest_p[active]
-                        if nearer.any():
-                            idx = active[nearer]
-                            closest[idx] = m_used[nearer]
-                            closest_p[idx] = p_now[nearer]
-                        since_best[active] = torch.where(better, 0, since_best[active] + 1)
+                        if not s.track_every_iteration:
+                            self._track(spec, active, m_used, p_now, ok, sparse.detach(), best, best_cost,
+                                        reached, closest, closest_p)
+                        improved = best_cost[active] < cost_at_check[active]
+                        cost_at_check[active] = best_cost[active]
+                        since_best[active] = torch.where(improved, 0, since_best[active] + 1)
                         if s.lambda_schedule == "adaptive" and t > s.warmup_iterations:
                             lam_a = lam[active]
                             lam[active] = torch.where(ok, lam_a * s.lambda_up, lam_a * s.lambda_down).clamp_(
@@ -489,6 +508,9 @@ class FGVis:
                     final, prune_level = self._prune(spec, final, x, ref, target, goal, fov)
                 explanation = final * x + (1 - final) * ref
                 p_after = self._probs(explanation, target)
+                # "reached" describes the returned explanation: pruning a missed game's closest
+                # snapshot can take it across the goal (p is not monotone in the mask)
+                reached |= p_after <= goal if spec.removes_evidence else p_after >= goal
 
         comp = 1 - final if spec.removes_evidence else final
         moved = ((final - m0).abs() > 0.5).any(1, keepdim=True) & fov
