@@ -245,9 +245,11 @@ def test_backtracking_takes_back_a_step_that_made_things_worse() -> None:
     assert abs(float(careful.mask.mean()) - 0.3) < 0.05
 
 
-def test_step_control_is_validated() -> None:
+def test_step_control_and_snapshots_are_validated() -> None:
     with pytest.raises(ValueError, match="step_control"):
         FGVis(trained_blob_cnn(), step_control="linesearch")
+    with pytest.raises(ValueError, match="snapshots"):
+        FGVis(trained_blob_cnn(), snapshots="sometimes")
 
 
 def test_backtracking_batch_equals_single_runs_and_reaches_the_goal() -> None:
@@ -263,12 +265,13 @@ def test_backtracking_batch_equals_single_runs_and_reaches_the_goal() -> None:
         assert int(single.iterations[0]) == int(batched.iterations[i])
 
 
-@pytest.mark.parametrize("every", [True, False])
-def test_a_goal_crossed_between_checks_is_kept_only_when_tracking_every_iteration(every: bool) -> None:
+@pytest.mark.parametrize("snapshots,every", [("every_iteration", True), ("closest_every_iteration", True),
+                                              ("checks", False)])
+def test_a_goal_crossed_between_checks_is_kept_only_when_tracking_every_iteration(snapshots: str, every: bool) -> None:
     """Points m = 1, 0.5, 0 (p 0.99, 0.60, 0.71); goal 0.65 holds only at iteration 2, the check is at 3."""
     x = torch.ones(1, 3, 4, 4)
     settings = dict(optimizer="sign", lr=0.5, max_iterations=3, check_every=3, goal_level=0.65, prune_levels=(),
-                    track_every_iteration=every)
+                    snapshots=snapshots)
     r = FGVis(_Parabola(), defense=False, **settings).attribute(x, target=1, game="deletion")
     assert bool(r.goal_reached[0]) is every
     if every:
