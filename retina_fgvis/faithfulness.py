@@ -85,8 +85,9 @@ FAITHFULNESS_FGVIS_SETTINGS: dict[str, Any] = {"goal": "fraction", "goal_fractio
 #: VGG16 successes as low-confidence; with two classes, top class only means p > 0.5).
 CONFIDENT_LEVEL = 0.9
 
-#: FGVis settings of the defence protocol: generation game, no sparsity term (λ = 0).
-DEFENSE_FGVIS_SETTINGS: dict[str, Any] = {"lambda_schedule": "fixed", "lambda_init": 0.0}
+#: FGVis settings of the defence protocol: generation game, no sparsity term (λ = 0) and hence no
+#: pruning (a sparsity device); the attacker's answer is its best iterate (``snapshots``).
+DEFENSE_FGVIS_SETTINGS: dict[str, Any] = {"lambda_schedule": "fixed", "lambda_init": 0.0, "prune_levels": ()}
 
 Progress = Callable[[str], None]
 

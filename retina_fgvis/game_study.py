@@ -51,6 +51,10 @@ CANDIDATES: dict[str, dict[str, Any]] = {
                                        reference="background"),
     # the engine default before pruning: the optimised mask as it is, haze included
     "sgdn-logodds-lr0.3-noprune": dict(optimizer="sgd_normalized", lr=0.3, similarity="log_odds", prune_levels=()),
+    # snapshot candidates: only checks (the earlier default) / every iteration for both snapshots
+    "sgdn-logodds-lr0.3-checks": dict(optimizer="sgd_normalized", lr=0.3, similarity="log_odds", snapshots="checks"),
+    "sgdn-logodds-lr0.3-every-iteration": dict(optimizer="sgd_normalized", lr=0.3, similarity="log_odds",
+                                               snapshots="every_iteration"),
     # take back steps that made the objective worse, halve the step (measured: stalls, see README)
     "sgdn-logodds-lr0.3-backtrack": dict(optimizer="sgd_normalized", lr=0.3, similarity="log_odds",
                                          step_control="backtrack"),
