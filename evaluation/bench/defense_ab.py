@@ -1,9 +1,8 @@
 """A/B of the defence's implementation, interleaved in one process (the shared CPU is noisy).
 
 Times one deletion-game iteration (forward + backward w.r.t. the mask) of the shipped classifier
-at 512 px: (a) plain, (c_old) the defence as of git revision OLD_REV, (c_fresh) the current
-defence with fresh indicator tensors per pass, (c_reuse) the current defence with reused
-buffers (what the games use). Usage, from the repository root:
+at 512 px: (a) plain, (c_old) the defence as of git revision OLD_REV, (c_new) the current
+defence. Usage, from the repository root:
 
     python evaluation/bench/defense_ab.py [--old-rev 3a02fb8] [--batch 4] [--rounds 5]
 """
@@ -58,8 +57,7 @@ def main() -> None:
     variants = {
         "a_plain": lambda: None,
         "c_old": lambda: old.activation_bounds(model, x, tolerance=1e-6),
-        "c_fresh": lambda: activation_bounds(model, x, tolerance=1e-6),
-        "c_reuse": lambda: activation_bounds(model, x, tolerance=1e-6, reuse_buffers=True),
+        "c_new": lambda: activation_bounds(model, x, tolerance=1e-6),
     }
     times: dict[str, list[float]] = {k: [] for k in variants}
     for _ in range(args.rounds):

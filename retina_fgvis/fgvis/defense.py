@@ -151,15 +151,8 @@ class ActivationBounds:
         *,
         tolerance: float = 0.0,
         track_violations: bool = False,
-        reuse_buffers: bool = False,
     ) -> None:
         self.model = model
-        self.reuse_buffers = reuse_buffers
-        # per call: the indicator of the latest pass and the clipped gradient's storage, reused
-        # across passes when reuse_buffers (fresh 100-MB tensors per call and pass cost more in
-        # page faults than the arithmetic on a CPU: measured in evaluation/bench/README.md)
-        self._keep_buffers: dict[int, torch.Tensor] = {}
-        self._grad_buffers: dict[int, torch.Tensor] = {}
         self.x = x
         self.tolerance = float(tolerance)
         self.track_violations = track_violations
@@ -283,52 +276,28 @@ class ActivationBounds:
         # float 0/1 tensor: the backward is then one multiply, ~3x cheaper on a CPU than a where/
         # masked_fill on a bool mask (which also converts the scalar and the mask per element).
         h = out.detach()
-        keep = self._buffer(self._keep_buffers, k, h) if self.reuse_buffers else torch.empty_like(h)
-        torch.le(h, upper, out=keep)
+        keep = torch.le(h, upper, out=torch.empty_like(h))
         if lower is not None:
             keep.mul_(h >= lower)
         if self.track_violations:
             self._violations.append((keep.numel() - keep.sum(), keep.numel()))
-        grad_buffer = self._buffer(self._grad_buffers, k, h) if self.reuse_buffers else None
-        out.register_hook(_KeepOnly(keep, grad_buffer))
-
-    @staticmethod
-    def _buffer(cache: dict[int, torch.Tensor], k: int, like: torch.Tensor) -> torch.Tensor:
-        buf = cache.get(k)
-        if buf is None or buf.shape != like.shape or buf.dtype != like.dtype or buf.device != like.device:
-            buf = cache[k] = torch.empty_like(like, memory_format=torch.contiguous_format)
-        return buf
+        out.register_hook(_KeepOnly(keep))
 
 
 class _KeepOnly:
-    """Gradient hook: Eq. 6's product with the indicator (``keep`` is 1 inside the bounds, else 0).
+    """Gradient hook: Eq. 6's product with the indicator (``keep`` is 1 inside the bounds, else 0)."""
 
-    With a ``buffer`` (``reuse_buffers``) the product is written into it: the engine hands the
-    returned tensor straight to the nonlinearity's backward and releases it, and our reference
-    keeps it from being stolen for in-place accumulation, so the next pass may overwrite it.
-    """
+    __slots__ = ("keep",)
 
-    __slots__ = ("keep", "buffer")
-
-    def __init__(self, keep: torch.Tensor, buffer: torch.Tensor | None) -> None:
+    def __init__(self, keep: torch.Tensor) -> None:
         self.keep = keep
-        self.buffer = buffer
 
     def __call__(self, grad: torch.Tensor) -> torch.Tensor:
-        if self.buffer is not None and self.buffer.shape == grad.shape and self.buffer.dtype == grad.dtype:
-            return torch.mul(grad, self.keep, out=self.buffer)
         return grad * self.keep
 
 
 def activation_bounds(
-    model: torch.nn.Module, x: torch.Tensor, *, tolerance: float = 0.0, track_violations: bool = False,
-    reuse_buffers: bool = False,
+    model: torch.nn.Module, x: torch.Tensor, *, tolerance: float = 0.0, track_violations: bool = False
 ) -> ActivationBounds:
-    """Defend ``model`` for explanations of the batch ``x`` (Eq. 4-6). See :class:`ActivationBounds`.
-
-    ``reuse_buffers=True`` reuses the indicator and clipped-gradient storage across passes; it
-    requires that every forward pass is followed by its backward before the next forward pass
-    (as in the FGVis games), because the next pass overwrites the previous pass's indicators.
-    """
-    return ActivationBounds(model, x, tolerance=tolerance, track_violations=track_violations,
-                            reuse_buffers=reuse_buffers)
+    """Defend ``model`` for explanations of the batch ``x`` (Eq. 4-6). See :class:`ActivationBounds`."""
+    return ActivationBounds(model, x, tolerance=tolerance, track_violations=track_violations)

@@ -443,7 +443,7 @@ class FGVis:
                     best_cost = torch.where(done, torch.zeros_like(best_cost), best_cost)
                     cost_at_check = best_cost.clone()
                     active = active[~done]
-            defended = (activation_bounds(self.model, x, tolerance=s.defense_tolerance, reuse_buffers=True)
+            defended = (activation_bounds(self.model, x, tolerance=s.defense_tolerance)
                         if self.defense and len(active) else None)
             with defended if defended is not None else contextlib.nullcontext():
                 for t in range(1, s.max_iterations + 1 if len(active) else 1):
