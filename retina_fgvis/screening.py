@@ -364,6 +364,7 @@ class ImageRecord:
     target_prob_after: float | None = None
     iterations: int | None = None
     goal_reached: bool | None = None
+    prune_level: float | None = None  # the game's changes below this were undone (0: none)
     explained: bool | None = None  # False: p(referable) already below the deletion goal
     error_stage: str = ""  # "input" (deterministic: kept on resume) | "explain" (redone on resume)
     regions: list[dict[str, Any]] = field(default_factory=list)
@@ -714,7 +715,7 @@ class Screener:
         # Screening populations are mostly such eyes; this is where most of the time goes.
         need = [i for i in range(n) if not self._goal_met(float(probs[i]))]
         mean_mask = np.zeros((n, *x.shape[-2:]), dtype=np.float32)
-        after = iters = goal = None
+        after = iters = goal = pruned = None
         if need:
             sel = torch.as_tensor(need, device=x.device)
             xs, fs = (x, fov) if len(need) == n else (x.index_select(0, sel), fov.index_select(0, sel))
@@ -731,6 +732,7 @@ class Screener:
             after = _opt_array(getattr(result, "target_prob_after", None))
             iters = _opt_array(getattr(result, "iterations", None))
             goal = _opt_array(getattr(result, "goal_reached", None))
+            pruned = _opt_array(getattr(result, "prune_level", None))
         t2 = time.perf_counter()
         pos = {i: j for j, i in enumerate(need)}
         for i, p in enumerate(batch):
@@ -745,6 +747,7 @@ class Screener:
                 rec.target_prob_after = None if after is None else round(float(after[j]), 6)
                 rec.iterations = None if iters is None else int(iters[j])
                 rec.goal_reached = None if goal is None else bool(goal[j])
+                rec.prune_level = None if pruned is None else round(float(pruned[j]), 4)
             rec.timings["classify"] = round((t1 - t0) / n, 4)
             rec.timings["explain"] = round((t2 - t1) / max(1, len(need)), 4) if j is not None else 0.0
         return mean_mask
@@ -928,7 +931,7 @@ def _accepts(fn: Callable, name: str) -> bool:
 
 def _reset(rec: ImageRecord) -> None:
     rec.p_referable = rec.referable = rec.target_prob_after = None
-    rec.iterations = rec.goal_reached = rec.overlay = rec.explained = None
+    rec.iterations = rec.goal_reached = rec.prune_level = rec.overlay = rec.explained = None
     rec.flagged_area_pct = None
     rec.n_regions = rec.n_red = rec.n_bright = 0
     rec.regions = []

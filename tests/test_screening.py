@@ -398,6 +398,10 @@ def test_cli_real_engine_on_samples(tmp_path, tiny_weights):
     assert (df.status == "ok").all() and set(df.patient) == {"SYNA", "SYNB"}
     info = json.loads((out / "run.json").read_text())
     assert info["settings"]["iterations"] == 3 and len(info["model"]["sha256"]) == 64
+    records = [json.loads(f.read_text()) for f in (out / "records").glob("*.json")]
+    explained = [r for r in records if r["explained"]]
+    assert all(r["prune_level"] is None for r in records if not r["explained"])
+    assert all(isinstance(r["prune_level"], float) and 0 <= r["prune_level"] < 1 for r in explained)
     # usage errors are exit code 2, with one readable line
     empty = tmp_path / "empty"
     empty.mkdir()
