@@ -18,6 +18,10 @@ retina-fgvis evaluate game-study --data-dir "$DATA/diaretdb1" --split train --ou
     --setting sgdn-logodds-lr0.3-lamq99 --undefended "" --limit 8
 for f in summary.md per_image.csv study.log; do cp runs/game-study-candidates/$f evaluation/game-study/candidates-first8-$f; done
 
+step "game-study probes behind the pruning and backtracking choices"
+python evaluation/game-study/probes/prune_levels.py --data-dir "$DATA/diaretdb1" --limit 4 > evaluation/game-study/probes/prune_levels-first4.log
+python evaluation/game-study/probes/backtrack.py --data-dir "$DATA/diaretdb1" > evaluation/game-study/probes/backtrack-4-misses.log
+
 step "DiaretDB1 region-rule sweep and lesion detection (issue 4)"
 DATA="$DATA/diaretdb1" evaluation/diaretdb1/region_sweep.sh runs/diaretdb1-train28
 retina-fgvis evaluate diaretdb1 --data-dir "$DATA/diaretdb1" --split train --out runs/diaretdb1-train28
@@ -26,6 +30,7 @@ cp runs/diaretdb1-train28/froc.png evaluation/diaretdb1/froc-train.png
 
 step "benchmark (issue 7)"
 retina-fgvis bench --out evaluation/bench/cpu.md
+python evaluation/bench/defense_ab.py --rounds 7 > evaluation/bench/defense-ab-cpu.md   # old vs new defence, interleaved
 
 step "screening of the bundled samples (issue 5)"
 retina-fgvis screen data/samples --out runs/samples || true

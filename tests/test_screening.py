@@ -402,6 +402,14 @@ def test_cli_real_engine_on_samples(tmp_path, tiny_weights):
     explained = [r for r in records if r["explained"]]
     assert all(r["prune_level"] is None for r in records if not r["explained"])
     assert all(isinstance(r["prune_level"], float) and 0 <= r["prune_level"] < 1 for r in explained)
+    # --no-prune: the optimised mask as it is, and a different result key (no mixing on resume)
+    dense = tmp_path / "dense"
+    proc = _cli(samples, "--out", dense, "--weights", tiny_weights, "--device", "cpu",
+                "--iterations", "3", "--batch-size", "2", "--no-prune")
+    assert proc.returncode == 0, proc.stderr
+    dense_records = [json.loads(f.read_text()) for f in (dense / "records").glob("*.json")]
+    assert all(r["prune_level"] in (None, 0.0) for r in dense_records)
+    assert {r["result_key"] for r in dense_records}.isdisjoint({r["result_key"] for r in records})
     # usage errors are exit code 2, with one readable line
     empty = tmp_path / "empty"
     empty.mkdir()

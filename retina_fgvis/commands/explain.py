@@ -25,6 +25,7 @@ def register(app: typer.Typer, evaluate_app: typer.Typer) -> None:
         weights: Optional[Path] = typer.Option(None, help="Classifier weights (default: shipped)."),
         device: str = typer.Option("auto", help="auto | cpu | cuda"),
         iterations: Optional[int] = typer.Option(None, help="Iteration cap (default: engine default)."),
+        prune: bool = typer.Option(True, "--prune/--no-prune", help="Undo faint changes the goal does not need (default)."),
     ) -> None:
         """Explain p(referable) of each image with an FGVis game (research use only)."""
         import torch
@@ -44,7 +45,8 @@ def register(app: typer.Typer, evaluate_app: typer.Typer) -> None:
         except WeightsError as err:
             typer.echo(f"error: {err}", err=True)
             raise typer.Exit(2) from None
-        fgvis = fundus_fgvis(clf, defense=defense, max_iterations=iterations)
+        fgvis = fundus_fgvis(clf, defense=defense, max_iterations=iterations,
+                             **({} if prune else {"prune_levels": ()}))
         out.mkdir(parents=True, exist_ok=True)
         failures = 0
         for path in images:

@@ -84,6 +84,7 @@ def screen_command(
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run in OUT: finished images are skipped."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Discard a previous run's records and outputs in OUT and start again."),
     iterations: Optional[int] = typer.Option(None, "--iterations", help="Maximum iterations of the deletion game (default: the engine's)."),
+    prune: bool = typer.Option(True, "--prune/--no-prune", help="Undo the game's faint changes that its goal does not need (default: sparser, more lesion-enriched maps); --no-prune keeps the denser optimised mask (larger regions, better coverage of lesion outlines)."),
     embed_images: bool = typer.Option(False, "--embed-images", help="Inline the overlays in report.html (one file to share; larger)."),
     max_megapixels: float = typer.Option(50.0, "--max-megapixels", help="Reject larger images (checked before decoding)."),
 ) -> None:
@@ -92,7 +93,7 @@ def screen_command(
     code = run_screen(
         inputs=inputs, out=out, weights=weights, device=device, batch_size=batch_size,
         manifest=manifest, resume=resume, overwrite=overwrite, iterations=iterations,
-        embed_images=embed_images, max_megapixels=max_megapixels,
+        embed_images=embed_images, max_megapixels=max_megapixels, prune=prune,
     )
     raise typer.Exit(code)
 
@@ -102,6 +103,7 @@ def run_screen(
     batch_size: int = 4, manifest: Path | None = None, resume: bool = False,
     overwrite: bool = False, iterations: int | None = None, embed_images: bool = False,
     max_megapixels: float = 50.0, classifier: Any = None, screener_kwargs: dict | None = None,
+    prune: bool = True,
 ) -> int:
     """The command body; returns the exit code. ``classifier``/``screener_kwargs`` let tests
     inject fakes (a fake explainer, overlay...) while exercising the real CLI path."""
@@ -177,7 +179,7 @@ def run_screen(
                 raise _Usage(str(exc)) from None
         settings = S.ScreenSettings(
             batch_size=batch_size, iterations=iterations, device=device,
-            max_pixels=int(max_megapixels * 1e6),
+            max_pixels=int(max_megapixels * 1e6), engine={} if prune else {"prune_levels": ()},
         )
         screener = S.Screener(classifier, out, settings, **(screener_kwargs or {}))
     except _Usage as exc:
