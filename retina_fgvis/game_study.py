@@ -76,6 +76,19 @@ def _batches(items: list, size: int) -> Iterable[list]:
         yield items[i : i + size]
 
 
+def prepare_batch(
+    classifier: Any, batch: list[StudyImage], device: Any = "cpu"
+) -> tuple[list, torch.Tensor, torch.Tensor, list[np.ndarray]]:
+    """(prepared items, model inputs x, model-grid FOV masks, model-grid GT) of study images;
+    shared by the study and its probes (evaluation/game-study/probes/)."""
+    prepared = [classifier.prepare(im.rgb, fov=im.fov) for im in batch]
+    x = torch.stack([p.tensor for p in prepared]).to(device)
+    fov = torch.stack([torch.from_numpy(np.ascontiguousarray(p.fov_model)) for p in prepared]).to(device)
+    gt_model = [p.mapping.crop_from_original(im.gt_any.astype(np.uint8), cv2.INTER_NEAREST) > 0
+                for p, im in zip(prepared, batch)]
+    return prepared, x, fov, gt_model
+
+
 def diaretdb1_seed_cache(classifier: Any, overrides: dict[str, Any], folder: Path) -> Any | None:
     """The `evaluate diaretdb1` cache under ``folder`` if ``overrides`` describe exactly the game that
     command runs (same settings, same reference), else None: a different game must not seed it."""
@@ -112,13 +125,7 @@ def run_setting(
     rows: list[dict] = []
     curve: list[dict] = []
     for batch in _batches(images, batch_size):
-        prepared = [classifier.prepare(im.rgb, fov=im.fov) for im in batch]
-        x = torch.stack([p.tensor for p in prepared]).to(device)
-        fov = torch.stack([torch.from_numpy(np.ascontiguousarray(p.fov_model)) for p in prepared]).to(device)
-        gt_model = [
-            p.mapping.crop_from_original(im.gt_any.astype(np.uint8), cv2.INTER_NEAREST) > 0
-            for p, im in zip(prepared, batch)
-        ]
+        prepared, x, fov, gt_model = prepare_batch(classifier, batch, device)
 
         def snapshot(t: int, idx: torch.Tensor, masks: torch.Tensor, probs: torch.Tensor) -> None:
             for j, i in enumerate(idx.tolist()):

@@ -340,31 +340,28 @@ class FGVis:
         return base, base_grad, scale.view(-1, 1, 1, 1)
 
     def _prune(
-        self, spec: GameSpec, mask: torch.Tensor, x: torch.Tensor, ref: torch.Tensor,
+        self, spec: GameSpec, mask: torch.Tensor, p_game: torch.Tensor, x: torch.Tensor, ref: torch.Tensor,
         target: torch.Tensor, goal: torch.Tensor, fov: torch.Tensor,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Undo the changes smaller than the largest admissible level of ``prune_levels``.
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Undo the changes smaller than the largest admissible level of ``prune_levels``; return
+        (pruned mask, level per sample, p of the pruned explanation).
 
         Admissible per sample: the pruned explanation meets the goal, or scores no worse than the
-        unpruned one. Every level is tried (the probability is not monotone in the level: a faint
-        removal can even raise it), one forward pass of the batch per level.
+        unpruned one (``p_game``). Every level is tried (the probability is not monotone in the
+        level: a faint removal can even raise it), one forward pass of the batch per level.
         """
         m0 = spec.mask_init
-
-        def prob(m: torch.Tensor) -> torch.Tensor:
-            return self._probs(m * x + (1 - m) * ref, target)
-
-        p_game = prob(mask)
         limit = torch.maximum(goal, p_game) if spec.removes_evidence else torch.minimum(goal, p_game)
-        pruned, level = mask.clone(), torch.zeros(len(mask), device=mask.device)
+        pruned, level, p_pruned = mask, torch.zeros_like(p_game), p_game
         for tau in sorted(self.settings.prune_levels):
-            candidate = torch.where((mask - m0).abs() < tau, torch.full_like(mask, m0), mask)
-            p = prob(candidate)
+            candidate = mask.masked_fill((mask - m0).abs() < tau, m0)
+            p = self._probs(candidate * x + (1 - candidate) * ref, target)
             ok = p <= limit if spec.removes_evidence else p >= limit
             ok &= ((candidate - m0).abs() * fov).flatten(1).sum(1) > 0  # never prune to nothing
-            pruned[ok] = candidate[ok]
+            pruned = torch.where(ok.view(-1, 1, 1, 1), candidate, pruned)
             level = torch.where(ok, torch.full_like(level, tau), level)
-        return pruned, level
+            p_pruned = torch.where(ok, p, p_pruned)
+        return pruned, level, p_pruned
 
     # ------------------------------------------------------------------ the game
     def attribute(
@@ -432,12 +429,12 @@ class FGVis:
             with torch.no_grad():
                 p_before = self._probs(x, target)
                 goal = self._goal(spec, p_before, ref, target)
-                closest_p = (p_before if m0 == 1.0 else self._probs(m0 * x + (1 - m0) * ref, target)).clone()
+                p_start = p_before if m0 == 1.0 else self._probs(m0 * x + (1 - m0) * ref, target)
+                closest_p = p_start.clone()
                 # deletion / generation: m0 costs nothing (sparsity 0), so a sample whose goal already
                 # holds at m0 is done, and no later snapshot can beat it; it never enters the loop.
                 # (preservation / repression start at the most expensive mask and must optimise.)
                 if spec.start_is_free:
-                    p_start = p_before if m0 == 1.0 else self._probs(m0 * x + (1 - m0) * ref, target)
                     done = p_start <= goal if spec.removes_evidence else p_start >= goal
                     reached |= done
                     best_cost = torch.where(done, torch.zeros_like(best_cost), best_cost)
@@ -517,11 +514,12 @@ class FGVis:
 
             with torch.no_grad():
                 final = torch.where(reached[:, None, None, None], best, closest)
-                prune_level = torch.zeros(B, device=device)
-                if spec.start_is_free and s.prune_levels:
-                    final, prune_level = self._prune(spec, final, x, ref, target, goal, fov)
                 explanation = final * x + (1 - final) * ref
                 p_after = self._probs(explanation, target)
+                prune_level = torch.zeros(B, device=device)
+                if spec.start_is_free and s.prune_levels:
+                    final, prune_level, p_after = self._prune(spec, final, p_after, x, ref, target, goal, fov)
+                    explanation = final * x + (1 - final) * ref
                 # "reached" describes the returned explanation: pruning a missed game's closest
                 # snapshot can take it across the goal (p is not monotone in the mask)
                 reached |= p_after <= goal if spec.removes_evidence else p_after >= goal

@@ -11,14 +11,10 @@ from __future__ import annotations
 import argparse
 import time
 
-import cv2
-import numpy as np
-import torch
-
 from retina_fgvis import load_classifier
 from retina_fgvis.datasets.diaretdb1 import DiaretDB1
 from retina_fgvis.fgvis.presets import fundus_fgvis
-from retina_fgvis.game_study import load_images
+from retina_fgvis.game_study import load_images, prepare_batch
 from retina_fgvis.metrics.enrichment import lesion_scores
 
 
@@ -30,11 +26,7 @@ def main() -> None:
     clf = load_classifier()
     images = [im for im in load_images(DiaretDB1(args.data_dir, split="train")) if im.name in args.images]
     fgvis = fundus_fgvis(clf, defense=True, step_control="backtrack")
-    prep = [clf.prepare(im.rgb, fov=im.fov) for im in images]
-    x = torch.stack([p.tensor for p in prep])
-    fov = torch.stack([torch.from_numpy(np.ascontiguousarray(p.fov_model)) for p in prep])
-    gts = [p.mapping.crop_from_original(im.gt_any.astype(np.uint8), cv2.INTER_NEAREST) > 0
-           for p, im in zip(prep, images)]
+    prep, x, fov, gts = prepare_batch(clf, images)
     t0 = time.perf_counter()
     r = fgvis.attribute(x, target=1, game="deletion", fov_mask=fov)
     for i, im in enumerate(images):

@@ -11,14 +11,12 @@ from __future__ import annotations
 import argparse
 import time
 
-import cv2
-import numpy as np
 import torch
 
 from retina_fgvis import load_classifier
 from retina_fgvis.datasets.diaretdb1 import DiaretDB1
 from retina_fgvis.fgvis.presets import fundus_fgvis
-from retina_fgvis.game_study import load_images
+from retina_fgvis.game_study import load_images, prepare_batch
 from retina_fgvis.metrics.enrichment import lesion_scores
 
 TAUS = [0, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7]
@@ -34,11 +32,7 @@ def main() -> None:
     fgvis = fundus_fgvis(clf, defense=True, prune_levels=())
     for b in range(0, len(images), 4):
         batch = images[b : b + 4]
-        prep = [clf.prepare(im.rgb, fov=im.fov) for im in batch]
-        x = torch.stack([p.tensor for p in prep])
-        fov = torch.stack([torch.from_numpy(np.ascontiguousarray(p.fov_model)) for p in prep])
-        gts = [p.mapping.crop_from_original(im.gt_any.astype(np.uint8), cv2.INTER_NEAREST) > 0
-               for p, im in zip(prep, batch)]
+        prep, x, fov, gts = prepare_batch(clf, batch)
         t0 = time.perf_counter()
         r = fgvis.attribute(x, target=1, game="deletion", fov_mask=fov)
         dt = (time.perf_counter() - t0) / len(batch)
