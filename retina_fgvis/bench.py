@@ -81,10 +81,16 @@ def bench_iterations(
     n1: int = 2,
     n2: int = 6,
     autocast: bool = False,
+    channels_last: bool = False,
 ) -> BenchRow:
-    """Milliseconds per iteration for (a), (b), (c) at one batch size."""
+    """Milliseconds per iteration for (a), (b), (c) at one batch size.
+
+    ``channels_last`` (CUDA): the caller converts the model; (a) then feeds NHWC inputs and the
+    games convert their explanation to NHWC before the forward pass, as in production.
+    """
     g = torch.Generator().manual_seed(0)
     x = torch.randn(batch, 3, size, size, generator=g).to(device)
+    nhwc = channels_last and device.type == "cuda"
     target = torch.ones(batch, dtype=torch.long, device=device)
     flags = [(p, p.requires_grad) for p in model.parameters()]
     for p, _ in flags:
@@ -95,12 +101,13 @@ def bench_iterations(
         for _ in range(n):
             e = x.clone().requires_grad_(True)
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast and device.type == "cuda"):
-                out = model(e)
+                out = model(e.contiguous(memory_format=torch.channels_last) if nhwc else e)
             torch.softmax(out.float(), 1)[:, 1].sum().backward()
 
     # goal_level=0: p never reaches 0, so every run does exactly max_iterations steps
     def game(defense: bool, n: int) -> None:
-        FGVis(model, defense=defense, max_iterations=n, check_every=n, goal_level=0.0, autocast=autocast).attribute(
+        FGVis(model, defense=defense, max_iterations=n, check_every=n, goal_level=0.0, autocast=autocast,
+              channels_last=nhwc).attribute(
             x, target=target
         )
 

@@ -370,8 +370,13 @@ def _sync(device: torch.device) -> None:
 def run_faithfulness(em: EvalModel, images: Sequence[EvalImage], methods: Sequence[str] = METHODS,
                      method_options: dict[str, dict[str, Any]] | None = None, batch_size: int = 1,
                      with_insertion: bool = False, metric_batch_size: int = 64,
-                     progress: Progress | None = None) -> FaithfulnessRun:
+                     progress: Progress | None = None,
+                     time_budget_s: float | None = None) -> FaithfulnessRun:
     """Deletion AUC of every method on every image, with run times.
+
+    ``time_budget_s``: no new batch is started once this many seconds have passed, so a run on
+    a lent machine ends in time with complete rows (every method) for the images it did; the
+    run's ``notes`` say how many images were left out.
 
     The explained class is the model's prediction on the unperturbed image (protocol); every
     method explains that class; with a FOV, all methods rank pixels inside it first
@@ -389,7 +394,16 @@ def run_faithfulness(em: EvalModel, images: Sequence[EvalImage], methods: Sequen
     curves: dict[str, list[np.ndarray]] = {m: [] for m in methods}
     ins_curves: dict[str, list[np.ndarray]] = {m: [] for m in methods}
     fractions = None
+    notes: list[str] = []
+    started, done = time.perf_counter(), 0
     for batch in _batches(list(images), batch_size):
+        if time_budget_s is not None and done and time.perf_counter() - started > time_budget_s:
+            notes.append(f"time budget of {time_budget_s:.0f} s reached: {done} of {len(images)} images "
+                         f"evaluated, the other {len(images) - done} left out")
+            if progress:
+                progress(notes[-1])
+            break
+        done += len(batch)
         x, fov = _stack(batch, device)
         probs = predict(em, x)
         target = probs.argmax(1)
@@ -429,7 +443,7 @@ def run_faithfulness(em: EvalModel, images: Sequence[EvalImage], methods: Sequen
         per_image=pd.DataFrame(rows),
         curves={m: np.concatenate(v) for m, v in curves.items()},
         insertion_curves={m: np.concatenate(v) for m, v in ins_curves.items() if v},
-        fractions=np.asarray(fractions), model_kind=em.kind,
+        fractions=np.asarray(fractions), model_kind=em.kind, notes=notes,
     )
 
 
@@ -481,6 +495,8 @@ def faithfulness_markdown(run: FaithfulnessRun, model_description: str, image_de
     ]
     if command:
         lines.append(f"- Command: `{command}`")
+    n_done = int(run.per_image["image"].nunique())
+    lines += [f"- Evaluated: {n_done} images"] + [f"- Note: {n}" for n in run.notes]
     lines += ["", "| Method | ours: deletion AUC (mean ± sem) | median | n | s / image (explain + metric) "
               + ("| insertion AUC " if has_ins else "")
               + "| paper ResNet-50 | paper VGG16 |",

@@ -10,7 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
-from retina_fgvis.classifier.data import build_split, patient_split
+from retina_fgvis.classifier.data import (AugmentSettings, apply_deletion, build_split, patient_split,
+                                          random_deletion_mask)
 from retina_fgvis.classifier.metrics import (bootstrap_auc_ci, pick_threshold, roc_auc, sens_spec,
                                              summarise)
 from retina_fgvis.classifier.model import (FORMAT, WeightsError, build_model, load_classifier,
@@ -196,6 +197,29 @@ def test_patient_split_and_weights(tmp_path: Path):
         parse_stages("64:1")
 
 
+def test_deletion_augmentation_blank_is_non_referable_and_masks_keep_labels():
+    """Deletion-aware training: a fully deleted eye is non-referable; partial deletions keep the
+    label and delete about the drawn share; the draw is reproducible from the generator."""
+    x = np.random.default_rng(1).normal(size=(64, 64, 3)).astype(np.float32)
+    blank = AugmentSettings(blank_prob=1.0)
+    out, label = apply_deletion(x, 1, blank, np.random.default_rng(0))
+    assert label == 0 and not out.any()
+    partial = AugmentSettings(delete_prob=1.0, delete_max_cover=0.5)
+    for seed in range(5):
+        out, label = apply_deletion(x, 1, partial, np.random.default_rng(seed))
+        assert label == 1
+        keep = np.divide(out, x, out=np.ones_like(x), where=np.abs(x) > 1e-6)
+        assert keep.min() >= -1e-5 and keep.max() <= 1 + 1e-5  # only deletes, never adds
+        again, _ = apply_deletion(x, 1, partial, np.random.default_rng(seed))
+        assert np.array_equal(out, again)
+    for cover in (0.1, 0.4):
+        k = random_deletion_mask(128, cover, np.random.default_rng(3), per_channel=False)
+        assert k.shape == (128, 128, 3) and abs((1 - k.mean()) - cover) < 0.08
+        assert np.array_equal(k[..., 0], k[..., 1])  # one spatial mask for all channels
+    untouched, label = apply_deletion(x, 0, AugmentSettings(), np.random.default_rng(0))
+    assert label == 0 and np.array_equal(untouched, x)
+
+
 def test_one_epoch_training_writes_loadable_checkpoint(tmp_path: Path):
     a = _make_source(tmp_path, "srcA", 6, 3)
     b = _make_source(tmp_path, "srcB", 4, 4)
@@ -222,11 +246,13 @@ def test_one_epoch_training_writes_loadable_checkpoint(tmp_path: Path):
     # continue training from the checkpoint with a new stage (e.g. a higher resolution)
     cfg2 = TrainConfig(data=[str(a), str(b)], out=str(tmp_path / "w2.pt"), val_fractions=[0.34, 0.5],
                        arch="tiny", stages="72:1:1e-3", batch_size=8, threads=1, log_every=0,
-                       checkpoint_dir=str(tmp_path / "w2.train"), init_from=str(out))
+                       checkpoint_dir=str(tmp_path / "w2.train"), init_from=str(out),
+                       delete_prob=0.5, blank_prob=0.2)
     train(cfg2, log=logs.append)
     md2 = load_classifier(tmp_path / "w2.pt").metadata
     assert md2["input_size"] == 72 and md2["prior_training"]["stages"] == "64:1:3e-3"
     assert md2["total_training_seconds"] >= md["training_seconds"]
+    assert md2["delete_prob"] == 0.5 and md2["blank_prob"] == 0.2
 
 
 def test_cli_train_predict_evaluate(tmp_path: Path):

@@ -77,6 +77,22 @@ def test_faithfulness_cli_end_to_end(tiny_setup):
     assert meta["image_names"] == ["im0.png", "im1.png"]
 
 
+def test_faithfulness_time_box_keeps_complete_rows(tiny_setup):
+    """--max-minutes 0: the first batch is done (every method), no later batch is started, and
+    the outputs say how many images were left out."""
+    app, folder, out = tiny_setup
+    res = CliRunner().invoke(app, ["evaluate", "faithfulness", "--model", "imagenet", "--images", str(folder),
+                                   "--out", str(out), "--methods", "gradcam,gradient", "--device", "cpu",
+                                   "--max-minutes", "0"])
+    assert res.exit_code == 0, res.output
+    df = pd.read_csv(out / "auc_per_image.csv")
+    assert list(df["image"]) == ["im0.png", "im0.png"] and list(df["method"]) == ["gradcam", "gradient"]
+    md = (out / "summary.md").read_text()
+    assert "Evaluated: 1 images" in md and "1 of 2 images evaluated, the other 1 left out" in md
+    meta = json.loads((out / "run.json").read_text())
+    assert meta["images_evaluated"] == ["im0.png"] and "--max-minutes 0" in meta["command"]
+
+
 def test_faithfulness_cli_rejects_bad_method(tiny_setup):
     app, folder, out = tiny_setup
     res = CliRunner().invoke(app, ["evaluate", "faithfulness", "--model", "imagenet", "--images", str(folder),

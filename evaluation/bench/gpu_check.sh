@@ -1,19 +1,77 @@
 #!/usr/bin/env bash
-# The one prepared script for a session that is lent a GPU (device tool, ~15 min budget):
-#   run it from the repo root with a timeout that leaves room for a rerun; results land in $OUT.
-# 1. benchmark at batch 1/16/64, fp32 and bf16 autocast
-# 2. defended deletion game on 16 DiaretDB1 training images (needs ../shared/data or DIARETDB1 set),
-#    fp32 vs bf16 masks compared (IoU of thresholded regions)
-set -euo pipefail
+# The one prepared script for a machine with a GPU (the device tool lends ~15 min in all).
+# Run from the repo root; every step has its own time limit so one slow step cannot eat the
+# others; results go to $OUT/gpu-results.tar.gz (re-packed after every step, so a run stopped
+# from outside still returns what finished) and the log to $OUT/gpu_check.log.
+#
+#   1. retina-fgvis bench at batch 1/16/64: fp32, bf16 autocast, bf16 + channels_last
+#   2. defended deletion game on 16 DiaretDB1 training images: images/s and the fp32-vs-bf16
+#      agreement of the flagged regions (python -m retina_fgvis.gpu_agreement)
+#   3. deletion metric (paper Table 2) on the RDR model, 60 held-out eyes, time-boxed
+#   4. defence validation (paper Table 1) on the RDR model, 50 confident non-referable eyes
+#
+# Environment: DATA_ROOT (folder with odir5k_512/ and eyepacs1098_400/, default ../shared/data),
+# DIARETDB1 (default ../shared/data/diaretdb1), WEIGHTS (default: shipped), QUICK=1 (tiny
+# settings: checks the script itself on a CPU in a few minutes), WHEELS (folder of wheels to
+# install with --no-deps first, for a machine without a package index), OLD_WEIGHTS (also run the
+# defence validation on this earlier checkpoint).
+set -uo pipefail
 OUT=${OUT:-/tmp/gpu-out}
-mkdir -p "$OUT"
-python -m pip install -q -e . 2>&1 | tail -1 || true
-nvidia-smi --query-gpu=name,memory.total --format=csv | tee "$OUT/gpu.txt"
-retina-fgvis bench --device cuda --batch 1 --batch 16 --batch 64 --out "$OUT/bench_fp32.md"
-retina-fgvis bench --device cuda --batch 1 --batch 16 --batch 64 --autocast --out "$OUT/bench_bf16.md"
-DDB=${DIARETDB1:-../shared/data/diaretdb1}
-if [ -d "$DDB" ]; then
-  python -m retina_fgvis.gpu_agreement --data-dir "$DDB" --limit 16 --out "$OUT/agreement.md"
-else
-  echo "no DiaretDB1 at $DDB: agreement check skipped" | tee "$OUT/agreement.md"
+RES=${RES:-/tmp/gpu-results}
+mkdir -p "$OUT" "$RES"
+LOG="$OUT/gpu_check.log"
+export PYTHONUNBUFFERED=1
+PY=${PYTHON:-python3}
+if [ -n "${WHEELS:-}" ]; then
+  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$WHEELS"/*.whl \
+    && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+DATA_ROOT=${DATA_ROOT:-../shared/data}
+DDB=${DIARETDB1:-../shared/data/diaretdb1}
+W=(); DEF_OPTS=()
+[ -n "${WEIGHTS:-}" ] && W=(--weights "$WEIGHTS")
+DEV=cuda; BATCHES=(--batch 1 --batch 16 --batch 64); N_DDB=16; N_FAITH=60; N_DEF=50
+FAITH_OPTS=(--batch-size 8 --max-minutes 2.5); DEF_BATCH=50; AGREE_OPTS=()
+if [ "${QUICK:-0}" = 1 ]; then
+  DEV=cpu; BATCHES=(--batch 1 --repeats 1); N_DDB=1; N_FAITH=2; N_DEF=1
+  FAITH_OPTS=(--batch-size 2 --rise-masks 50 --lime-samples 20 --fgvis-max-iterations 5 --max-minutes 0.1); DEF_BATCH=1
+  AGREE_OPTS=(--max-iterations 3); DEF_OPTS=(--max-iterations 3)
+fi
+
+pack() { tar -czf "$OUT/gpu-results.tar.gz" -C "$RES" . 2>/dev/null; }
+step() {  # step NAME SECONDS command...
+  local name=$1 limit=$2; shift 2
+  local t0=$SECONDS
+  echo "=== $name (limit ${limit}s) $(date -u +%H:%M:%S)" | tee -a "$LOG"
+  timeout --kill-after=10 "$limit" "$@" >>"$LOG" 2>&1
+  local rc=$?
+  echo "=== $name rc=$rc in $((SECONDS - t0)) s" | tee -a "$LOG"
+  pack
+}
+
+{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || true
+  $PY -c "import torch, timm, sys; print(sys.version.split()[0], 'torch', torch.__version__, 'timm', timm.__version__, 'cuda', torch.cuda.is_available())"
+} >"$RES/environment.txt" 2>&1
+cat "$RES/environment.txt" | tee -a "$LOG"
+
+step bench-fp32 60 $PY -m retina_fgvis bench --device $DEV "${BATCHES[@]}" "${W[@]}" --out "$RES/bench_fp32.md"
+if [ $DEV = cuda ]; then
+  step bench-bf16 50 $PY -m retina_fgvis bench --device $DEV "${BATCHES[@]}" "${W[@]}" --autocast --out "$RES/bench_bf16.md"
+  step bench-bf16-nhwc 50 $PY -m retina_fgvis bench --device $DEV "${BATCHES[@]}" "${W[@]}" --autocast --channels-last --out "$RES/bench_bf16_nhwc.md"
+fi
+if [ -d "$DDB" ]; then
+  step agreement 100 $PY -m retina_fgvis.gpu_agreement --data-dir "$DDB" --limit $N_DDB "${W[@]}" "${AGREE_OPTS[@]}" --out "$RES/agreement.md"
+else
+  echo "no DiaretDB1 at $DDB: agreement check skipped" | tee "$RES/agreement.md"
+fi
+step faithfulness-rdr 240 $PY -m retina_fgvis evaluate faithfulness --model rdr --limit $N_FAITH \
+  --data-root "$DATA_ROOT" --device $DEV "${FAITH_OPTS[@]}" "${W[@]}" --out "$RES/faithfulness-rdr"
+step defense-rdr 80 $PY -m retina_fgvis evaluate defense --model rdr --limit $N_DEF --batch-size $DEF_BATCH \
+  --data-root "$DATA_ROOT" --device $DEV "${W[@]}" "${DEF_OPTS[@]}" --out "$RES/defense-rdr"
+if [ -n "${OLD_WEIGHTS:-}" ]; then  # the same protocol on an earlier classifier, for contrast
+  step defense-rdr-old 60 $PY -m retina_fgvis evaluate defense --model rdr --limit $N_DEF --batch-size $DEF_BATCH \
+    --data-root "$DATA_ROOT" --device $DEV --weights "$OLD_WEIGHTS" "${DEF_OPTS[@]}" --out "$RES/defense-rdr-old"
+fi
+cp "$LOG" "$RES/" 2>/dev/null; pack
+echo "done in $SECONDS s" | tee -a "$LOG"

@@ -161,6 +161,11 @@ class AugmentSettings:
     contrast: float = 0.15
     gamma: float = 0.15
     colour: float = 0.05
+    # Deletion awareness (for FGVis): the explanation deletes pixels towards 0 (the mean colour);
+    # a classifier that reads "deleted" as disease makes the deletion game fight its own artefacts.
+    delete_prob: float = 0.0  # share of samples with a random smooth deletion mask (label kept)
+    delete_max_cover: float = 0.5  # at most this share of the image deleted (lesions rarely all go)
+    blank_prob: float = 0.0  # share of samples replaced by a fully deleted eye, label non-referable
 
 
 class CachedFundusDataset(torch.utils.data.Dataset):
@@ -219,5 +224,45 @@ class CachedFundusDataset(torch.utils.data.Dataset):
             x = np.clip(x, 0, 1) * 255.0
         x = (x - self.mean) / self.std
         x = x * (fov > 0.5)[..., None]
+        label = int(self.labels[i])
+        if self.augment is not None and (self.augment.delete_prob > 0 or self.augment.blank_prob > 0):
+            x, label = apply_deletion(x, label, self.augment, rng)
         t = torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1), dtype=np.float32))
-        return t, int(self.labels[i]), idx
+        return t, label, idx
+
+
+def random_deletion_mask(size: int, cover: float, rng: np.random.Generator,
+                         per_channel: bool) -> np.ndarray:
+    """Smooth random keep-mask (S, S, C) in [0, 1] whose deleted share is about ``cover``.
+
+    Why smooth blobs at several scales: FGVis removals range from single microaneurysm-sized
+    spots to large soft areas; the classifier should see both kinds of deletion as neutral.
+    """
+    channels = 3 if per_channel else 1
+    cells = int(rng.choice([4, 8, 16, 32, 64]))
+    noise = rng.random((cells, cells, channels)).astype(np.float32)
+    field = cv2.resize(noise, (size, size), interpolation=cv2.INTER_CUBIC)
+    field = field.reshape(size, size, channels)
+    thr = np.quantile(field, cover)
+    soft = max(float(field.std()) * rng.uniform(0.02, 0.3), 1e-6)
+    keep = np.clip((field - thr) / soft + 0.5, 0.0, 1.0)
+    return keep if per_channel else np.repeat(keep, 3, axis=2)
+
+
+def apply_deletion(x: np.ndarray, label: int, a: AugmentSettings,
+                   rng: np.random.Generator) -> tuple[np.ndarray, int]:
+    """Deletion-aware augmentation on a normalised image (0 = deleted = the mean colour).
+
+    - ``blank_prob``: the whole eye deleted; nothing is visible, so the label is non-referable
+      (the FGVis reference image must carry no evidence for either class);
+    - ``delete_prob``: a random smooth mask deletes up to ``delete_max_cover`` of the image in
+      either class and the label is kept, so deletion itself carries no label information.
+    """
+    u = rng.random()
+    if u < a.blank_prob:
+        return np.zeros_like(x), 0
+    if u < a.blank_prob + a.delete_prob:
+        cover = rng.uniform(0.02, a.delete_max_cover)
+        keep = random_deletion_mask(x.shape[0], cover, rng, per_channel=bool(rng.random() < 0.5))
+        return x * keep, label
+    return x, label

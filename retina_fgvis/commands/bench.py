@@ -16,6 +16,7 @@ def register(app: typer.Typer, evaluate_app: typer.Typer) -> None:
         device: str = typer.Option("auto", help="auto | cpu | cuda"),
         repeats: int = typer.Option(3, help="Interleaved rounds; the median is reported."),
         autocast: bool = typer.Option(False, help="bf16 autocast (CUDA only)."),
+        channels_last: bool = typer.Option(False, help="NHWC model and inputs (CUDA only)."),
         throughput_images: List[Path] = typer.Option(
             [], "--images", help="Fundus photos for the full-game throughput (default: data/samples)."),
         out: Optional[Path] = typer.Option(None, help="Also write the table as markdown here."),
@@ -32,10 +33,13 @@ def register(app: typer.Typer, evaluate_app: typer.Typer) -> None:
 
         dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
         clf = load_classifier(weights, device=str(dev))
+        nhwc = channels_last and dev.type == "cuda"
+        if nhwc:
+            clf.model.to(memory_format=torch.channels_last)
         sizes = batch or ([1, 16, 64] if dev.type == "cuda" else [1, 4, 16])
         lines = [
             f"Hardware: {hardware()}",
-            f"Classifier: {clf.metadata.get('arch')} at {clf.input_size} px, autocast={autocast and dev.type == 'cuda'}",
+            f"Classifier: {clf.metadata.get('arch')} at {clf.input_size} px, autocast={autocast and dev.type == 'cuda'}, channels_last={nhwc}",
             "",
             "| batch | (a) fwd+bwd ms/it | (b) game ms/it | (c) defended ms/it | (b)/(a) | (c)/(a) | (c) ms/it/image |",
             "|---|---|---|---|---|---|---|",
@@ -43,7 +47,8 @@ def register(app: typer.Typer, evaluate_app: typer.Typer) -> None:
         for line in lines:
             typer.echo(line)
         for b in sizes:
-            row = bench_iterations(clf.model, clf.input_size, b, dev, repeats=repeats, autocast=autocast)
+            row = bench_iterations(clf.model, clf.input_size, b, dev, repeats=repeats, autocast=autocast,
+                                   channels_last=nhwc)
             line = (f"| {b} | {row.plain_ms:.1f} | {row.game_ms:.1f} | {row.defended_ms:.1f} | "
                     f"{row.ratio_game:.3f} | {row.ratio_defended:.3f} | {row.defended_ms / b:.1f} |")
             typer.echo(line)
@@ -60,7 +65,7 @@ def register(app: typer.Typer, evaluate_app: typer.Typer) -> None:
         if prepared:
             x = torch.stack([p.tensor for p in prepared]).to(dev)
             fov = torch.stack([torch.from_numpy(np.ascontiguousarray(p.fov_model)) for p in prepared]).to(dev)
-            fgvis = fundus_fgvis(clf, autocast=autocast)
+            fgvis = fundus_fgvis(clf, autocast=autocast, channels_last=nhwc)
             start = time.perf_counter()
             result = fgvis.attribute(x, target=1, fov_mask=fov)
             if dev.type == "cuda":

@@ -70,6 +70,8 @@ def register(app: typer.Typer, evaluate_app: typer.Typer) -> None:
         freeze_early: int = typer.Option(2, help="Freeze the stem + this many early blocks (0 = train all)."),
         rotate: float = typer.Option(180.0, help="Augmentation: random rotation range +-degrees."),
         init_from: Optional[Path] = typer.Option(None, help="Start from this classifier checkpoint (continue training with new stages)."),
+        delete_prob: float = typer.Option(0.0, min=0.0, max=1.0, help="Deletion-aware augmentation: share of samples with a random smooth deletion (label kept)."),
+        blank_prob: float = typer.Option(0.0, min=0.0, max=1.0, help="Share of samples replaced by a fully deleted eye labelled non-referable."),
         log_file: Optional[Path] = typer.Option(None, help="Append log lines here as well."),
     ) -> None:
         """Train the referable-DR classifier (resumes automatically from --checkpoint-dir)."""
@@ -82,7 +84,8 @@ def register(app: typer.Typer, evaluate_app: typer.Typer) -> None:
                           cache_dir=str(cache_dir) if cache_dir else None, device=device,
                           threads=threads, max_images_per_source=max_images,
                           freeze_early=freeze_early,
-                          init_from=str(init_from) if init_from else None, rotate_deg=rotate)
+                          init_from=str(init_from) if init_from else None, rotate_deg=rotate,
+                          delete_prob=delete_prob, blank_prob=blank_prob)
         log = _log_factory(log_file)
         log(f"train: {json.dumps(cfg.__dict__)}")
         try:

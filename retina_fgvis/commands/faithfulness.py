@@ -152,6 +152,10 @@ def faithfulness_command(
                                             help="FGVis setting override KEY=VALUE (repeatable), on top of "
                                                  "the faithfulness defaults (goal=fraction)."),
     seed: int = typer.Option(0, "--seed", help="Sample seed (rdr)."),
+    max_minutes: Optional[float] = typer.Option(None, "--max-minutes", min=0.0,
+                                                help="Start no new batch after this many minutes "
+                                                     "(a lent machine's time box); the outputs cover the "
+                                                     "images done and say how many were left out."),
 ) -> None:
     """Deletion metric of FGVis and the baselines (paper Table 2): CSV, table, curves, run times."""
     from retina_fgvis import faithfulness as F
@@ -184,11 +188,11 @@ def faithfulness_command(
                    insertion=insertion, rise_masks=rise_masks, lime_samples=lime_samples,
                    fgvis_max_iterations=fgvis_max_iterations,
                    fgvis_setting=" --fgvis-setting ".join(fgvis_setting) or None,
-                   seed=seed if seed else None, out=out)
+                   seed=seed if seed else None, max_minutes=max_minutes, out=out)
     _echo(f"{em.description}; {image_desc}; methods {', '.join(chosen)}; device {dev}")
     t0 = time.time()
     run = F.run_faithfulness(em, imgs, chosen, options, batch_size=batch_size, with_insertion=insertion,
-                             progress=_echo)
+                             progress=_echo, time_budget_s=None if max_minutes is None else 60 * max_minutes)
     out.mkdir(parents=True, exist_ok=True)
     _write_csv(out / "auc_per_image.csv", run.per_image)
     summary = F.faithfulness_summary(run)
@@ -197,7 +201,9 @@ def faithfulness_command(
     _write_text(out / "summary.md", F.faithfulness_markdown(run, em.description, image_desc, cmd))
     _write_figure(out / "deletion_curves.png", F.curves_figure(run))
     meta = {"command": cmd, "model": em.description, "images": image_desc,
-            "image_names": [i.name for i in imgs], "methods": chosen, "method_options": options,
+            "image_names": [i.name for i in imgs],
+            "images_evaluated": sorted(run.per_image["image"].unique().tolist()), "notes": run.notes,
+            "methods": chosen, "method_options": options,
             "seconds_total": round(time.time() - t0, 1), "environment": _environment(dev),
             "note": F.RESEARCH_NOTE}
     _write_text(out / "run.json", json.dumps(meta, indent=2, default=str) + "\n")

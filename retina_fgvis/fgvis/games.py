@@ -129,6 +129,9 @@ class FGVisSettings:
     # worse than the game's own result); () = keep the optimised mask as it is
     prune_levels: tuple[float, ...] = (0.01, 0.02, 0.03, 0.05, 0.07, 0.1, 0.15, 0.2, 0.3, 0.5, 0.7)
     autocast: bool = False  # CUDA only: bf16 forward/backward (the mask stays fp32)
+    # CUDA only: feed the model NHWC tensors (convert the model too: ``model.to(memory_format=
+    # torch.channels_last)``); cuDNN's tensor-core convolutions prefer that layout, the mask stays NCHW
+    channels_last: bool = False
 
     def validate(self) -> "FGVisSettings":
         if self.optimizer not in ("adam", "sgd_normalized", "sign"):
@@ -193,7 +196,7 @@ class _Optimizer:
             return s.lr * (m1 / (1 - b1**t)) / denom
         if s.optimizer == "sgd_normalized":
             scale = grad.flatten(1).abs().amax(1).clamp_min(1e-30).view(-1, 1, 1, 1)
-            return s.lr * grad / scale
+            return grad * (s.lr / scale)  # one pass over the mask-sized tensor
         return s.lr * grad.sign()
 
 
@@ -227,6 +230,8 @@ class FGVis:
         A confident classifier gives p = 1.0 exactly in float32, where the softmax score has a
         zero gradient; the log-odds keep a usable gradient at any confidence.
         """
+        if self.settings.channels_last and e.device.type == "cuda":
+            e = e.contiguous(memory_format=torch.channels_last)
         with self._autocast(e.device):
             logits = self.model(e)
         log_p = torch.log_softmax(logits.float(), dim=1)
@@ -306,6 +311,11 @@ class FGVis:
         closest_p: torch.Tensor,
     ) -> None:
         """Keep (in place, for ``active``) the snapshot closest to the goal: a missed game's answer."""
+        if len(active) == len(closest):  # whole batch active: in place, no gather/scatter copies
+            nearer = p < closest_p if spec.removes_evidence else p > closest_p
+            torch.where(nearer.view(-1, 1, 1, 1), m, closest, out=closest)
+            torch.where(nearer, p, closest_p, out=closest_p)
+            return
         nearer = p < closest_p[active] if spec.removes_evidence else p > closest_p[active]
         closest[active] = torch.where(nearer.view(-1, 1, 1, 1), m, closest[active])
         closest_p[active] = torch.where(nearer, p, closest_p[active])
@@ -402,6 +412,7 @@ class FGVis:
 
         m0 = spec.mask_init
         mask = torch.full_like(x, m0)
+        m0_t = torch.tensor(m0, dtype=x.dtype, device=device)
         best = mask.clone()
         best_cost = torch.full((B,), float("inf"), device=device)
         reached = torch.zeros(B, dtype=torch.bool, device=device)
@@ -446,9 +457,11 @@ class FGVis:
                 for t in range(1, s.max_iterations + 1 if len(active) else 1):
                     if defended is not None:
                         defended.select(None if len(active) == B else active)
-                    xa, fa = x[active], fov[active]
-                    m = mask[active].requires_grad_(True)
-                    e = m * xa + (1 - m) * ref[active]
+                    # whole batch active (the common case): views, not index copies of mask-sized tensors
+                    full = len(active) == B
+                    xa, fa, ra = (x, fov, ref) if full else (x[active], fov[active], ref[active])
+                    m = (mask.clone() if full else mask[active]).requires_grad_(True)
+                    e = torch.lerp(ra, xa, m)  # m * x + (1 - m) * r in one pass
                     log_pt, log_odds = self._log_probs(e, target[active])
                     p = log_pt.exp()
                     sim = self._similarity(log_pt, log_odds)
@@ -473,7 +486,10 @@ class FGVis:
                             new = (base - scale * optimizer.step(base_grad, active, t)).clamp_(0, 1)
                         else:
                             new = (m_used - optimizer.step(grad, active, t)).clamp_(0, 1)
-                        mask[active] = torch.where(fa, new, torch.full_like(new, m0))
+                        if full:
+                            torch.where(fa, new, m0_t, out=mask)
+                        else:
+                            mask[active] = torch.where(fa, new, m0_t)
                         iterations[active] += 1
                         if s.snapshots != "checks":  # tensor ops only: no host synchronisation
                             p_it = p.detach()
