@@ -136,7 +136,7 @@ class _WeightedRidge:
         ym = (wn * y).sum()
         Xc, yc = X - xm, y - ym
         # minimise sum_i w_i (y_i - x_i b - c)^2 + alpha |b|^2 (sklearn Ridge with sample_weight)
-        A = Xc.T @ (w[:, None] * Xc) + self.alpha * torch.eye(X.shape[1], dtype=X.dtype)
+        A = Xc.T @ (w[:, None] * Xc) + self.alpha * torch.eye(X.shape[1], dtype=X.dtype, device=X.device)
         self.coef = torch.linalg.solve(A, Xc.T @ (w * yc))
         self.intercept = ym - xm @ self.coef
 

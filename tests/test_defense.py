@@ -258,3 +258,25 @@ def test_subset_selection_uses_each_samples_own_bounds() -> None:
         model(sub).sum().backward()
     assert torch.allclose(sub.grad, full[[2, 0]], atol=1e-6)
 
+
+
+def test_bounds_are_recorded_in_the_games_precision() -> None:
+    """With a reduced-precision game (bf16 autocast), the clean pass must run in that precision
+    too: fp32 bounds compared with bf16 activations mark units "out of bounds" by rounding alone,
+    so the unperturbed image (m = 1) would already lose gradient."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 2))
+    x = torch.randn(4, 16)
+    bf16 = lambda: torch.autocast("cpu", dtype=torch.bfloat16)  # noqa: E731
+    with activation_bounds(model, x, clean_pass_context=bf16, track_violations=True) as bounds:
+        assert all(r.upper.dtype == torch.bfloat16 for r in bounds.records)
+        e = x.clone().requires_grad_(True)
+        with bf16():
+            model(e).float().sum().backward()
+        assert bounds.last_violation_fraction == 0.0  # m = 1: every unit inside its own bounds
+    with activation_bounds(model, x, track_violations=True) as bounds:  # fp32 bounds: the artefact
+        assert all(r.upper.dtype == torch.float32 for r in bounds.records)
+        e = x.clone().requires_grad_(True)
+        with bf16():
+            model(e).float().sum().backward()
+        assert bounds.last_violation_fraction > 0.05

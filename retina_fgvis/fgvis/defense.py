@@ -26,6 +26,7 @@ which the bound argument has not been checked (PReLU, SELU, Mish, ...) raise
 """
 from __future__ import annotations
 
+import contextlib
 import sys
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -151,8 +152,12 @@ class ActivationBounds:
         *,
         tolerance: float = 0.0,
         track_violations: bool = False,
+        clean_pass_context: Callable[[], Any] | None = None,
     ) -> None:
         self.model = model
+        # e.g. the explainer's bf16 autocast: bounds must come from the precision the later
+        # passes run in, or rounding alone puts units outside them
+        self.clean_pass_context = clean_pass_context
         self.x = x
         self.tolerance = float(tolerance)
         self.track_violations = track_violations
@@ -175,7 +180,7 @@ class ActivationBounds:
         self._mode.__enter__()
         try:
             self._recording = True
-            with torch.no_grad():
+            with torch.no_grad(), (self.clean_pass_context() if self.clean_pass_context else contextlib.nullcontext()):
                 self.model(self.x)
             self._recording = False
             if not self.records:
@@ -297,7 +302,9 @@ class _KeepOnly:
 
 
 def activation_bounds(
-    model: torch.nn.Module, x: torch.Tensor, *, tolerance: float = 0.0, track_violations: bool = False
+    model: torch.nn.Module, x: torch.Tensor, *, tolerance: float = 0.0, track_violations: bool = False,
+    clean_pass_context: Callable[[], Any] | None = None,
 ) -> ActivationBounds:
     """Defend ``model`` for explanations of the batch ``x`` (Eq. 4-6). See :class:`ActivationBounds`."""
-    return ActivationBounds(model, x, tolerance=tolerance, track_violations=track_violations)
+    return ActivationBounds(model, x, tolerance=tolerance, track_violations=track_violations,
+                            clean_pass_context=clean_pass_context)
