@@ -28,6 +28,7 @@ import pandas as pd
 import torch
 
 from retina_fgvis.fgvis.presets import background_reference, fundus_fgvis
+from retina_fgvis.fundus.preprocess import stack_prepared
 from retina_fgvis.metrics.enrichment import lesion_scores
 
 #: Candidate settings (name -> FGVis overrides); "sgdn-logodds-lr0.3" is the engine default.
@@ -82,8 +83,7 @@ def prepare_batch(
     """(prepared items, model inputs x, model-grid FOV masks, model-grid GT) of study images;
     shared by the study and its probes (evaluation/game-study/probes/)."""
     prepared = [classifier.prepare(im.rgb, fov=im.fov) for im in batch]
-    x = torch.stack([p.tensor for p in prepared]).to(device)
-    fov = torch.stack([torch.from_numpy(np.ascontiguousarray(p.fov_model)) for p in prepared]).to(device)
+    x, fov = stack_prepared(prepared, device)
     gt_model = [p.mapping.crop_from_original(im.gt_any.astype(np.uint8), cv2.INTER_NEAREST) > 0
                 for p, im in zip(prepared, batch)]
     return prepared, x, fov, gt_model

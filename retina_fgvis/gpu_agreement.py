@@ -20,6 +20,7 @@ from retina_fgvis.bench import hardware
 from retina_fgvis.classifier.model import load_classifier
 from retina_fgvis.datasets.diaretdb1 import DiaretDB1
 from retina_fgvis.fgvis.presets import fundus_fgvis
+from retina_fgvis.fundus.preprocess import stack_prepared
 from retina_fgvis.lesions import flag_pixels
 
 #: (label, autocast, channels_last); the first is the reference the others are compared with.
@@ -52,9 +53,7 @@ def main() -> None:
     chunks = []
     for k in range(0, n, args.batch_size):
         part = prepared[k : k + args.batch_size]
-        x = torch.stack([p.tensor for p in part]).to(dev)
-        fov = torch.stack([torch.from_numpy(np.ascontiguousarray(p.fov_model)) for p in part]).to(dev)
-        chunks.append((part, x, fov))
+        chunks.append((part, *stack_prepared(part, dev)))
     lines = [f"# Defended deletion game on {n} DiaretDB1 training images: fp32 vs bf16 (vs NHWC)", "",
              f"Hardware: {hardware()}; batch {args.batch_size}; classifier {clf.sha256[:12]}…", "",
              "| variant | images/s | s total | mean iterations | goal reached | IoU vs fp32 mean | IoU min |",
@@ -82,7 +81,7 @@ def main() -> None:
         sec = time.perf_counter() - start
         flagged[label] = [flag_pixels(p.mapping.map_to_original(m, order=1), it.fov)
                           for (p, m), it in zip(maps, items)]
-        ious = [flagged_iou(a, b) for a, b in zip(flagged["fp32"], flagged[label])] if "fp32" in flagged else []
+        ious = [flagged_iou(a, b) for a, b in zip(flagged["fp32"], flagged[label])]
         lines.append(f"| {label} | {n / sec:.3f} | {sec:.1f} | {np.mean(iters):.1f} | {reached}/{n} | "
                      f"{np.mean(ious):.3f} | {np.min(ious):.3f} |")
         print(lines[-1], flush=True)

@@ -697,11 +697,11 @@ class Screener:
 
         model = getattr(self.classifier, "model", None)
         from retina_fgvis.classifier.model import module_device
+        from retina_fgvis.fundus.preprocess import stack_prepared
 
         device = module_device(model)
         n = len(batch)
-        x = torch.stack([p.prepared.tensor for p in batch])
-        fov = torch.stack([torch.as_tensor(np.asarray(p.prepared.fov_model)) for p in batch])
+        x, fov = stack_prepared([p.prepared for p in batch])
         if device.type == "cuda":  # pinned host memory: the copy overlaps with queued work
             x, fov = x.pin_memory().to(device, non_blocking=True), fov.pin_memory().to(device, non_blocking=True)
         else:

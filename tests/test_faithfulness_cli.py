@@ -77,13 +77,18 @@ def test_faithfulness_cli_end_to_end(tiny_setup):
     assert meta["image_names"] == ["im0.png", "im1.png"]
 
 
+def _evaluate(app, command: str, folder, out, *options: str):
+    """`retina-fgvis evaluate COMMAND --model imagenet --images FOLDER --out OUT OPTIONS...`."""
+    return CliRunner().invoke(app, ["evaluate", command, "--model", "imagenet", "--images", str(folder),
+                                    "--out", str(out), *options])
+
+
 def test_faithfulness_time_box_keeps_complete_rows(tiny_setup):
     """--max-minutes 0: the first batch is done (every method), no later batch is started, and
     the outputs say how many images were left out."""
     app, folder, out = tiny_setup
-    res = CliRunner().invoke(app, ["evaluate", "faithfulness", "--model", "imagenet", "--images", str(folder),
-                                   "--out", str(out), "--methods", "gradcam,gradient", "--device", "cpu",
-                                   "--max-minutes", "0"])
+    res = _evaluate(app, "faithfulness", folder, out, "--methods", "gradcam,gradient", "--device", "cpu",
+                    "--max-minutes", "0")
     assert res.exit_code == 0, res.output
     df = pd.read_csv(out / "auc_per_image.csv")
     assert list(df["image"]) == ["im0.png", "im0.png"] and list(df["method"]) == ["gradcam", "gradient"]
@@ -95,8 +100,7 @@ def test_faithfulness_time_box_keeps_complete_rows(tiny_setup):
 
 def test_faithfulness_cli_rejects_bad_method(tiny_setup):
     app, folder, out = tiny_setup
-    res = CliRunner().invoke(app, ["evaluate", "faithfulness", "--model", "imagenet", "--images", str(folder),
-                                   "--out", str(out), "--methods", "gradcam,bogus"])
+    res = _evaluate(app, "faithfulness", folder, out, "--methods", "gradcam,bogus")
     assert res.exit_code != 0
     assert "bogus" in res.output
 
@@ -104,9 +108,7 @@ def test_faithfulness_cli_rejects_bad_method(tiny_setup):
 @pytest.mark.skipif(not HAS_ENGINE, reason="FGVis engine (retina_fgvis.fgvis.games) not available yet")
 def test_defense_cli_end_to_end(tiny_setup):
     app, folder, out = tiny_setup
-    res = CliRunner().invoke(app, ["evaluate", "defense", "--model", "imagenet", "--images", str(folder),
-                                   "--out", str(out), "--max-iterations", "20", "--examples", "1",
-                                   "--device", "cpu"])
+    res = _evaluate(app, "defense", folder, out, "--max-iterations", "20", "--examples", "1", "--device", "cpu")
     assert res.exit_code == 0, res.output
     df = pd.read_csv(out / "defense_per_image.csv")
     assert len(df) == 2

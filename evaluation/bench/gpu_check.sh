@@ -60,8 +60,12 @@ cat "$RES/environment.txt" | tee -a "$LOG"
 # metric with the shipped classifier on >= 50 eyes is missing): faithfulness first.
 step faithfulness-rdr 300 $PY -m retina_fgvis evaluate faithfulness --model rdr --limit $N_FAITH \
   --data-root "$DATA_ROOT" --device $DEV "${FAITH_OPTS[@]}" "${W[@]}" --out "$RES/faithfulness-rdr"
-step defense-rdr 80 $PY -m retina_fgvis evaluate defense --model rdr --limit $N_DEF --batch-size $DEF_BATCH \
-  --data-root "$DATA_ROOT" --device $DEV "${W[@]}" "${DEF_OPTS[@]}" --out "$RES/defense-rdr"
+defense() {  # defense NAME SECONDS [--weights W]: defence validation on the RDR model
+  local name=$1 limit=$2; shift 2
+  step "$name" "$limit" $PY -m retina_fgvis evaluate defense --model rdr --limit $N_DEF --batch-size $DEF_BATCH \
+    --data-root "$DATA_ROOT" --device $DEV "$@" "${DEF_OPTS[@]}" --out "$RES/$name"
+}
+defense defense-rdr 80 "${W[@]}"
 step bench-fp32 60 $PY -m retina_fgvis bench --device $DEV "${BATCHES[@]}" "${W[@]}" --out "$RES/bench_fp32.md"
 if [ $DEV = cuda ]; then  # session 4: the full-game part needs > 50 s under bf16 (first-call autotuning)
   step bench-bf16 80 $PY -m retina_fgvis bench --device $DEV "${BATCHES[@]}" "${W[@]}" --autocast --out "$RES/bench_bf16.md"
@@ -72,8 +76,7 @@ else
   echo "no DiaretDB1 at $DDB: agreement check skipped" | tee "$RES/agreement.md"
 fi
 if [ -n "${OLD_WEIGHTS:-}" ]; then  # the same protocol on an earlier classifier, for contrast
-  step defense-rdr-old 60 $PY -m retina_fgvis evaluate defense --model rdr --limit $N_DEF --batch-size $DEF_BATCH \
-    --data-root "$DATA_ROOT" --device $DEV --weights "$OLD_WEIGHTS" "${DEF_OPTS[@]}" --out "$RES/defense-rdr-old"
+  defense defense-rdr-old 60 --weights "$OLD_WEIGHTS"
 fi
 cp "$LOG" "$RES/" 2>/dev/null; pack
 echo "done in $SECONDS s" | tee -a "$LOG"

@@ -22,13 +22,13 @@ def register(app: typer.Typer, evaluate_app: typer.Typer) -> None:
         out: Optional[Path] = typer.Option(None, help="Also write the table as markdown here."),
     ) -> None:
         """Print ms/iteration of (a) forward+backward, (b) game, (c) defended game, and images/s."""
-        import numpy as np
         import torch
 
         from retina_fgvis.bench import bench_iterations, hardware, peak_memory_mb
         from retina_fgvis.classifier.model import load_classifier
         from retina_fgvis.fgvis.presets import fundus_fgvis
         from retina_fgvis.fundus.io import read_fundus
+        from retina_fgvis.fundus.preprocess import stack_prepared
         from retina_fgvis.report.files import atomic_write_text
 
         dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
@@ -63,8 +63,7 @@ def register(app: typer.Typer, evaluate_app: typer.Typer) -> None:
             except Exception as err:  # noqa: BLE001 - a benchmark skips unreadable inputs
                 typer.echo(f"skip {p}: {err}")
         if prepared:
-            x = torch.stack([p.tensor for p in prepared]).to(dev)
-            fov = torch.stack([torch.from_numpy(np.ascontiguousarray(p.fov_model)) for p in prepared]).to(dev)
+            x, fov = stack_prepared(prepared, dev)
             fgvis = fundus_fgvis(clf, autocast=autocast, channels_last=nhwc)
             start = time.perf_counter()
             result = fgvis.attribute(x, target=1, fov_mask=fov)

@@ -268,6 +268,14 @@ class PreparedFundus:
     mapping: GridMapping
 
 
+def stack_prepared(prepared: list[PreparedFundus], device: torch.device | str = "cpu"
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """A batch for the classifier and FGVis: inputs (B, 3, S, S) and model-grid FOVs (B, S, S) bool."""
+    x = torch.stack([p.tensor for p in prepared])
+    fov = torch.stack([torch.from_numpy(np.ascontiguousarray(p.fov_model)) for p in prepared])
+    return x.to(device), fov.to(device)
+
+
 def crop_fundus_uint8(rgb: np.ndarray, size: int = 512, fov: np.ndarray | None = None
                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray, GridMapping]:
     """Crop + resize without normalising: ``(crop uint8 (S,S,3), fov_model, fov_original, mapping)``.
