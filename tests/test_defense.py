@@ -280,3 +280,116 @@ def test_bounds_are_recorded_in_the_games_precision() -> None:
         with bf16():
             model(e).float().sum().backward()
         assert bounds.last_violation_fraction > 0.05
+
+
+# ----------------------------------------------------------------- the fused path (ReLU family)
+
+def _defended_grad(model: nn.Module, x: torch.Tensor, e: torch.Tensor, fuse: bool, **kw: object) -> torch.Tensor:
+    e = e.clone().requires_grad_(True)
+    with activation_bounds(model, x, fuse=fuse, **kw):
+        (g,) = torch.autograd.grad(model(e)[:, 0].sum(), e)
+    return g
+
+
+@pytest.mark.parametrize("name", ["tf_efficientnet_lite0", "resnet18", "densenet121", "mobilenet_v2"])
+def test_fused_indicator_gives_the_hook_paths_gradient_bit_for_bit(name: str) -> None:
+    """The fused backward (one multiply by h'·[h <= b_u]) must equal op backward + hook multiply
+    exactly, on in-place reused ReLUs (ResNet), functional ReLUs (DenseNet) and ReLU6/hardtanh
+    (EfficientNet-Lite, MobileNetV2) -- and must actually clip (else the test proves nothing)."""
+    torch.manual_seed(0)
+    if name.startswith("tf_"):
+        model = timm.create_model(name, pretrained=False, num_classes=2).eval()
+    else:
+        model = getattr(torchvision.models, name)(num_classes=2).eval()
+    x = torch.randn(2, 3, 64, 64) * 3  # large inputs: ReLU6 units saturate in the clean pass
+    e = x * torch.rand(2, 1, 64, 64) * 1.5  # some units below, some above their bounds
+    fused, hooked = _defended_grad(model, x, e, True), _defended_grad(model, x, e, False)
+    ep = e.clone().requires_grad_(True)
+    (plain,) = torch.autograd.grad(model(ep)[:, 0].sum(), ep)
+    assert torch.equal(fused, hooked)
+    assert (fused - plain).abs().max() > 1e-2 * plain.abs().max()  # untrained nets: tiny gradients
+
+
+class _Chain(nn.Module):
+    """relu, relu6, hardtanh(0, 2) (fusable), then leaky_relu, hardtanh(-1, 1) (hook path)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.grad_fns: list[str] = []
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        self.grad_fns.clear()
+        h = h * 1.0
+        for f in (F.relu, F.relu6, lambda t: F.hardtanh(t, 0.0, 2.0), F.leaky_relu, F.hardtanh):
+            h = f(h)
+            self.grad_fns.append(type(h.grad_fn).__name__)
+        return h
+
+
+def test_fused_path_is_taken_for_relu_family_and_hook_path_for_the_rest() -> None:
+    model, x = _Chain(), torch.randn(1, 8)
+    with activation_bounds(model, x):
+        model(x.clone().requires_grad_(True))
+    assert model.grad_fns[:3] == ["_ClampWithIndicatorBackward"] * 3
+    assert model.grad_fns[3:] == ["LeakyReluBackward0", "HardtanhBackward0"]
+    with activation_bounds(model, x, fuse=False):
+        model(x.clone().requires_grad_(True))
+    assert "_ClampWithIndicatorBackward" not in model.grad_fns
+
+
+def test_saturated_relu6_unit_passes_no_gradient_by_hand() -> None:
+    # W1 x = [7, 6, 0] for x = [7, 6]: b_u = [6, 6, 0] (h = relu6).
+    # e = [8, 5]: W1 e = [8, 5, 3] -> h = [6, 5, 3]; relu6' = [0 (saturated), 1, 1];
+    # indicator [h <= b_u] = [1, 1, 0] -> only unit 2 passes: dL/de = W1^T [0, 1, 0] = [0, 1]
+    model = TwoLayer(nn.ReLU6())
+    x, e = torch.tensor([[7.0, 6.0]]), torch.tensor([[8.0, 5.0]])
+    for fuse in (True, False):
+        assert torch.equal(_defended_grad(model, x, e, fuse), torch.tensor([[0.0, 1.0]]))
+    # unit 2 exactly at the clean value 6 = b_u: relu6'(6) = 0 (PyTorch's convention), so no gradient
+    e2 = torch.tensor([[5.0, 6.0]])  # W1 e = [5, 6, -1] -> passes unit 1 only
+    for fuse in (True, False):
+        assert torch.equal(_defended_grad(model, x, e2, fuse), torch.tensor([[1.0, 0.0]]))
+
+
+def test_violation_fraction_is_the_same_on_both_paths() -> None:
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(16, 64), nn.ReLU6(inplace=True), nn.Linear(64, 2))
+    x = torch.randn(4, 16) * 4
+    fractions = []
+    for fuse in (True, False):
+        with activation_bounds(model, x, fuse=fuse, track_violations=True) as bounds:
+            model((x * 1.3).requires_grad_(True)).sum().backward()
+            fractions.append(bounds.last_violation_fraction)
+    assert fractions[0] == fractions[1] > 0
+
+
+def test_second_backward_through_a_fused_graph_is_refused() -> None:
+    """The fused backward reuses its mask buffer for the gradient; a retained graph must not
+    silently give a wrong second gradient."""
+    model = TwoLayer(nn.ReLU())
+    x = torch.tensor([[1.0, 1.0]])
+    e = x.clone().requires_grad_(True)
+    with activation_bounds(model, x):
+        out = model(e).sum()
+        out.backward(retain_graph=True)
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            out.backward()
+
+
+def test_defended_game_masks_are_identical_with_the_fused_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    import functools
+
+    from retina_fgvis import FGVis
+    from retina_fgvis.fgvis import games
+
+    torch.manual_seed(0)
+    model = timm.create_model("tf_efficientnet_lite0", pretrained=False, num_classes=2).eval()
+    with torch.no_grad():
+        model.classifier.weight.mul_(0.01)  # an untrained head saturates p at 1: nothing to delete
+    x = torch.randn(2, 3, 64, 64)
+    results = []
+    for fuse in (True, False):
+        monkeypatch.setattr(games, "activation_bounds", functools.partial(activation_bounds, fuse=fuse))
+        results.append(FGVis(model, max_iterations=12, goal_level=0.0).attribute(x, target=1).mask)
+    assert torch.equal(results[0], results[1])
+    assert (results[0] < 1).any()

@@ -16,9 +16,22 @@ What happens in a call:
 
 * clean pass (inside ``__enter__``): ``h(x)`` is recorded per call and per sample;
 * later forward passes: the nonlinearity runs unchanged (the defence is the identity in the
-  forward pass, activations are *not* clamped) and a gradient hook multiplies the incoming
+  forward pass, activations are *not* clamped) and its backward multiplies the incoming
   gradient by Eq. 6's indicator ``[b_l <= h(e) <= b_u]`` with ``b_u = max(0, h(x))`` and
   ``b_l = min(0, h(x))``.
+
+Two ways to apply the indicator, same numbers (tested bit for bit):
+
+* **fused** (ReLU, ReLU6, hardtanh with ``min_val = 0``: the nonlinearities of ResNets, VGG,
+  DenseNet, MobileNets, EfficientNet-Lite): the call runs as one autograd function whose backward
+  is a single in-place multiply by ``h'(e) · [h(e) <= b_u]``, a 0/1 mask built in the forward
+  pass. It replaces the op's own backward, so the defence adds no backward kernel and no
+  gradient-sized allocation. Why: on a CPU these activations are tens of MB, each allocation is
+  paid in page faults, and the hook version (indicator in the forward, op backward, then a
+  hook multiply) cost ~1.8x the extra time of the fused one per activation
+  (`evaluation/bench/probes/fused_defense_micro.py`).
+* **hook** (every other supported op, or ``fuse=False``): the op runs unchanged and a tensor
+  hook multiplies its output gradient by the indicator.
 
 Softmax / log-softmax (the final classification layer) are never clipped. Nonlinearities for
 which the bound argument has not been checked (PReLU, SELU, Mish, ...) raise
@@ -88,6 +101,81 @@ def _hardtanh_is_nonnegative(args: tuple[Any, ...], kwargs: dict[str, Any]) -> b
     return float(min_val) >= 0.0
 
 
+_RELU_INPLACE = {F.relu_, torch.relu_, torch.Tensor.relu_}
+_RELU = {F.relu, torch.relu, torch.Tensor.relu} | _RELU_INPLACE
+
+
+@dataclass(frozen=True)
+class _Clamp:
+    """A fusable call ``h = clamp(input, 0, hi)`` (ReLU: hi = inf); ``rest`` = the other arguments."""
+
+    input: torch.Tensor
+    rest: tuple[Any, ...]
+    kwargs: dict[str, Any]
+    hi: float
+    inplace: bool
+
+
+def _fusable_clamp(func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> _Clamp | None:
+    """The call as a clamp to [0, hi] whose derivative is the indicator of (0, hi), or None."""
+    kwargs = dict(kwargs)
+    if args:
+        x, rest = args[0], tuple(args[1:])
+    elif "input" in kwargs:
+        x, rest = kwargs.pop("input"), ()
+    else:
+        return None
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+        return None
+    if func in _RELU:
+        inplace = func in _RELU_INPLACE or bool(kwargs.get("inplace", rest[0] if rest and func is F.relu else False))
+        return _Clamp(x, rest, kwargs, float("inf"), inplace)
+    if func is F.relu6:
+        return _Clamp(x, rest, kwargs, 6.0, bool(kwargs.get("inplace", rest[0] if rest else False)))
+    if func in (F.hardtanh, F.hardtanh_):
+        lo = kwargs.get("min_val", rest[0] if len(rest) > 0 else -1.0)
+        hi = kwargs.get("max_val", rest[1] if len(rest) > 1 else 1.0)
+        if float(lo) != 0.0 or not float(hi) > 0.0:
+            return None
+        inplace = func is F.hardtanh_ or bool(kwargs.get("inplace", rest[2] if len(rest) > 2 else False))
+        return _Clamp(x, rest, kwargs, float(hi), inplace)
+    return None
+
+
+def _below(value: float, dtype: torch.dtype) -> float:
+    """The largest ``dtype`` number below ``value``: ``x <= _below(hi)`` is ``x < hi`` exactly."""
+    v = torch.tensor(value, dtype=dtype)
+    return float(torch.nextafter(v, torch.tensor(-float("inf"), dtype=dtype)))
+
+
+class _ClampWithIndicator(torch.autograd.Function):
+    """``h = clamp(x, 0, hi)`` whose backward is Eq. 6 fused with h' (see the module docstring).
+
+    The forward builds ``mask = [0 < h <= grad_upper]`` with four vectorised in-place passes on one
+    new tensor (``grad_upper = min(b_u, just below hi)``, so ``h <= grad_upper`` is both Eq. 6's
+    upper bound and the open end of h' at a saturated ReLU6; ``h >= 0`` makes sign(h·[h <= u])
+    the 0/1 mask). The backward multiplies the mask by the gradient *in place* and hands the mask
+    over as the input's gradient: no allocation. A second backward through the same graph
+    (``retain_graph=True``) is refused by autograd's version check rather than silently wrong.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, grad_upper: torch.Tensor, run: Callable[[torch.Tensor], torch.Tensor],
+                inplace: bool) -> torch.Tensor:
+        out = run(x)
+        if inplace:
+            ctx.mark_dirty(x)
+        mask = out.clone().le_(grad_upper).mul_(out).sign_()
+        ctx.save_for_backward(mask)
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:
+        (mask,) = ctx.saved_tensors
+        return mask.mul_(grad), None, None, None
+
+
 @dataclass
 class CallRecord:
     """One nonlinearity call of the clean pass: op name, output shape, Eq. 5 bounds.
@@ -102,6 +190,8 @@ class CallRecord:
     upper: torch.Tensor  # batch-first
     lower: torch.Tensor | None
     nonnegative: bool
+    # fused calls only: b_u capped just below the clamp's top (== upper, the same tensor, for ReLU)
+    grad_upper: torch.Tensor | None = None
 
 
 class _BoundsMode(TorchFunctionMode):
@@ -125,8 +215,11 @@ class _BoundsMode(TorchFunctionMode):
         if name is None:
             return func(*args, **kwargs)
         nonnegative = func in _NONNEGATIVE or (name == "hardtanh" and _hardtanh_is_nonnegative(args, kwargs))
+        clamp = _fusable_clamp(func, args, kwargs) if owner.fuse else None
+        if clamp is not None and not owner._recording:
+            return owner._fused_call(name, func, clamp)
         out = func(*args, **kwargs)
-        owner._on_call(name, out, nonnegative)
+        owner._on_call(name, out, nonnegative, clamp_hi=None if clamp is None else clamp.hi)
         return out
 
 
@@ -143,6 +236,8 @@ class ActivationBounds:
     (the games drop finished samples from the batch); ``bounds.records`` lists the clean
     pass's calls; ``bounds.last_violation_fraction`` is the share of units outside their
     bounds in the latest pass (a diagnostic, computed only when ``track_violations``).
+    ``fuse=False`` applies every indicator through a gradient hook (same numbers, slower; the
+    reference the fused path is tested against).
     """
 
     def __init__(
@@ -153,8 +248,10 @@ class ActivationBounds:
         tolerance: float = 0.0,
         track_violations: bool = False,
         clean_pass_context: Callable[[], Any] | None = None,
+        fuse: bool = True,
     ) -> None:
         self.model = model
+        self.fuse = fuse
         # e.g. the explainer's bf16 autocast: bounds must come from the precision the later
         # passes run in, or rounding alone puts units outside them
         self.clean_pass_context = clean_pass_context
@@ -166,7 +263,7 @@ class ActivationBounds:
         self._in_forward = False
         self._call_index = 0
         self._selection: torch.Tensor | None = None
-        self._selected_refs: list[torch.Tensor] | None = None
+        self._selected_refs: list[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]] | None = None
         self._handles: list[Any] = []
         self._mode: _BoundsMode | None = None
         self._violations: list[torch.Tensor] = []
@@ -220,10 +317,8 @@ class ActivationBounds:
         if self._selection is not None and torch.equal(indices, self._selection):
             return
         self._selection = indices
-        self._selected_refs = [
-            (r.upper.index_select(0, indices), None if r.lower is None else r.lower.index_select(0, indices))
-            for r in self.records
-        ]
+        pick = lambda t: None if t is None else t.index_select(0, indices)  # noqa: E731
+        self._selected_refs = [(pick(r.upper), pick(r.lower), pick(r.grad_upper)) for r in self.records]
 
     def bounds(self, call: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(b_l, b_u) of Eq. 5 for call number ``call`` (all samples, tolerance included)."""
@@ -249,18 +344,31 @@ class ActivationBounds:
             total = sum(v[1] for v in self._violations)
             self.last_violation_fraction = float(sum(v[0] for v in self._violations) / max(total, 1))
 
-    def _on_call(self, op: str, out: torch.Tensor, nonnegative: bool) -> None:
+    def _on_call(self, op: str, out: torch.Tensor, nonnegative: bool, clamp_hi: float | None = None) -> None:
         if self._recording:
-            ref = out.detach()
-            tol = self.tolerance
-            upper = ref.clamp(min=0)  # a new tensor: later in-place ops on `out` cannot touch it
-            upper = upper + tol * (1 + upper) if tol else upper
-            lower = None
-            if not nonnegative:
-                lower = ref.clamp(max=0)
-                lower = lower - tol * (1 - lower) if tol else lower
-            self.records.append(CallRecord(op, tuple(out.shape), upper, lower, nonnegative))
+            self._record(op, out, nonnegative, clamp_hi)
             return
+        upper, lower, _ = self._next_call(op, tuple(out.shape))
+        if not (torch.is_grad_enabled() and out.requires_grad):
+            return
+        self._defend_with_hook(out, upper, lower)
+
+    def _record(self, op: str, out: torch.Tensor, nonnegative: bool, clamp_hi: float | None) -> None:
+        ref = out.detach()
+        tol = self.tolerance
+        upper = ref.clamp(min=0)  # a new tensor: later in-place ops on `out` cannot touch it
+        upper = upper + tol * (1 + upper) if tol else upper
+        lower = None
+        if not nonnegative:
+            lower = ref.clamp(max=0)
+            lower = lower - tol * (1 - lower) if tol else lower
+        grad_upper = None
+        if clamp_hi is not None:
+            grad_upper = upper if clamp_hi == float("inf") else upper.clamp(max=_below(clamp_hi, upper.dtype))
+        self.records.append(CallRecord(op, tuple(out.shape), upper, lower, nonnegative, grad_upper))
+
+    def _next_call(self, op: str, shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """(b_u, b_l, fused b_u) of the next call, after checking it matches the clean pass's call."""
         k = self._call_index
         self._call_index += 1
         if k >= len(self.records):
@@ -269,14 +377,33 @@ class ActivationBounds:
                 f"({len(self.records)} calls)"
             )
         record = self.records[k]
-        upper, lower = (record.upper, record.lower) if self._selected_refs is None else self._selected_refs[k]
-        if record.op != op or tuple(out.shape) != tuple(upper.shape):
+        refs = (record.upper, record.lower, record.grad_upper) if self._selected_refs is None else self._selected_refs[k]
+        if record.op != op or shape != tuple(refs[0].shape):
             raise CallSequenceError(
-                f"activation_bounds: call #{k} is '{op}' with shape {tuple(out.shape)}, the clean "
-                f"pass had '{record.op}' with shape {tuple(upper.shape)}"
+                f"activation_bounds: call #{k} is '{op}' with shape {shape}, the clean "
+                f"pass had '{record.op}' with shape {tuple(refs[0].shape)}"
             )
-        if not (torch.is_grad_enabled() and out.requires_grad):
-            return
+        return refs
+
+    def _fused_call(self, op: str, func: Callable[..., Any], clamp: _Clamp) -> torch.Tensor:
+        x = clamp.input
+
+        def run(t: torch.Tensor) -> torch.Tensor:
+            return func(t, *clamp.rest, **clamp.kwargs)
+
+        upper, lower, grad_upper = self._next_call(op, tuple(x.shape))
+        if not (torch.is_grad_enabled() and x.requires_grad):
+            return run(x)
+        if grad_upper is None or grad_upper.dtype != x.dtype or grad_upper.device != x.device:
+            out = run(x)  # e.g. a call whose dtype differs from the clean pass's: the general path
+            self._defend_with_hook(out, upper, lower)
+            return out
+        out = _ClampWithIndicator.apply(x, grad_upper, run, clamp.inplace)
+        if self.track_violations:
+            self._violations.append((out.detach().gt(upper).sum(), out.numel()))
+        return out
+
+    def _defend_with_hook(self, out: torch.Tensor, upper: torch.Tensor, lower: torch.Tensor | None) -> None:
         # Eq. 6: [b_l <= h(e) <= b_u]; for h >= 0 the lower bound b_l = 0 always holds. Stored as a
         # float 0/1 tensor: the backward is then one multiply, ~3x cheaper on a CPU than a where/
         # masked_fill on a bool mask (which also converts the scalar and the mask per element).
@@ -306,8 +433,8 @@ class _KeepOnly:
 
 def activation_bounds(
     model: torch.nn.Module, x: torch.Tensor, *, tolerance: float = 0.0, track_violations: bool = False,
-    clean_pass_context: Callable[[], Any] | None = None,
+    clean_pass_context: Callable[[], Any] | None = None, fuse: bool = True,
 ) -> ActivationBounds:
     """Defend ``model`` for explanations of the batch ``x`` (Eq. 4-6). See :class:`ActivationBounds`."""
     return ActivationBounds(model, x, tolerance=tolerance, track_violations=track_violations,
-                            clean_pass_context=clean_pass_context)
+                            clean_pass_context=clean_pass_context, fuse=fuse)
