@@ -393,3 +393,27 @@ def test_defended_game_masks_are_identical_with_the_fused_path(monkeypatch: pyte
         results.append(FGVis(model, max_iterations=12, goal_level=0.0).attribute(x, target=1).mask)
     assert torch.equal(results[0], results[1])
     assert (results[0] < 1).any()
+
+
+def test_fused_path_under_bf16_autocast_matches_hooks_and_keeps_m1_in_bounds() -> None:
+    """bf16 games (CUDA autocast; CPU autocast here): the fused ReLU6 bound is capped just below 6
+    in bf16 (5.96875), gradients equal the hook path's, and at m = 1 nothing is out of bounds."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 64), nn.ReLU6(inplace=True), nn.Linear(64, 64), nn.ReLU6(), nn.Linear(64, 2))
+    x = torch.randn(4, 16) * 4
+    bf16 = lambda: torch.autocast("cpu", dtype=torch.bfloat16)  # noqa: E731
+    grads = []
+    for fuse in (True, False):
+        with activation_bounds(model, x, clean_pass_context=bf16, fuse=fuse, track_violations=True) as bounds:
+            if fuse:
+                assert all(r.grad_upper is not None and r.grad_upper.dtype == torch.bfloat16 for r in bounds.records)
+                assert max(float(r.grad_upper.max()) for r in bounds.records) <= 5.96875
+            e = x.clone().requires_grad_(True)
+            with bf16():
+                model(e).float().sum().backward()
+            assert bounds.last_violation_fraction == 0.0
+            e2 = (x * 1.5).requires_grad_(True)
+            with bf16():
+                (g,) = torch.autograd.grad(model(e2).float()[:, 0].sum(), e2)
+            grads.append(g)
+    assert torch.equal(grads[0], grads[1])

@@ -51,7 +51,7 @@ def main() -> None:
                 start = time.perf_counter()
                 torch.autograd.grad(model(e), e, g)
                 times[name].append(time.perf_counter() - start)
-    print(f"{hardware()}; torch {torch.__version__}, {args.threads} threads; activation {tuple(x.shape)}, "
+    print(f"{hardware()}; activation {tuple(x.shape)}, "
           f"median of {args.rounds} interleaved rounds (the clean pass is outside the timing)")
     base = sorted(times["plain"])[len(times["plain"]) // 2]
     for name, ts in times.items():

@@ -83,10 +83,21 @@ def probe(spec: str | None, data_dir: str, seed: int = 0) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def _logit(p: pd.Series) -> pd.Series:
+    p = p.clip(1e-7, 1 - 1e-7)
+    return np.log(p / (1 - p))
+
+
 def summarise(df: pd.DataFrame) -> pd.DataFrame:
+    """Per classifier. 'share of the needed drop': how much of the log-odds fall the game must achieve
+    (logit p_before - logit goal) deleting the GT (+2 px) achieves, on images that start above the goal."""
     out = []
     for w, g in df.groupby("weights", sort=False):
         les = g.dropna(subset=["p_gt_deleted_d0"])  # the images with GT lesions
+        above = les[les.p_before > les.goal]
+        needed = _logit(above.p_before) - _logit(above.goal)
+        by_gt = _logit(above.p_before) - _logit(above.p_gt_deleted_d2)
+        by_control = _logit(above.p_before) - _logit(above.p_control_d2)
         out.append({
             "weights": w, "goal (p <=)": g.goal.iloc[0], "images with GT": len(les),
             "median p before": les.p_before.median(),
@@ -96,6 +107,8 @@ def summarise(df: pd.DataFrame) -> pd.DataFrame:
             "median p, same area elsewhere": les.p_control_d2.median(),
             "control: goal reached": f"{int((les.p_control_d2 <= les.goal).sum())}/{len(les)}",
             "median p, only GT +5 px kept": les.p_only_gt_d5.median(),
+            "median share of the needed log-odds drop: GT +2 px": (by_gt / needed).median(),
+            "… same area elsewhere": (by_control / needed).median(),
             "median GT share of FOV (+2 px)": les.share_d2.median(),
         })
     return pd.DataFrame(out)

@@ -1,0 +1,55 @@
+"""Process-wide settings the command-line tool applies at start-up (never on import).
+
+Why an allocator setting: on a CPU a batch of 512-px fundus games allocates activations of tens
+to hundreds of MB every iteration. glibc's malloc serves blocks above its mmap threshold (at most
+32 MB) with fresh mmaps and returns freed memory at the top of the heap to the kernel, so every
+iteration faults its memory in again: measured on this project's 2-core Xeon, batch 4, a
+defended deletion game took 50-190 thousand minor page faults and ~800-850 ms per iteration;
+with freed memory kept for reuse, no faults and ~770 ms (`evaluation/bench/probes/
+page_faults.py`). The price is that the process keeps its peak memory until it exits, which a
+command that runs games for its whole life needs anyway.
+"""
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+
+__all__ = ["keep_freed_memory", "allocator_mode"]
+
+_M_TRIM_THRESHOLD = -1  # mallopt parameter numbers (malloc.h)
+_M_MMAP_MAX = -4
+_mode = "system default"
+
+
+def keep_freed_memory() -> str:
+    """Ask glibc's malloc to keep freed memory: no mmap for large blocks, no trimming.
+
+    Returns the allocator mode in words (also on other C libraries, where nothing is changed).
+    ``RETINA_FGVIS_MALLOC=system`` leaves the allocator alone (e.g. to compare).
+    """
+    global _mode
+    if os.environ.get("RETINA_FGVIS_MALLOC", "").strip().lower() == "system":
+        _mode = "system default (RETINA_FGVIS_MALLOC=system)"
+        return _mode
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+        gnu_get_libc_version = libc.gnu_get_libc_version  # glibc only: mallopt semantics below
+    except (OSError, AttributeError):
+        _mode = "system default (not glibc)"
+        return _mode
+    gnu_get_libc_version.restype = ctypes.c_char_p
+    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    # documented in mallopt(3): M_MMAP_MAX = 0 disables mmap for large requests,
+    # M_TRIM_THRESHOLD = -1 disables trimming completely
+    if mallopt(_M_MMAP_MAX, 0) == 1 and mallopt(_M_TRIM_THRESHOLD, -1) == 1:
+        _mode = f"glibc {gnu_get_libc_version().decode()} malloc keeps freed memory (M_MMAP_MAX=0, M_TRIM_THRESHOLD=-1)"
+    else:
+        _mode = "system default (mallopt refused)"
+    return _mode
+
+
+def allocator_mode() -> str:
+    """What :func:`keep_freed_memory` did in this process, in words (for benchmark headers)."""
+    return _mode
