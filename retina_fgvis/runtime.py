@@ -4,10 +4,11 @@ Why an allocator setting: on a CPU a batch of 512-px fundus games allocates acti
 to hundreds of MB every iteration. glibc's malloc serves blocks above its mmap threshold (at most
 32 MB) with fresh mmaps and returns freed memory at the top of the heap to the kernel, so every
 iteration faults its memory in again: measured on this project's 2-core Xeon, batch 4, a
-defended deletion game took 50-190 thousand minor page faults and ~800-850 ms per iteration;
-with freed memory kept for reuse, no faults and ~770 ms (`evaluation/bench/probes/
-page_faults.py`). The price is that the process keeps its peak memory until it exits, which a
-command that runs games for its whole life needs anyway.
+defended deletion game took 38-580 thousand minor page faults and 822 ms per iteration (1.27x a
+plain fwd+bwd); with freed memory kept for reuse, no faults and 759 ms (1.15x)
+(`evaluation/bench/probes/page_faults.py` and its logs). The price is that the process keeps its
+peak memory until it exits (bench peak RSS 4060 vs 3977 MiB), which a command that runs games for
+its whole life needs anyway.
 """
 from __future__ import annotations
 
