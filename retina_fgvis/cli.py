@@ -25,9 +25,10 @@ register_all(app, evaluate_app)
 
 
 def main() -> None:
-    from retina_fgvis.runtime import keep_freed_memory
+    from retina_fgvis.runtime import compile_defence_masks, keep_freed_memory
 
     keep_freed_memory()  # a CLI process runs games for its whole life: no page faults per iteration
+    compile_defence_masks()  # one compiled kernel per defence mask on the CPU (compiled on first use)
     app()
 
 

@@ -16,7 +16,7 @@ import ctypes
 import ctypes.util
 import os
 
-__all__ = ["keep_freed_memory", "allocator_mode"]
+__all__ = ["keep_freed_memory", "allocator_mode", "compile_defence_masks"]
 
 _M_TRIM_THRESHOLD = -1  # mallopt parameter numbers (malloc.h)
 _M_MMAP_MAX = -4
@@ -54,3 +54,14 @@ def keep_freed_memory() -> str:
 def allocator_mode() -> str:
     """What :func:`keep_freed_memory` did in this process, in words (for benchmark headers)."""
     return _mode
+
+
+def compile_defence_masks() -> bool:
+    """Let the defence build its CPU masks with one compiled kernel (see
+    :func:`retina_fgvis.fgvis.defense.use_compiled_masks`); ``RETINA_FGVIS_COMPILE=0`` keeps them eager.
+    Returns whether it is on."""
+    from retina_fgvis.fgvis.defense import use_compiled_masks
+
+    enabled = os.environ.get("RETINA_FGVIS_COMPILE", "1").strip().lower() not in ("0", "false", "no", "off")
+    use_compiled_masks(enabled)
+    return enabled

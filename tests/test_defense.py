@@ -417,3 +417,28 @@ def test_fused_path_under_bf16_autocast_matches_hooks_and_keeps_m1_in_bounds() -
                 (g,) = torch.autograd.grad(model(e2).float()[:, 0].sum(), e2)
             grads.append(g)
     assert torch.equal(grads[0], grads[1])
+
+
+def test_compiled_masks_give_the_eager_gradients_and_fall_back_when_compiling_fails(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The CLI builds the fused path's masks with torch.compile (one kernel): same 0/1 values, so the
+    same gradients; a machine without a working compiler gets one warning and the eager kernels."""
+    from retina_fgvis.fgvis import defense
+
+    torch.manual_seed(0)
+    model = timm.create_model("tf_efficientnet_lite0", pretrained=False, num_classes=2).eval()
+    x = torch.randn(2, 3, 64, 64) * 3
+    e = x * torch.rand(2, 1, 64, 64) * 1.5
+    eager = _defended_grad(model, x, e, True)
+    monkeypatch.setattr(defense, "_compiled_mask", None)
+    defense.use_compiled_masks(True)
+    assert defense.compiled_masks_enabled()
+    assert torch.equal(_defended_grad(model, x, e, True), eager)
+
+    def broken(*_: object) -> torch.Tensor:
+        raise RuntimeError("no C++ compiler\nsecond line")
+
+    monkeypatch.setattr(defense, "_compiled_mask", broken)
+    with pytest.warns(RuntimeWarning, match="compiled defence masks unavailable.*no C\\+\\+ compiler"):
+        assert torch.equal(_defended_grad(model, x, e, True), eager)
+    assert not defense.compiled_masks_enabled()

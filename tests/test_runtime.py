@@ -36,6 +36,17 @@ def test_keep_freed_memory_can_be_switched_off() -> None:
 def test_cli_applies_it_before_running_a_command(monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list[str] = []
     monkeypatch.setattr(runtime, "keep_freed_memory", lambda: calls.append("malloc") or "x")
+    monkeypatch.setattr(runtime, "compile_defence_masks", lambda: calls.append("compile") or True)
     monkeypatch.setattr(cli, "app", lambda: calls.append("app"))
     cli.main()
-    assert calls == ["malloc", "app"]
+    assert calls == ["malloc", "compile", "app"]
+
+
+def test_compiled_masks_switch(monkeypatch: pytest.MonkeyPatch) -> None:
+    from retina_fgvis.fgvis import defense
+
+    monkeypatch.setattr(defense, "_compiled_mask", None)  # restored after the test
+    monkeypatch.setenv("RETINA_FGVIS_COMPILE", "0")
+    assert runtime.compile_defence_masks() is False and not defense.compiled_masks_enabled()
+    monkeypatch.setenv("RETINA_FGVIS_COMPILE", "1")
+    assert runtime.compile_defence_masks() is True and defense.compiled_masks_enabled()

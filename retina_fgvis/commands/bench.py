@@ -29,6 +29,7 @@ def register(app: typer.Typer, evaluate_app: typer.Typer) -> None:
         from retina_fgvis.fgvis.presets import fundus_fgvis
         from retina_fgvis.fundus.io import read_fundus
         from retina_fgvis.fundus.preprocess import stack_prepared
+        from retina_fgvis.fgvis.defense import compiled_masks_enabled
         from retina_fgvis.runtime import allocator_mode
         from retina_fgvis.report.files import atomic_write_text
 
@@ -40,7 +41,7 @@ def register(app: typer.Typer, evaluate_app: typer.Typer) -> None:
         sizes = batch or ([1, 16, 64] if dev.type == "cuda" else [1, 4, 16])
         lines = [
             f"Hardware: {hardware()}",
-            f"Allocator: {allocator_mode()}",
+            f"Allocator: {allocator_mode()}; defence masks: {'compiled (torch.compile, CPU)' if compiled_masks_enabled() else 'eager'}",
             f"Classifier: {clf.metadata.get('arch')} at {clf.input_size} px, autocast={autocast and dev.type == 'cuda'}, channels_last={nhwc}",
             "",
             "| batch | (a) fwd+bwd ms/it | (b) game ms/it | (c) defended ms/it | (b)/(a) | (c)/(a) | (c) ms/it/image |",

@@ -5,9 +5,10 @@ whole iterations: forward, backward, the game's bookkeeping), for (a) plain fwd+
 undefended game, (c) the defended game with the fused indicator and (c') with hooks. Round 0
 includes the process's first growth; round 1 is the steady state. Usage (repository root):
 
-    python evaluation/bench/probes/page_faults.py [--batch 4] [--iterations 8] [--keep-freed-memory]
+    python evaluation/bench/probes/page_faults.py [--batch 4] [--iterations 8] [--keep-freed-memory] [--compiled-masks]
 
-``--keep-freed-memory`` applies the CLI's allocator setting (``retina_fgvis.runtime``) first.
+``--keep-freed-memory`` / ``--compiled-masks`` apply the CLI's allocator setting / compiled defence
+masks (``retina_fgvis.runtime``) first.
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ import torch
 from retina_fgvis import load_classifier
 from retina_fgvis.bench import hardware
 from retina_fgvis.fgvis import games
-from retina_fgvis.fgvis.defense import activation_bounds
+from retina_fgvis.fgvis.defense import activation_bounds, compiled_masks_enabled, use_compiled_masks
 from retina_fgvis.fgvis.games import FGVis
 from retina_fgvis.runtime import allocator_mode, keep_freed_memory
 
@@ -32,9 +33,11 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--iterations", type=int, default=8)
     ap.add_argument("--keep-freed-memory", action="store_true")
+    ap.add_argument("--compiled-masks", action="store_true")
     args = ap.parse_args()
     if args.keep_freed_memory:
         keep_freed_memory()
+    use_compiled_masks(args.compiled_masks)
     torch.manual_seed(0)
     model = load_classifier().model.eval()
     for p in model.parameters():
@@ -62,7 +65,8 @@ def main() -> None:
     variants = {"(a) plain": plain, "(b) game": functools.partial(game, False, True),
                 "(c) defended, fused": functools.partial(game, True, True),
                 "(c') defended, hooks": functools.partial(game, True, False)}
-    print(f"{hardware()}; allocator: {allocator_mode()}; batch {args.batch}, 512 px", flush=True)
+    print(f"{hardware()}; allocator: {allocator_mode()}; compiled masks: {compiled_masks_enabled()}; "
+          f"batch {args.batch}, 512 px", flush=True)
     steady: dict[str, float] = {}
     for r in range(2):
         for name, run in variants.items():
