@@ -26,10 +26,12 @@ Two ways to apply the indicator, same numbers (tested bit for bit):
   DenseNet, MobileNets, EfficientNet-Lite): the call runs as one autograd function whose backward
   is a single in-place multiply by ``h'(e) · [h(e) <= b_u]``, a 0/1 mask built in the forward
   pass. It replaces the op's own backward, so the defence adds no backward kernel and no
-  gradient-sized allocation. Why: on a CPU these activations are tens of MB, each allocation is
-  paid in page faults, and the hook version (indicator in the forward, op backward, then a
-  hook multiply) cost ~1.8x the extra time of the fused one per activation
-  (`evaluation/bench/probes/fused_defense_micro.py`).
+  gradient-sized allocation. Why: on a CPU these activations are tens of MB; on one batch-4
+  stem activation the hook version (indicator in the forward, op backward, then a hook
+  multiply) adds 20.6 ms to a 39.6-ms fwd+bwd, the fused call nothing measurable
+  (`evaluation/bench/probes/fused_defense_micro.py`); whole batch-4 iterations with the CLI's
+  settings: hooks 1.25x, fused 1.07x a plain fwd+bwd. The CLI also compiles the mask into one
+  kernel (:func:`use_compiled_masks`).
 * **hook** (every other supported op, or ``fuse=False``): the op runs unchanged and a tensor
   hook multiplies its output gradient by the indicator.
 
