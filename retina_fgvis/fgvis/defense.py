@@ -369,7 +369,12 @@ class ActivationBounds:
             return
         self._selection = indices
         pick = lambda t: None if t is None else t.index_select(0, indices)  # noqa: E731
-        self._selected_refs = [(pick(r.upper), pick(r.lower), pick(r.grad_upper)) for r in self.records]
+        refs = []
+        for r in self.records:
+            upper = pick(r.upper)
+            # ReLU: grad_upper is upper itself; one subset copy serves both
+            refs.append((upper, pick(r.lower), upper if r.grad_upper is r.upper else pick(r.grad_upper)))
+        self._selected_refs = refs
 
     def bounds(self, call: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(b_l, b_u) of Eq. 5 for call number ``call`` (all samples, tolerance included)."""
