@@ -82,6 +82,7 @@ def bench_iterations(
     n2: int = 6,
     autocast: bool = False,
     channels_last: bool = False,
+    defense_fuse: bool = True,
 ) -> BenchRow:
     """Milliseconds per iteration for (a), (b), (c) at one batch size.
 
@@ -107,7 +108,7 @@ def bench_iterations(
     # goal_level=0: p never reaches 0, so every run does exactly max_iterations steps
     def game(defense: bool, n: int) -> None:
         FGVis(model, defense=defense, max_iterations=n, check_every=n, goal_level=0.0, autocast=autocast,
-              channels_last=nhwc).attribute(
+              channels_last=nhwc, defense_fuse=defense_fuse).attribute(
             x, target=target
         )
 

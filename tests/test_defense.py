@@ -376,11 +376,8 @@ def test_second_backward_through_a_fused_graph_is_refused() -> None:
             out.backward()
 
 
-def test_defended_game_masks_are_identical_with_the_fused_path(monkeypatch: pytest.MonkeyPatch) -> None:
-    import functools
-
+def test_defended_game_masks_are_identical_with_the_fused_path() -> None:
     from retina_fgvis import FGVis
-    from retina_fgvis.fgvis import games
 
     torch.manual_seed(0)
     model = timm.create_model("tf_efficientnet_lite0", pretrained=False, num_classes=2).eval()
@@ -389,8 +386,7 @@ def test_defended_game_masks_are_identical_with_the_fused_path(monkeypatch: pyte
     x = torch.randn(2, 3, 64, 64)
     results = []
     for fuse in (True, False):
-        monkeypatch.setattr(games, "activation_bounds", functools.partial(activation_bounds, fuse=fuse))
-        results.append(FGVis(model, max_iterations=12, goal_level=0.0).attribute(x, target=1).mask)
+        results.append(FGVis(model, max_iterations=12, goal_level=0.0, defense_fuse=fuse).attribute(x, target=1).mask)
     assert torch.equal(results[0], results[1])
     assert (results[0] < 1).any()
 

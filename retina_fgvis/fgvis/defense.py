@@ -241,7 +241,7 @@ class CallRecord:
     upper: torch.Tensor  # batch-first
     lower: torch.Tensor | None
     nonnegative: bool
-    # fused calls only: b_u capped just below the clamp's top (== upper, the same tensor, for ReLU)
+    # fused calls with a finite top (ReLU6, hardtanh): b_u capped just below it; None = use ``upper``
     grad_upper: torch.Tensor | None = None
 
 
@@ -369,12 +369,7 @@ class ActivationBounds:
             return
         self._selection = indices
         pick = lambda t: None if t is None else t.index_select(0, indices)  # noqa: E731
-        refs = []
-        for r in self.records:
-            upper = pick(r.upper)
-            # ReLU: grad_upper is upper itself; one subset copy serves both
-            refs.append((upper, pick(r.lower), upper if r.grad_upper is r.upper else pick(r.grad_upper)))
-        self._selected_refs = refs
+        self._selected_refs = [(pick(r.upper), pick(r.lower), pick(r.grad_upper)) for r in self.records]
 
     def bounds(self, call: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(b_l, b_u) of Eq. 5 for call number ``call`` (all samples, tolerance included)."""
@@ -419,12 +414,12 @@ class ActivationBounds:
             lower = ref.clamp(max=0)
             lower = lower - tol * (1 - lower) if tol else lower
         grad_upper = None
-        if clamp_hi is not None:
-            grad_upper = upper if clamp_hi == float("inf") else upper.clamp(max=_below(clamp_hi, upper.dtype))
+        if clamp_hi is not None and clamp_hi != float("inf"):
+            grad_upper = upper.clamp(max=_below(clamp_hi, upper.dtype))
         self.records.append(CallRecord(op, tuple(out.shape), upper, lower, nonnegative, grad_upper))
 
     def _next_call(self, op: str, shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-        """(b_u, b_l, fused b_u) of the next call, after checking it matches the clean pass's call."""
+        """(b_u, b_l, capped b_u or None) of the next call, after checking it matches the clean pass's call."""
         k = self._call_index
         self._call_index += 1
         if k >= len(self.records):
@@ -450,7 +445,8 @@ class ActivationBounds:
         upper, lower, grad_upper = self._next_call(op, tuple(x.shape))
         if not (torch.is_grad_enabled() and x.requires_grad):
             return run(x)
-        if grad_upper is None or grad_upper.dtype != x.dtype or grad_upper.device != x.device:
+        grad_upper = upper if grad_upper is None else grad_upper
+        if grad_upper.dtype != x.dtype or grad_upper.device != x.device:
             out = run(x)  # e.g. a call whose dtype differs from the clean pass's: the general path
             self._defend_with_hook(out, upper, lower)
             return out

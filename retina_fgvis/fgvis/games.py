@@ -124,6 +124,8 @@ class FGVisSettings:
     step_grow: float = 1.2
     step_scale_max: float = 4.0
     defense_tolerance: float = 1e-6
+    # Eq. 6 fused into the ReLU/ReLU6 backward (False: gradient hooks everywhere; same numbers, slower)
+    defense_fuse: bool = True
     # after the game (deletion, generation): undo every change smaller than the largest of these
     # levels whose explanation still meets the goal (or, where the goal was missed, scores no
     # worse than the game's own result); () = keep the optimised mask as it is
@@ -454,7 +456,7 @@ class FGVis:
             # the clean pass runs under the game's autocast: bounds recorded in fp32 and compared with
             # bf16 activations put units "out of bounds" by rounding alone (measured on an H100:
             # flagged-region IoU bf16 vs fp32 0.18 with fp32 bounds)
-            defended = (activation_bounds(self.model, x, tolerance=s.defense_tolerance,
+            defended = (activation_bounds(self.model, x, tolerance=s.defense_tolerance, fuse=s.defense_fuse,
                                           clean_pass_context=lambda: self._autocast(x.device))
                         if self.defense and len(active) else None)
             with defended if defended is not None else contextlib.nullcontext():

@@ -9,15 +9,12 @@ hooks (``fuse=False``) -- and compares the masks with ``torch.equal``. Usage (re
 from __future__ import annotations
 
 import argparse
-import functools
 import time
 
 import torch
 
 from retina_fgvis import load_classifier
 from retina_fgvis.datasets.diaretdb1 import DiaretDB1
-from retina_fgvis.fgvis import games
-from retina_fgvis.fgvis.defense import activation_bounds
 from retina_fgvis.fgvis.presets import fundus_fgvis
 from retina_fgvis.game_study import load_images, prepare_batch
 
@@ -33,9 +30,8 @@ def main() -> None:
     _, x, fov, _ = prepare_batch(clf, images)
     results = {}
     for fuse in (True, False):
-        games.activation_bounds = functools.partial(activation_bounds, fuse=fuse)
         t0 = time.perf_counter()
-        results[fuse] = fundus_fgvis(clf, max_iterations=args.iterations).attribute(
+        results[fuse] = fundus_fgvis(clf, max_iterations=args.iterations, defense_fuse=fuse).attribute(
             x, target=1, game="deletion", fov_mask=fov)
         print(f"fuse={fuse}: {time.perf_counter() - t0:.1f} s, p after "
               f"{[round(float(p), 4) for p in results[fuse].target_prob_after]}", flush=True)

@@ -9,15 +9,12 @@ plain fwd+bwd, (b) game, (c) defended game, interleaved) between the two defence
 from __future__ import annotations
 
 import argparse
-import functools
 import statistics
 
 import torch
 
 from retina_fgvis import load_classifier
 from retina_fgvis.bench import bench_iterations, hardware
-from retina_fgvis.fgvis import games
-from retina_fgvis.fgvis.defense import activation_bounds
 
 
 def main() -> None:
@@ -31,8 +28,8 @@ def main() -> None:
           f"{clf.input_size} px", flush=True)
     for r in range(args.rounds):
         for fuse in (True, False):
-            games.activation_bounds = functools.partial(activation_bounds, fuse=fuse)
-            row = bench_iterations(clf.model, clf.input_size, args.batch, torch.device("cpu"), repeats=1)
+            row = bench_iterations(clf.model, clf.input_size, args.batch, torch.device("cpu"), repeats=1,
+                                   defense_fuse=fuse)
             ratios[fuse].append(row.ratio_defended)
             print(f"round {r + 1} {'fused' if fuse else 'hooks'}: (a) {row.plain_ms:.0f} ms  (b) {row.game_ms:.0f} ms  "
                   f"(c) {row.defended_ms:.0f} ms  (b)/(a) {row.ratio_game:.2f}  (c)/(a) {row.ratio_defended:.2f}",

@@ -22,8 +22,7 @@ import torch
 
 from retina_fgvis import load_classifier
 from retina_fgvis.bench import hardware
-from retina_fgvis.fgvis import games
-from retina_fgvis.fgvis.defense import activation_bounds, compiled_masks_enabled, use_compiled_masks
+from retina_fgvis.fgvis.defense import compiled_masks_enabled, use_compiled_masks
 from retina_fgvis.fgvis.games import FGVis
 from retina_fgvis.runtime import allocator_mode, keep_freed_memory
 
@@ -58,8 +57,8 @@ def main() -> None:
         stamp()
 
     def game(defense: bool, fuse: bool, n: int) -> None:
-        games.activation_bounds = functools.partial(activation_bounds, fuse=fuse)
-        FGVis(model, defense=defense, max_iterations=n, check_every=n, goal_level=0.0, prune_levels=()).attribute(
+        FGVis(model, defense=defense, max_iterations=n, check_every=n, goal_level=0.0, prune_levels=(),
+              defense_fuse=fuse).attribute(
             x, target=target)
 
     variants = {"(a) plain": plain, "(b) game": functools.partial(game, False, True),
