@@ -360,6 +360,51 @@ class FaithfulnessRun:
     insertion_curves: dict[str, np.ndarray] = field(default_factory=dict)
     model_kind: str = ""
     notes: list[str] = field(default_factory=list)
+    records: list["ImageRecord"] = field(default_factory=list)  # what the run is built from
+    resumed: int = 0                     # images taken from earlier records, not recomputed
+
+
+@dataclass
+class ImageRecord:
+    """Everything the outputs need about one image: its rows (one per method) and its curves.
+
+    Why per image: a full RDR run takes hours on a CPU. The CLI writes each record as soon as
+    its batch is done, so a run that is stopped (time box, lost machine, Ctrl-C) keeps every
+    finished image, and a later run with the same settings continues where it stopped.
+    """
+
+    image: str
+    rows: list[dict[str, Any]]
+    curves: dict[str, list[float]]
+    fractions: list[float]
+    insertion_curves: dict[str, list[float]] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"image": self.image, "rows": self.rows, "curves": self.curves, "fractions": self.fractions,
+                "insertion_curves": self.insertion_curves}
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> "ImageRecord":
+        return cls(image=str(d["image"]), rows=list(d["rows"]), curves=dict(d["curves"]),
+                   fractions=list(d["fractions"]), insertion_curves=dict(d.get("insertion_curves", {})))
+
+
+def run_from_records(records: Sequence[ImageRecord], methods: Sequence[str], model_kind: str = "",
+                     notes: Sequence[str] = (), resumed: int = 0) -> FaithfulnessRun:
+    """Assemble the run's tables and curve arrays from per-image records (in the given order)."""
+    if not records:
+        raise ValueError("no evaluated images")
+    for r in records:
+        missing = [m for m in methods if m not in r.curves]
+        if missing:
+            raise ValueError(f"{r.image}: record has no curve for {', '.join(missing)}")
+    rows = [row for r in records for row in r.rows if row["method"] in methods]
+    curves = {m: np.asarray([r.curves[m] for r in records], dtype=np.float64) for m in methods}
+    ins = {m: np.asarray([r.insertion_curves[m] for r in records], dtype=np.float64)
+           for m in methods if all(m in r.insertion_curves for r in records)}
+    return FaithfulnessRun(per_image=pd.DataFrame(rows), curves=curves, insertion_curves=ins,
+                           fractions=np.asarray(records[0].fractions), model_kind=model_kind,
+                           notes=list(notes), records=list(records), resumed=resumed)
 
 
 def _sync(device: torch.device) -> None:
@@ -371,12 +416,18 @@ def run_faithfulness(em: EvalModel, images: Sequence[EvalImage], methods: Sequen
                      method_options: dict[str, dict[str, Any]] | None = None, batch_size: int = 1,
                      with_insertion: bool = False, metric_batch_size: int = 64,
                      progress: Progress | None = None,
-                     time_budget_s: float | None = None) -> FaithfulnessRun:
+                     time_budget_s: float | None = None,
+                     previous: Sequence[ImageRecord] = (),
+                     on_record: Callable[[ImageRecord], None] | None = None) -> FaithfulnessRun:
     """Deletion AUC of every method on every image, with run times.
 
     ``time_budget_s``: no new batch is started once this many seconds have passed, so a run on
     a lent machine ends in time with complete rows (every method) for the images it did; the
     run's ``notes`` say how many images were left out.
+
+    ``previous``: records of an earlier, interrupted run with the same settings; those images
+    are not recomputed (matched by name). ``on_record`` is called with each new image's record
+    as soon as its batch is done (the CLI writes it to disk there).
 
     The explained class is the model's prediction on the unperturbed image (protocol); every
     method explains that class; with a FOV, all methods rank pixels inside it first
@@ -390,16 +441,19 @@ def run_faithfulness(em: EvalModel, images: Sequence[EvalImage], methods: Sequen
     opts = dict(method_options or {})
     opts["fgvis"] = {**FAITHFULNESS_FGVIS_SETTINGS, **opts.get("fgvis", {})}
     device = em.device
-    rows: list[dict[str, Any]] = []
-    curves: dict[str, list[np.ndarray]] = {m: [] for m in methods}
-    ins_curves: dict[str, list[np.ndarray]] = {m: [] for m in methods}
-    fractions = None
+    known = {r.image: r for r in previous}
+    todo = [im for im in images if im.name not in known]
+    resumed = len(images) - len(todo)
+    if progress and resumed:
+        progress(f"resuming: {resumed} of {len(images)} images already evaluated, {len(todo)} to go")
+    new: dict[str, ImageRecord] = {}
     notes: list[str] = []
     started, done = time.perf_counter(), 0
-    for batch in _batches(list(images), batch_size):
+    for batch in _batches(todo, batch_size):
         if time_budget_s is not None and done and time.perf_counter() - started > time_budget_s:
-            notes.append(f"time budget of {time_budget_s:.0f} s reached: {done} of {len(images)} images "
-                         f"evaluated, the other {len(images) - done} left out")
+            left = len(images) - resumed - done
+            notes.append(f"time budget of {time_budget_s:.0f} s reached: {resumed + done} of {len(images)} "
+                         f"images evaluated, the other {left} left out")
             if progress:
                 progress(notes[-1])
             break
@@ -407,6 +461,7 @@ def run_faithfulness(em: EvalModel, images: Sequence[EvalImage], methods: Sequen
         x, fov = _stack(batch, device)
         probs = predict(em, x)
         target = probs.argmax(1)
+        records = [ImageRecord(image=im.name, rows=[], curves={}, fractions=[]) for im in batch]
         for method in methods:
             _sync(device)
             t0 = time.perf_counter()
@@ -420,10 +475,7 @@ def run_faithfulness(em: EvalModel, images: Sequence[EvalImage], methods: Sequen
             ins = None
             if with_insertion:
                 ins = insertion(em.model, x, imp.to(device), target=target, batch_size=metric_batch_size)
-                ins_curves[method].append(ins.scores.numpy())
-            fractions = cur.fractions.numpy()
-            curves[method].append(cur.scores.numpy())
-            for i, im in enumerate(batch):
+            for i, (im, rec) in enumerate(zip(batch, records)):
                 row = {
                     "image": im.name, "source": im.source, "label": im.label, "method": method,
                     "target": int(target[i]), "target_name": em.class_name(int(target[i])),
@@ -433,18 +485,22 @@ def run_faithfulness(em: EvalModel, images: Sequence[EvalImage], methods: Sequen
                     "evaluations": cur.n_evaluations, "pixels_per_step": cur.step,
                     "seconds_explain": t_explain, "seconds_metric": t_metric,
                 }
+                rec.curves[method] = cur.scores[i].tolist()
+                rec.fractions = cur.fractions.tolist()
                 if ins is not None:
                     row["insertion_auc"] = float(ins.auc[i])
-                rows.append(row)
+                    rec.insertion_curves[method] = ins.scores[i].tolist()
+                rec.rows.append(row)
             if progress:
                 progress(f"{method}: {', '.join(im.name for im in batch)} "
                          f"AUC {', '.join(f'{a:.4f}' for a in cur.auc.tolist())} ({t_explain:.1f} s/image)")
-    return FaithfulnessRun(
-        per_image=pd.DataFrame(rows),
-        curves={m: np.concatenate(v) for m, v in curves.items()},
-        insertion_curves={m: np.concatenate(v) for m, v in ins_curves.items() if v},
-        fractions=np.asarray(fractions), model_kind=em.kind, notes=notes,
-    )
+        for rec in records:
+            new[rec.image] = rec
+            if on_record is not None:
+                on_record(rec)
+    ordered = [known.get(im.name) or new.get(im.name) for im in images]
+    return run_from_records([r for r in ordered if r is not None], methods, model_kind=em.kind, notes=notes,
+                            resumed=resumed)
 
 
 def faithfulness_summary(run: FaithfulnessRun) -> pd.DataFrame:
@@ -496,7 +552,9 @@ def faithfulness_markdown(run: FaithfulnessRun, model_description: str, image_de
     if command:
         lines.append(f"- Command: `{command}`")
     n_done = int(run.per_image["image"].nunique())
-    lines += [f"- Evaluated: {n_done} images"] + [f"- Note: {n}" for n in run.notes]
+    resumed = (f" ({run.resumed} of them taken from an earlier, interrupted run with the same settings)"
+               if run.resumed else "")
+    lines += [f"- Evaluated: {n_done} images{resumed}"] + [f"- Note: {n}" for n in run.notes]
     lines += ["", "| Method | ours: deletion AUC (mean ± sem) | median | n | s / image (explain + metric) "
               + ("| insertion AUC " if has_ins else "")
               + "| paper ResNet-50 | paper VGG16 |",

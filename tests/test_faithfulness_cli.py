@@ -98,6 +98,51 @@ def test_faithfulness_time_box_keeps_complete_rows(tiny_setup):
     assert meta["images_evaluated"] == ["im0.png"] and "--max-minutes 0" in meta["command"]
 
 
+def test_faithfulness_resumes_an_interrupted_run(tiny_setup):
+    """A time-boxed run keeps its finished image on disk; the same command later evaluates only
+    the other one, and the outputs cover both (the resumed rows are the recorded ones)."""
+    app, folder, out = tiny_setup
+    opts = ("--methods", "gradcam,gradient", "--device", "cpu")
+    assert _evaluate(app, "faithfulness", folder, out, *opts, "--max-minutes", "0").exit_code == 0
+    first = pd.read_csv(out / "auc_per_image.csv")
+    records = sorted((out / "progress").glob("record-*.json"))
+    assert len(records) == 1 and "im0" not in records[0].name  # hashed names: no identifiers in paths
+    res = _evaluate(app, "faithfulness", folder, out, *opts)
+    assert res.exit_code == 0, res.output
+    assert "resuming: 1 of 2 images already evaluated" in res.output
+    df = pd.read_csv(out / "auc_per_image.csv")
+    assert list(df["image"]) == ["im0.png", "im0.png", "im1.png", "im1.png"]
+    pd.testing.assert_frame_equal(df.iloc[:2].reset_index(drop=True), first)  # incl. its timings
+    assert "1 of them taken from an earlier" in (out / "summary.md").read_text()
+    assert json.loads((out / "run.json").read_text())["images_from_earlier_runs"] == 1
+    assert len(list((out / "progress").glob("record-*.json"))) == 2
+
+
+def test_faithfulness_resume_refuses_other_settings_and_restart_discards(tiny_setup):
+    app, folder, out = tiny_setup
+    assert _evaluate(app, "faithfulness", folder, out, "--methods", "gradcam", "--device", "cpu",
+                     "--max-minutes", "0").exit_code == 0
+    res = _evaluate(app, "faithfulness", folder, out, "--methods", "gradient", "--device", "cpu")
+    assert res.exit_code == 2
+    assert "earlier run used other settings (methods differ)" in res.output
+    res = _evaluate(app, "faithfulness", folder, out, "--methods", "gradient", "--device", "cpu", "--restart")
+    assert res.exit_code == 0, res.output
+    assert "resuming" not in res.output
+    assert set(pd.read_csv(out / "auc_per_image.csv")["method"]) == {"gradient"}
+
+
+def test_faithfulness_unreadable_record_is_recomputed(tiny_setup):
+    app, folder, out = tiny_setup
+    opts = ("--methods", "gradient", "--device", "cpu")
+    assert _evaluate(app, "faithfulness", folder, out, *opts).exit_code == 0
+    broken = sorted((out / "progress").glob("record-*.json"))[0]
+    broken.write_text("{not json")
+    res = _evaluate(app, "faithfulness", folder, out, *opts)
+    assert res.exit_code == 0, res.output
+    assert "unreadable record ignored" in res.output and "1 of 2 images already evaluated" in res.output
+    assert len(pd.read_csv(out / "auc_per_image.csv")) == 2
+
+
 def test_faithfulness_cli_rejects_bad_method(tiny_setup):
     app, folder, out = tiny_setup
     res = _evaluate(app, "faithfulness", folder, out, "--methods", "gradcam,bogus")

@@ -132,6 +132,58 @@ def _faithfulness_images(em, images: Optional[Path], data_root: Optional[Path], 
                   f"the classifier's patient-wise held-out split, sample seed {seed})")
 
 
+PROGRESS_DIR = "progress"
+
+
+def _run_identity(em, methods: list[str], options: dict[str, Any], insertion: bool) -> dict[str, Any]:
+    """What must match for an earlier run's per-image records to be reused."""
+    return json.loads(json.dumps({"model": em.description, "methods": methods, "method_options": options,
+                                  "insertion": insertion}, default=str))
+
+
+def _load_progress(folder: Path, identity: dict[str, Any], resume: bool):
+    """Per-image records of an earlier run in ``folder`` (same settings), or none.
+
+    Why: a full RDR run is hours on a CPU; records are written one image at a time so a run
+    stopped for any reason loses nothing. Records of a run with other settings are never mixed
+    in: resuming then fails with a one-line reason, and ``--restart`` discards them.
+    """
+    import shutil
+
+    from retina_fgvis.faithfulness import ImageRecord
+
+    ident_file = folder / "identity.json"
+    if not folder.exists():
+        return []
+    if not resume:
+        shutil.rmtree(folder)
+        return []
+    if not ident_file.exists():
+        _fail(f"{folder}: earlier progress without identity.json; use --restart to discard it")
+    try:
+        earlier = json.loads(ident_file.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        _fail(f"{ident_file}: unreadable ({exc}); use --restart to discard the earlier progress")
+    if earlier != identity:
+        diff = sorted(k for k in set(earlier) | set(identity) if earlier.get(k) != identity.get(k))
+        _fail(f"{folder}: earlier run used other settings ({', '.join(diff)} differ); use the same "
+              "options, another --out, or --restart to discard it")
+    records = []
+    for f in sorted(folder.glob("record-*.json")):
+        try:
+            records.append(ImageRecord.from_json(json.loads(f.read_text())))
+        except (OSError, json.JSONDecodeError, KeyError) as exc:
+            _echo(f"warning: {f}: unreadable record ignored ({exc}); that image is evaluated again")
+    return records
+
+
+def _record_file(folder: Path, image_name: str) -> Path:
+    """One file per image, named by a hash: image names can hold patient identifiers."""
+    import hashlib
+
+    return folder / f"record-{hashlib.sha256(image_name.encode()).hexdigest()[:16]}.json"
+
+
 def faithfulness_command(
     model: str = typer.Option(..., "--model", help=MODEL_HELP),
     out: Path = typer.Option(..., "--out", help="Output folder."),
@@ -156,8 +208,15 @@ def faithfulness_command(
                                                 help="Start no new batch after this many minutes "
                                                      "(a lent machine's time box); the outputs cover the "
                                                      "images done and say how many were left out."),
+    resume: bool = typer.Option(True, "--resume/--restart",
+                                help="Reuse the per-image results an earlier run with the same settings "
+                                     "left in OUT/progress (default), or discard them and start over."),
 ) -> None:
-    """Deletion metric of FGVis and the baselines (paper Table 2): CSV, table, curves, run times."""
+    """Deletion metric of FGVis and the baselines (paper Table 2): CSV, table, curves, run times.
+
+    Each image's results are written to OUT/progress as soon as they are done, so an interrupted
+    run keeps them and the same command continues where it stopped.
+    """
     from retina_fgvis import faithfulness as F
     from retina_fgvis.baselines import METHODS
 
@@ -191,9 +250,18 @@ def faithfulness_command(
                    seed=seed if seed else None, max_minutes=max_minutes, out=out)
     _echo(f"{em.description}; {image_desc}; methods {', '.join(chosen)}; device {dev}")
     t0 = time.time()
+    progress_dir = out / PROGRESS_DIR
+    identity = _run_identity(em, chosen, options, insertion)
+    previous = _load_progress(progress_dir, identity, resume)
+    progress_dir.mkdir(parents=True, exist_ok=True)
+    _write_text(progress_dir / "identity.json", json.dumps(identity, indent=2) + "\n")
+
+    def keep(record) -> None:
+        _write_text(_record_file(progress_dir, record.image), json.dumps(record.to_json()) + "\n")
+
     run = F.run_faithfulness(em, imgs, chosen, options, batch_size=batch_size, with_insertion=insertion,
-                             progress=_echo, time_budget_s=None if max_minutes is None else 60 * max_minutes)
-    out.mkdir(parents=True, exist_ok=True)
+                             progress=_echo, time_budget_s=None if max_minutes is None else 60 * max_minutes,
+                             previous=previous, on_record=keep)
     _write_csv(out / "auc_per_image.csv", run.per_image)
     summary = F.faithfulness_summary(run)
     _write_csv(out / "summary.csv", summary)
@@ -203,6 +271,7 @@ def faithfulness_command(
     meta = {"command": cmd, "model": em.description, "images": image_desc,
             "image_names": [i.name for i in imgs],
             "images_evaluated": sorted(run.per_image["image"].unique().tolist()), "notes": run.notes,
+            "images_from_earlier_runs": run.resumed,
             "methods": chosen, "method_options": options,
             "seconds_total": round(time.time() - t0, 1), "environment": _environment(dev),
             "note": F.RESEARCH_NOTE}
