@@ -360,51 +360,52 @@ class FaithfulnessRun:
     insertion_curves: dict[str, np.ndarray] = field(default_factory=dict)
     model_kind: str = ""
     notes: list[str] = field(default_factory=list)
-    records: list["ImageRecord"] = field(default_factory=list)  # what the run is built from
-    resumed: int = 0                     # images taken from earlier records, not recomputed
+    records: list["MethodRecord"] = field(default_factory=list)  # what the run is built from
+    resumed: int = 0                     # (image, method) results taken from earlier records
 
 
 @dataclass
-class ImageRecord:
-    """Everything the outputs need about one image: its rows (one per method) and its curves.
+class MethodRecord:
+    """One method's result on one image: its table row and its curves.
 
-    Why per image: a full RDR run takes hours on a CPU. The CLI writes each record as soon as
-    its batch is done, so a run that is stopped (time box, lost machine, Ctrl-C) keeps every
-    finished image, and a later run with the same settings continues where it stopped.
+    Why this unit: a full RDR run takes hours on a CPU, most of it in the baselines (RISE,
+    LIME). The CLI writes each record as soon as its batch is done, so a stopped run (time box,
+    lost machine, Ctrl-C) keeps every finished result, and a later run continues where it
+    stopped; records are keyed by method *and* its settings, so changing one method's settings
+    recomputes that method only.
     """
 
     image: str
-    rows: list[dict[str, Any]]
-    curves: dict[str, list[float]]
+    method: str
+    row: dict[str, Any]
+    curve: list[float]
     fractions: list[float]
-    insertion_curves: dict[str, list[float]] = field(default_factory=dict)
+    insertion_curve: list[float] | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return {"image": self.image, "rows": self.rows, "curves": self.curves, "fractions": self.fractions,
-                "insertion_curves": self.insertion_curves}
+        return {"image": self.image, "method": self.method, "row": self.row, "curve": self.curve,
+                "fractions": self.fractions, "insertion_curve": self.insertion_curve}
 
     @classmethod
-    def from_json(cls, d: dict[str, Any]) -> "ImageRecord":
-        return cls(image=str(d["image"]), rows=list(d["rows"]), curves=dict(d["curves"]),
-                   fractions=list(d["fractions"]), insertion_curves=dict(d.get("insertion_curves", {})))
+    def from_json(cls, d: dict[str, Any]) -> "MethodRecord":
+        return cls(image=str(d["image"]), method=str(d["method"]), row=dict(d["row"]), curve=list(d["curve"]),
+                   fractions=list(d["fractions"]), insertion_curve=d.get("insertion_curve"))
 
 
-def run_from_records(records: Sequence[ImageRecord], methods: Sequence[str], model_kind: str = "",
-                     notes: Sequence[str] = (), resumed: int = 0) -> FaithfulnessRun:
-    """Assemble the run's tables and curve arrays from per-image records (in the given order)."""
-    if not records:
-        raise ValueError("no evaluated images")
-    for r in records:
-        missing = [m for m in methods if m not in r.curves]
-        if missing:
-            raise ValueError(f"{r.image}: record has no curve for {', '.join(missing)}")
-    rows = [row for r in records for row in r.rows if row["method"] in methods]
-    curves = {m: np.asarray([r.curves[m] for r in records], dtype=np.float64) for m in methods}
-    ins = {m: np.asarray([r.insertion_curves[m] for r in records], dtype=np.float64)
-           for m in methods if all(m in r.insertion_curves for r in records)}
-    return FaithfulnessRun(per_image=pd.DataFrame(rows), curves=curves, insertion_curves=ins,
-                           fractions=np.asarray(records[0].fractions), model_kind=model_kind,
-                           notes=list(notes), records=list(records), resumed=resumed)
+def run_from_records(records: Sequence[MethodRecord], images: Sequence[str], methods: Sequence[str],
+                     model_kind: str = "", notes: Sequence[str] = (), resumed: int = 0) -> FaithfulnessRun:
+    """The run's tables and curve arrays from records: the images (in order) that have every method."""
+    by_key = {(r.image, r.method): r for r in records}
+    complete = [im for im in images if all((im, m) in by_key for m in methods)]
+    if not complete:
+        raise ValueError("no image has results for every method")
+    chosen = [by_key[(im, m)] for im in complete for m in methods]
+    curves = {m: np.asarray([by_key[(im, m)].curve for im in complete], dtype=np.float64) for m in methods}
+    ins = {m: np.asarray([by_key[(im, m)].insertion_curve for im in complete], dtype=np.float64)
+           for m in methods if all(by_key[(im, m)].insertion_curve is not None for im in complete)}
+    return FaithfulnessRun(per_image=pd.DataFrame([r.row for r in chosen]), curves=curves, insertion_curves=ins,
+                           fractions=np.asarray(chosen[0].fractions), model_kind=model_kind, notes=list(notes),
+                           records=chosen, resumed=resumed)
 
 
 def _sync(device: torch.device) -> None:
@@ -417,17 +418,17 @@ def run_faithfulness(em: EvalModel, images: Sequence[EvalImage], methods: Sequen
                      with_insertion: bool = False, metric_batch_size: int = 64,
                      progress: Progress | None = None,
                      time_budget_s: float | None = None,
-                     previous: Sequence[ImageRecord] = (),
-                     on_record: Callable[[ImageRecord], None] | None = None) -> FaithfulnessRun:
+                     previous: Sequence[MethodRecord] = (),
+                     on_record: Callable[[MethodRecord], None] | None = None) -> FaithfulnessRun:
     """Deletion AUC of every method on every image, with run times.
 
     ``time_budget_s``: no new batch is started once this many seconds have passed, so a run on
     a lent machine ends in time with complete rows (every method) for the images it did; the
     run's ``notes`` say how many images were left out.
 
-    ``previous``: records of an earlier, interrupted run with the same settings; those images
-    are not recomputed (matched by name). ``on_record`` is called with each new image's record
-    as soon as its batch is done (the CLI writes it to disk there).
+    ``previous``: records of earlier runs with the same model and method settings (the caller
+    checks that); an (image, method) pair found there is not recomputed. ``on_record`` is called
+    with each new record as soon as its method is done on its batch (the CLI writes it to disk).
 
     The explained class is the model's prediction on the unperturbed image (protocol); every
     method explains that class; with a FOV, all methods rank pixels inside it first
@@ -441,41 +442,49 @@ def run_faithfulness(em: EvalModel, images: Sequence[EvalImage], methods: Sequen
     opts = dict(method_options or {})
     opts["fgvis"] = {**FAITHFULNESS_FGVIS_SETTINGS, **opts.get("fgvis", {})}
     device = em.device
-    known = {r.image: r for r in previous}
-    todo = [im for im in images if im.name not in known]
-    resumed = len(images) - len(todo)
-    if progress and resumed:
-        progress(f"resuming: {resumed} of {len(images)} images already evaluated, {len(todo)} to go")
-    new: dict[str, ImageRecord] = {}
+    names = [im.name for im in images]
+    known = {(r.image, r.method): r for r in previous if r.image in set(names) and r.method in methods}
+    todo = [im for im in images if any((im.name, m) not in known for m in methods)]
+    if progress and known:
+        progress(f"resuming: {len(known)} (image, method) results of earlier runs reused; "
+                 f"{len(todo)} of {len(images)} images still have methods to run")
+    records = list(known.values())
     notes: list[str] = []
     started, done = time.perf_counter(), 0
     for batch in _batches(todo, batch_size):
         if time_budget_s is not None and done and time.perf_counter() - started > time_budget_s:
-            left = len(images) - resumed - done
-            notes.append(f"time budget of {time_budget_s:.0f} s reached: {resumed + done} of {len(images)} "
+            left = len(todo) - done
+            notes.append(f"time budget of {time_budget_s:.0f} s reached: {len(images) - left} of {len(images)} "
                          f"images evaluated, the other {left} left out")
             if progress:
                 progress(notes[-1])
             break
         done += len(batch)
-        x, fov = _stack(batch, device)
-        probs = predict(em, x)
-        target = probs.argmax(1)
-        records = [ImageRecord(image=im.name, rows=[], curves={}, fractions=[]) for im in batch]
+        x_all, fov_all = _stack(batch, device)
+        probs_all = predict(em, x_all)
         for method in methods:
+            idx = [i for i, im in enumerate(batch) if (im.name, method) not in known]
+            if not idx:
+                continue
+            sub = [batch[i] for i in idx]
+            sel = torch.as_tensor(idx, device=device)
+            x = x_all.index_select(0, sel)
+            fov = None if fov_all is None else fov_all.index_select(0, sel)
+            probs = probs_all[idx]
+            target = probs.argmax(1)
             _sync(device)
             t0 = time.perf_counter()
             imp = explain(method, em.model, x, target, fov_mask=fov, **opts.get(method, {}))
             _sync(device)
-            t_explain = (time.perf_counter() - t0) / len(batch)
+            t_explain = (time.perf_counter() - t0) / len(sub)
             t0 = time.perf_counter()
             cur = deletion(em.model, x, imp.to(device), target=target, batch_size=metric_batch_size)
             _sync(device)
-            t_metric = (time.perf_counter() - t0) / len(batch)
+            t_metric = (time.perf_counter() - t0) / len(sub)
             ins = None
             if with_insertion:
                 ins = insertion(em.model, x, imp.to(device), target=target, batch_size=metric_batch_size)
-            for i, (im, rec) in enumerate(zip(batch, records)):
+            for i, im in enumerate(sub):
                 row = {
                     "image": im.name, "source": im.source, "label": im.label, "method": method,
                     "target": int(target[i]), "target_name": em.class_name(int(target[i])),
@@ -485,22 +494,18 @@ def run_faithfulness(em: EvalModel, images: Sequence[EvalImage], methods: Sequen
                     "evaluations": cur.n_evaluations, "pixels_per_step": cur.step,
                     "seconds_explain": t_explain, "seconds_metric": t_metric,
                 }
-                rec.curves[method] = cur.scores[i].tolist()
-                rec.fractions = cur.fractions.tolist()
                 if ins is not None:
                     row["insertion_auc"] = float(ins.auc[i])
-                    rec.insertion_curves[method] = ins.scores[i].tolist()
-                rec.rows.append(row)
+                rec = MethodRecord(image=im.name, method=method, row=row, curve=cur.scores[i].tolist(),
+                                   fractions=cur.fractions.tolist(),
+                                   insertion_curve=None if ins is None else ins.scores[i].tolist())
+                records.append(rec)
+                if on_record is not None:
+                    on_record(rec)
             if progress:
-                progress(f"{method}: {', '.join(im.name for im in batch)} "
+                progress(f"{method}: {', '.join(im.name for im in sub)} "
                          f"AUC {', '.join(f'{a:.4f}' for a in cur.auc.tolist())} ({t_explain:.1f} s/image)")
-        for rec in records:
-            new[rec.image] = rec
-            if on_record is not None:
-                on_record(rec)
-    ordered = [known.get(im.name) or new.get(im.name) for im in images]
-    return run_from_records([r for r in ordered if r is not None], methods, model_kind=em.kind, notes=notes,
-                            resumed=resumed)
+    return run_from_records(records, names, methods, model_kind=em.kind, notes=notes, resumed=len(known))
 
 
 def faithfulness_summary(run: FaithfulnessRun) -> pd.DataFrame:
@@ -552,7 +557,7 @@ def faithfulness_markdown(run: FaithfulnessRun, model_description: str, image_de
     if command:
         lines.append(f"- Command: `{command}`")
     n_done = int(run.per_image["image"].nunique())
-    resumed = (f" ({run.resumed} of them taken from an earlier, interrupted run with the same settings)"
+    resumed = (f" ({run.resumed} (image, method) results taken from earlier runs with the same settings)"
                if run.resumed else "")
     lines += [f"- Evaluated: {n_done} images{resumed}"] + [f"- Note: {n}" for n in run.notes]
     lines += ["", "| Method | ours: deletion AUC (mean ± sem) | median | n | s / image (explain + metric) "

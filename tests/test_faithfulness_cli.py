@@ -98,6 +98,10 @@ def test_faithfulness_time_box_keeps_complete_rows(tiny_setup):
     assert meta["images_evaluated"] == ["im0.png"] and "--max-minutes 0" in meta["command"]
 
 
+def _records(out, method: str) -> list:
+    return sorted((out / "progress").glob(f"{method}-*/record-*.json"))
+
+
 def test_faithfulness_resumes_an_interrupted_run(tiny_setup):
     """A time-boxed run keeps its finished image on disk; the same command later evaluates only
     the other one, and the outputs cover both (the resumed rows are the recorded ones)."""
@@ -105,41 +109,44 @@ def test_faithfulness_resumes_an_interrupted_run(tiny_setup):
     opts = ("--methods", "gradcam,gradient", "--device", "cpu")
     assert _evaluate(app, "faithfulness", folder, out, *opts, "--max-minutes", "0").exit_code == 0
     first = pd.read_csv(out / "auc_per_image.csv")
-    records = sorted((out / "progress").glob("record-*.json"))
-    assert len(records) == 1 and "im0" not in records[0].name  # hashed names: no identifiers in paths
+    records = _records(out, "gradcam") + _records(out, "gradient")
+    assert len(records) == 2 and not any("im0" in str(r) for r in records)  # no identifiers in paths
     res = _evaluate(app, "faithfulness", folder, out, *opts)
     assert res.exit_code == 0, res.output
-    assert "resuming: 1 of 2 images already evaluated" in res.output
+    assert "resuming: 2 (image, method) results of earlier runs reused; 1 of 2 images" in res.output
     df = pd.read_csv(out / "auc_per_image.csv")
     assert list(df["image"]) == ["im0.png", "im0.png", "im1.png", "im1.png"]
     pd.testing.assert_frame_equal(df.iloc[:2].reset_index(drop=True), first)  # incl. its timings
-    assert "1 of them taken from an earlier" in (out / "summary.md").read_text()
-    assert json.loads((out / "run.json").read_text())["images_from_earlier_runs"] == 1
-    assert len(list((out / "progress").glob("record-*.json"))) == 2
+    assert "2 (image, method) results taken from earlier runs" in (out / "summary.md").read_text()
+    assert json.loads((out / "run.json").read_text())["images_from_earlier_runs"] == 2
+    assert len(_records(out, "gradcam")) == 2
 
 
-def test_faithfulness_resume_refuses_other_settings_and_restart_discards(tiny_setup):
+def test_faithfulness_changed_settings_recompute_that_method_only_and_restart_discards(tiny_setup):
     app, folder, out = tiny_setup
-    assert _evaluate(app, "faithfulness", folder, out, "--methods", "gradcam", "--device", "cpu",
-                     "--max-minutes", "0").exit_code == 0
-    res = _evaluate(app, "faithfulness", folder, out, "--methods", "gradient", "--device", "cpu")
-    assert res.exit_code == 2
-    assert "earlier run used other settings (methods differ)" in res.output
-    res = _evaluate(app, "faithfulness", folder, out, "--methods", "gradient", "--device", "cpu", "--restart")
+    base = ("--methods", "gradient,rise", "--device", "cpu")
+    assert _evaluate(app, "faithfulness", folder, out, *base, "--rise-masks", "8").exit_code == 0
+    before = pd.read_csv(out / "auc_per_image.csv")
+    res = _evaluate(app, "faithfulness", folder, out, *base, "--rise-masks", "12")
     assert res.exit_code == 0, res.output
-    assert "resuming" not in res.output
-    assert set(pd.read_csv(out / "auc_per_image.csv")["method"]) == {"gradient"}
+    assert "resuming: 2 (image, method) results" in res.output  # the gradient's, not RISE's
+    after = pd.read_csv(out / "auc_per_image.csv")
+    g = lambda d: d[d["method"] == "gradient"].reset_index(drop=True)  # noqa: E731
+    pd.testing.assert_frame_equal(g(after), g(before))
+    assert len(list((out / "progress").glob("rise-*"))) == 2  # both settings kept
+    res = _evaluate(app, "faithfulness", folder, out, *base, "--rise-masks", "12", "--restart")
+    assert res.exit_code == 0, res.output
+    assert "resuming" not in res.output and len(list((out / "progress").glob("rise-*"))) == 1
 
 
 def test_faithfulness_unreadable_record_is_recomputed(tiny_setup):
     app, folder, out = tiny_setup
     opts = ("--methods", "gradient", "--device", "cpu")
     assert _evaluate(app, "faithfulness", folder, out, *opts).exit_code == 0
-    broken = sorted((out / "progress").glob("record-*.json"))[0]
-    broken.write_text("{not json")
+    _records(out, "gradient")[0].write_text("{not json")
     res = _evaluate(app, "faithfulness", folder, out, *opts)
     assert res.exit_code == 0, res.output
-    assert "unreadable record ignored" in res.output and "1 of 2 images already evaluated" in res.output
+    assert "unreadable record ignored" in res.output and "resuming: 1 (image, method)" in res.output
     assert len(pd.read_csv(out / "auc_per_image.csv")) == 2
 
 

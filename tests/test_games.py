@@ -279,3 +279,26 @@ def test_a_goal_crossed_between_checks_is_kept_only_when_tracking_every_iteratio
         assert float(r.target_prob_after[0]) == pytest.approx(float(torch.sigmoid(torch.tensor(0.4))), abs=1e-5)
     else:
         assert float(r.target_prob_after[0]) > 0.65
+
+
+def test_mask_gradient_is_the_games_gradient_and_the_defence_clips_it() -> None:
+    """At the untouched mask every activation equals its bound, so the defended gradient is the
+    plain one; at a mask that removes the blobs, the defence zeroes some of it (Eq. 6) and the
+    blob pixels stay the evidence (positive: removing them lowers the class)."""
+    model = trained_blob_cnn()
+    x, _, blobs = make_blobs(2, seed=21, positive=True)
+    ones = torch.ones_like(x)
+    flags = [p.requires_grad for p in model.parameters()]
+    plain = FGVis(model, defense=False).mask_gradient(x, ones, 1)
+    m = ones.clone().requires_grad_(True)
+    log_p = torch.log_softmax(model(m * x), 1)
+    (expected,) = torch.autograd.grad((log_p[:, 1] - log_p[:, 0]).sum(), m)
+    assert torch.allclose(plain, expected, atol=1e-6)
+    assert torch.allclose(FGVis(model, defense=True).mask_gradient(x, ones, 1), plain, atol=1e-6)
+    half = torch.where(blobs[:, None].bool(), 0.5, 1.0).expand_as(x)
+    defended = FGVis(model, defense=True).mask_gradient(x, half, 1)
+    undefended = FGVis(model, defense=False).mask_gradient(x, half, 1)
+    assert not torch.allclose(defended, undefended)
+    inside = (defended.clamp_min(0).sum(1) * blobs).flatten(1).sum(1)
+    assert bool((inside > 0.5 * defended.clamp_min(0).sum(1).flatten(1).sum(1)).all())
+    assert [p.requires_grad for p in model.parameters()] == flags and not model.training

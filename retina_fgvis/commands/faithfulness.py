@@ -135,46 +135,24 @@ def _faithfulness_images(em, images: Optional[Path], data_root: Optional[Path], 
 PROGRESS_DIR = "progress"
 
 
-def _run_identity(em, methods: list[str], options: dict[str, Any], insertion: bool) -> dict[str, Any]:
-    """What must match for an earlier run's per-image records to be reused."""
-    return json.loads(json.dumps({"model": em.description, "methods": methods, "method_options": options,
-                                  "insertion": insertion}, default=str))
+def _method_folder(progress_dir: Path, em, method: str, options: dict[str, Any], insertion: bool) -> Path:
+    """progress/METHOD-HASH/: one folder per method *and* its settings (model, options, insertion).
 
-
-def _load_progress(folder: Path, identity: dict[str, Any], resume: bool):
-    """Per-image records of an earlier run in ``folder`` (same settings), or none.
-
-    Why: a full RDR run is hours on a CPU; records are written one image at a time so a run
-    stopped for any reason loses nothing. Records of a run with other settings are never mixed
-    in: resuming then fails with a one-line reason, and ``--restart`` discards them.
+    Why a hash of the settings: a record is reused only by a run that would compute the same
+    thing, and changing one method's settings (say FGVis's) leaves the other methods' records
+    usable, so the expensive baselines are not recomputed.
     """
-    import shutil
+    import hashlib
 
-    from retina_fgvis.faithfulness import ImageRecord
-
-    ident_file = folder / "identity.json"
-    if not folder.exists():
-        return []
-    if not resume:
-        shutil.rmtree(folder)
-        return []
-    if not ident_file.exists():
-        _fail(f"{folder}: earlier progress without identity.json; use --restart to discard it")
-    try:
-        earlier = json.loads(ident_file.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        _fail(f"{ident_file}: unreadable ({exc}); use --restart to discard the earlier progress")
-    if earlier != identity:
-        diff = sorted(k for k in set(earlier) | set(identity) if earlier.get(k) != identity.get(k))
-        _fail(f"{folder}: earlier run used other settings ({', '.join(diff)} differ); use the same "
-              "options, another --out, or --restart to discard it")
-    records = []
-    for f in sorted(folder.glob("record-*.json")):
-        try:
-            records.append(ImageRecord.from_json(json.loads(f.read_text())))
-        except (OSError, json.JSONDecodeError, KeyError) as exc:
-            _echo(f"warning: {f}: unreadable record ignored ({exc}); that image is evaluated again")
-    return records
+    model_id = str(getattr(em.classifier, "sha256", "") or em.description)  # not the path: runs move
+    identity = json.loads(json.dumps({"model": model_id, "method": method,
+                                      "options": options.get(method, {}), "insertion": insertion},
+                                     default=str, sort_keys=True))
+    digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:12]
+    folder = progress_dir / f"{method}-{digest}"
+    folder.mkdir(parents=True, exist_ok=True)
+    _write_text(folder / "identity.json", json.dumps(identity, indent=2) + "\n")
+    return folder
 
 
 def _record_file(folder: Path, image_name: str) -> Path:
@@ -182,6 +160,23 @@ def _record_file(folder: Path, image_name: str) -> Path:
     import hashlib
 
     return folder / f"record-{hashlib.sha256(image_name.encode()).hexdigest()[:16]}.json"
+
+
+def _load_records(folders: dict[str, Path]) -> list:
+    """Records earlier runs left in the methods' folders; an unreadable one is skipped (recomputed)."""
+    from retina_fgvis.faithfulness import MethodRecord
+
+    records = []
+    for method, folder in folders.items():
+        for f in sorted(folder.glob("record-*.json")):
+            try:
+                rec = MethodRecord.from_json(json.loads(f.read_text()))
+            except (OSError, json.JSONDecodeError, KeyError, TypeError) as exc:
+                _echo(f"warning: {f}: unreadable record ignored ({exc}); that result is computed again")
+                continue
+            if rec.method == method:
+                records.append(rec)
+    return records
 
 
 def faithfulness_command(
@@ -209,13 +204,13 @@ def faithfulness_command(
                                                      "(a lent machine's time box); the outputs cover the "
                                                      "images done and say how many were left out."),
     resume: bool = typer.Option(True, "--resume/--restart",
-                                help="Reuse the per-image results an earlier run with the same settings "
-                                     "left in OUT/progress (default), or discard them and start over."),
+                                help="Reuse the results earlier runs left in OUT/progress for the same model, "
+                                     "method and method settings (default), or discard them all."),
 ) -> None:
     """Deletion metric of FGVis and the baselines (paper Table 2): CSV, table, curves, run times.
 
-    Each image's results are written to OUT/progress as soon as they are done, so an interrupted
-    run keeps them and the same command continues where it stopped.
+    Each (image, method) result is written to OUT/progress as soon as it is done, so an
+    interrupted run keeps it and the same command continues where it stopped.
     """
     from retina_fgvis import faithfulness as F
     from retina_fgvis.baselines import METHODS
@@ -251,17 +246,22 @@ def faithfulness_command(
     _echo(f"{em.description}; {image_desc}; methods {', '.join(chosen)}; device {dev}")
     t0 = time.time()
     progress_dir = out / PROGRESS_DIR
-    identity = _run_identity(em, chosen, options, insertion)
-    previous = _load_progress(progress_dir, identity, resume)
-    progress_dir.mkdir(parents=True, exist_ok=True)
-    _write_text(progress_dir / "identity.json", json.dumps(identity, indent=2) + "\n")
+    if not resume and progress_dir.exists():
+        import shutil
+
+        shutil.rmtree(progress_dir)
+    folders = {m: _method_folder(progress_dir, em, m, options, insertion) for m in chosen}
+    previous = _load_records(folders)
 
     def keep(record) -> None:
-        _write_text(_record_file(progress_dir, record.image), json.dumps(record.to_json()) + "\n")
+        _write_text(_record_file(folders[record.method], record.image), json.dumps(record.to_json()) + "\n")
 
-    run = F.run_faithfulness(em, imgs, chosen, options, batch_size=batch_size, with_insertion=insertion,
-                             progress=_echo, time_budget_s=None if max_minutes is None else 60 * max_minutes,
-                             previous=previous, on_record=keep)
+    try:
+        run = F.run_faithfulness(em, imgs, chosen, options, batch_size=batch_size, with_insertion=insertion,
+                                 progress=_echo, time_budget_s=None if max_minutes is None else 60 * max_minutes,
+                                 previous=previous, on_record=keep)
+    except ValueError as exc:
+        _fail(str(exc))
     _write_csv(out / "auc_per_image.csv", run.per_image)
     summary = F.faithfulness_summary(run)
     _write_csv(out / "summary.csv", summary)
