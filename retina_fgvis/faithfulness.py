@@ -451,8 +451,12 @@ def run_faithfulness(em: EvalModel, images: Sequence[EvalImage], methods: Sequen
     records = list(known.values())
     notes: list[str] = []
     started, done = time.perf_counter(), 0
+    # the time box may end a run before its first batch only when earlier runs left complete images
+    # to report (so "--max-minutes 0" rewrites the outputs from the records alone)
+    complete_before = len(images) - len(todo)
     for batch in _batches(todo, batch_size):
-        if time_budget_s is not None and done and time.perf_counter() - started > time_budget_s:
+        if (time_budget_s is not None and (done or complete_before)
+                and time.perf_counter() - started > time_budget_s):
             left = len(todo) - done
             notes.append(f"time budget of {time_budget_s:.0f} s reached: {len(images) - left} of {len(images)} "
                          f"images evaluated, the other {left} left out")

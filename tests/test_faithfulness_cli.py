@@ -111,6 +111,11 @@ def test_faithfulness_resumes_an_interrupted_run(tiny_setup):
     first = pd.read_csv(out / "auc_per_image.csv")
     records = _records(out, "gradcam") + _records(out, "gradient")
     assert len(records) == 2 and not any("im0" in str(r) for r in records)  # no identifiers in paths
+    # with a complete image on disk, a time box of 0 rewrites the outputs from the records alone
+    res = _evaluate(app, "faithfulness", folder, out, *opts, "--max-minutes", "0")
+    assert res.exit_code == 0 and "1 of 2 images evaluated, the other 1 left out" in res.output
+    pd.testing.assert_frame_equal(pd.read_csv(out / "auc_per_image.csv"), first)
+    assert len(_records(out, "gradcam") + _records(out, "gradient")) == 2
     res = _evaluate(app, "faithfulness", folder, out, *opts)
     assert res.exit_code == 0, res.output
     assert "resuming: 2 (image, method) results of earlier runs reused; 1 of 2 images" in res.output
