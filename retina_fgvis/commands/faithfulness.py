@@ -145,8 +145,15 @@ def _method_folder(progress_dir: Path, em, method: str, options: dict[str, Any],
     import hashlib
 
     model_id = str(getattr(em.classifier, "sha256", "") or em.description)  # not the path: runs move
+    method_options = options.get(method, {})
+    if method == "fgvis":  # every engine setting, defaults included: a changed default is a new folder
+        from dataclasses import asdict
+
+        from retina_fgvis.fgvis.games import FGVisSettings
+
+        method_options = asdict(FGVisSettings(**method_options).validate())
     identity = json.loads(json.dumps({"model": model_id, "method": method,
-                                      "options": options.get(method, {}), "insertion": insertion},
+                                      "options": method_options, "insertion": insertion},
                                      default=str, sort_keys=True))
     digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:12]
     folder = progress_dir / f"{method}-{digest}"
