@@ -50,3 +50,35 @@ def test_compiled_masks_switch(monkeypatch: pytest.MonkeyPatch) -> None:
     assert runtime.compile_defence_masks() is False and not defense.compiled_masks_enabled()
     monkeypatch.setenv("RETINA_FGVIS_COMPILE", "1")
     assert runtime.compile_defence_masks() is True and defense.compiled_masks_enabled()
+
+
+RETURN_PROBE = """
+import os
+from retina_fgvis import runtime
+def rss_mib():
+    return int(open('/proc/self/statm').read().split()[1]) * os.sysconf('SC_PAGE_SIZE') / 2**20
+runtime.keep_freed_memory()
+block = bytearray(512 * 2**20)
+del block
+kept = rss_mib()
+mode = runtime.return_freed_memory()
+print(kept - rss_mib() > 400, mode)
+"""
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc" or not os.path.exists("/proc/self/statm"),
+                    reason="mallopt/malloc_trim semantics are glibc's; RSS read from /proc")
+def test_return_freed_memory_gives_a_kept_heap_back() -> None:
+    out = subprocess.run([sys.executable, "-c", RETURN_PROBE], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "RETINA_FGVIS_MALLOC": ""})
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "True system default (freed memory returned)"
+
+
+def test_faithfulness_command_returns_freed_memory(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    from typer.testing import CliRunner
+
+    calls: list[str] = []
+    monkeypatch.setattr(runtime, "return_freed_memory", lambda: calls.append("returned") or "x")
+    res = CliRunner().invoke(cli.app, ["evaluate", "faithfulness", "--model", "bogus", "--out", str(tmp_path)])
+    assert res.exit_code != 0 and calls == ["returned"]
