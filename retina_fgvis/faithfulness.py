@@ -360,7 +360,6 @@ class FaithfulnessRun:
     insertion_curves: dict[str, np.ndarray] = field(default_factory=dict)
     model_kind: str = ""
     notes: list[str] = field(default_factory=list)
-    records: list["MethodRecord"] = field(default_factory=list)  # what the run is built from
     resumed: int = 0                     # (image, method) results taken from earlier records
 
 
@@ -405,7 +404,7 @@ def run_from_records(records: Sequence[MethodRecord], images: Sequence[str], met
            for m in methods if all(by_key[(im, m)].insertion_curve is not None for im in complete)}
     return FaithfulnessRun(per_image=pd.DataFrame([r.row for r in chosen]), curves=curves, insertion_curves=ins,
                            fractions=np.asarray(chosen[0].fractions), model_kind=model_kind, notes=list(notes),
-                           records=chosen, resumed=resumed)
+                           resumed=resumed)
 
 
 def _sync(device: torch.device) -> None:
@@ -443,7 +442,8 @@ def run_faithfulness(em: EvalModel, images: Sequence[EvalImage], methods: Sequen
     opts["fgvis"] = {**FAITHFULNESS_FGVIS_SETTINGS, **opts.get("fgvis", {})}
     device = em.device
     names = [im.name for im in images]
-    known = {(r.image, r.method): r for r in previous if r.image in set(names) and r.method in methods}
+    wanted = set(names)
+    known = {(r.image, r.method): r for r in previous if r.image in wanted and r.method in methods}
     todo = [im for im in images if any((im.name, m) not in known for m in methods)]
     if progress and known:
         progress(f"resuming: {len(known)} (image, method) results of earlier runs reused; "

@@ -25,6 +25,18 @@ _DEFAULT_TRIM_THRESHOLD = 128 * 1024
 _mode = "system default"
 
 
+def _glibc() -> ctypes.CDLL | None:
+    """The C library when it is glibc (mallopt semantics below are glibc's), else None."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.gnu_get_libc_version.restype = ctypes.c_char_p
+        libc.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+        libc.malloc_trim.argtypes = [ctypes.c_size_t]
+    except (OSError, AttributeError):
+        return None
+    return libc
+
+
 def keep_freed_memory() -> str:
     """Ask glibc's malloc to keep freed memory: no mmap for large blocks, no trimming.
 
@@ -35,19 +47,14 @@ def keep_freed_memory() -> str:
     if os.environ.get("RETINA_FGVIS_MALLOC", "").strip().lower() == "system":
         _mode = "system default (RETINA_FGVIS_MALLOC=system)"
         return _mode
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-        gnu_get_libc_version = libc.gnu_get_libc_version  # glibc only: mallopt semantics below
-    except (OSError, AttributeError):
+    libc = _glibc()
+    if libc is None:
         _mode = "system default (not glibc)"
         return _mode
-    gnu_get_libc_version.restype = ctypes.c_char_p
-    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     # documented in mallopt(3): M_MMAP_MAX = 0 disables mmap for large requests,
     # M_TRIM_THRESHOLD = -1 disables trimming completely
-    if mallopt(_M_MMAP_MAX, 0) == 1 and mallopt(_M_TRIM_THRESHOLD, -1) == 1:
-        _mode = f"glibc {gnu_get_libc_version().decode()} malloc keeps freed memory (M_MMAP_MAX=0, M_TRIM_THRESHOLD=-1)"
+    if libc.mallopt(_M_MMAP_MAX, 0) == 1 and libc.mallopt(_M_TRIM_THRESHOLD, -1) == 1:
+        _mode = f"glibc {libc.gnu_get_libc_version().decode()} malloc keeps freed memory (M_MMAP_MAX=0, M_TRIM_THRESHOLD=-1)"
     else:
         _mode = "system default (mallopt refused)"
     return _mode
@@ -63,17 +70,12 @@ def return_freed_memory() -> str:
     24 GB machine). That command calls this at its start.
     """
     global _mode
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt, malloc_trim = libc.mallopt, libc.malloc_trim
-        libc.gnu_get_libc_version  # noqa: B018 -- glibc only
-    except (OSError, AttributeError):
+    libc = _glibc()
+    if libc is None:
         return _mode
-    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
-    malloc_trim.argtypes = [ctypes.c_size_t]
-    mallopt(_M_MMAP_MAX, _DEFAULT_MMAP_MAX)
-    mallopt(_M_TRIM_THRESHOLD, _DEFAULT_TRIM_THRESHOLD)
-    malloc_trim(0)
+    libc.mallopt(_M_MMAP_MAX, _DEFAULT_MMAP_MAX)
+    libc.mallopt(_M_TRIM_THRESHOLD, _DEFAULT_TRIM_THRESHOLD)
+    libc.malloc_trim(0)
     _mode = "system default (freed memory returned)"
     return _mode
 

@@ -23,7 +23,6 @@ import torch.nn.functional as F
 from retina_fgvis.baselines import explain, restrict_to_fov
 from retina_fgvis.faithfulness import (FAITHFULNESS_FGVIS_SETTINGS, _stack, load_rdr_model, predict,
                                        rdr_images, rdr_validation_table, sample_rdr)
-from retina_fgvis.fgvis.defense import activation_bounds
 from retina_fgvis.fgvis.games import FGVis
 from retina_fgvis.metrics.deletion import deletion
 
@@ -52,20 +51,6 @@ def lexicographic(primary: torch.Tensor, secondary: torch.Tensor) -> torch.Tenso
     s = secondary - secondary.flatten(1).amin(1).view(-1, 1, 1)
     s = s / s.flatten(1).amax(1).clamp_min(1e-30).view(-1, 1, 1)
     return torch.where(primary > 0, 2.0 + primary, s)
-
-
-def defended_evidence(model, x, mask, target) -> torch.Tensor:
-    """d log-odds / d m at the game's answer, under the defence: positive = removing lowers the class."""
-    bounds = activation_bounds(model, x, tolerance=1e-6)
-    with bounds:
-        bounds.select(None)
-        m = mask.clone().requires_grad_(True)
-        logits = model(m * x).float()
-        lp = torch.log_softmax(logits, 1)
-        lt = lp.gather(1, target[:, None])[:, 0]
-        other = torch.logsumexp(lp.scatter(1, target[:, None], -torch.inf), 1)
-        (g,) = torch.autograd.grad((lt - other).sum(), m)
-    return g
 
 
 def main() -> None:
@@ -97,7 +82,8 @@ def main() -> None:
     t_game = time.perf_counter() - t0
     final = res.mean_mask
     path = path_sum / path_n.clamp_min(1).view(-1, 1, 1)
-    g = defended_evidence(em.model, x, res.mask.to(x.device), target).cpu()
+    # defended d log-odds / d m at the game's answer: positive = removing lowers the class
+    g = FGVis(em.model, defense=True).mask_gradient(x, res.mask.to(x.device), target).cpu()
     ev_pos = g.clamp_min(0).sum(1)          # channels whose removal lowers the class
     ev_net = g.sum(1)                        # net: negative = removal would raise it
     maps = {
