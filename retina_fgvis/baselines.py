@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 __all__ = ["METHODS", "BASELINES", "explain", "find_last_spatial_layer", "restrict_to_fov",
-           "gradcam", "occlusion", "lime", "rise", "gradient", "fgvis_importance"]
+           "gradcam", "occlusion", "lime", "rise", "gradient", "fgvis_importance", "USES_BASELINE"]
 
 BASELINES: tuple[str, ...] = ("gradcam", "occlusion", "lime", "rise", "gradient")
 METHODS: tuple[str, ...] = BASELINES + ("fgvis",)
@@ -97,7 +97,7 @@ def gradcam(model: nn.Module, x: Tensor, target: Tensor, layer: nn.Module | None
 
 
 def occlusion(model: nn.Module, x: Tensor, target: Tensor, window: int | None = None,
-              stride: int | None = None, batch_size: int = 32) -> Tensor:
+              stride: int | None = None, batch_size: int = 32, baseline: float | Tensor = 0.0) -> Tensor:
     from captum.attr import Occlusion
 
     c, h, w = x.shape[1:]
@@ -105,7 +105,7 @@ def occlusion(model: nn.Module, x: Tensor, target: Tensor, window: int | None = 
     stride = stride or max(1, window // 2)
     attr = Occlusion(_Softmax(model)).attribute(
         x, target=target.to(x.device), sliding_window_shapes=(c, window, window),
-        strides=(c, stride, stride), baselines=0.0, perturbations_per_eval=batch_size,
+        strides=(c, stride, stride), baselines=baseline, perturbations_per_eval=batch_size,
     )
     return attr.mean(dim=1)
 
@@ -187,7 +187,7 @@ def superpixels(x: Tensor, n_segments: int = 50, compactness: float = 10.0,
 
 def lime(model: nn.Module, x: Tensor, target: Tensor, n_samples: int = 500, n_segments: int = 50,
          compactness: float = 10.0, batch_size: int = 32, mean: Any = None, std: Any = None,
-         seed: int = 0) -> Tensor:
+         seed: int = 0, baseline: float | Tensor = 0.0) -> Tensor:
     from captum.attr import Lime
 
     explainer = Lime(_Softmax(model), interpretable_model=_WeightedRidge(alpha=1.0))
@@ -197,7 +197,7 @@ def lime(model: nn.Module, x: Tensor, target: Tensor, n_samples: int = 500, n_se
         with torch.random.fork_rng(devices=[]):  # Captum samples with the global RNG
             torch.manual_seed(seed + i)
             attr = explainer.attribute(
-                x[i : i + 1], target=int(target[i]), baselines=0.0, feature_mask=seg,
+                x[i : i + 1], target=int(target[i]), baselines=_one(baseline, i), feature_mask=seg,
                 n_samples=n_samples, perturbations_per_eval=batch_size, return_input_shape=True,
             )
         out.append(attr[0].mean(dim=0))
@@ -221,7 +221,7 @@ def rise_masks(n: int, size: tuple[int, int], grid: int = 7, p: float = 0.5,
 
 @torch.no_grad()
 def rise(model: nn.Module, x: Tensor, target: Tensor, n_masks: int = 4000, grid: int = 7,
-         p: float = 0.5, batch_size: int = 64, seed: int = 0) -> Tensor:
+         p: float = 0.5, batch_size: int = 64, seed: int = 0, baseline: float | Tensor = 0.0) -> Tensor:
     gen = torch.Generator().manual_seed(seed)
     b, _, h, w = x.shape
     sal = torch.zeros(b, h, w, dtype=torch.float64, device=x.device)
@@ -230,7 +230,10 @@ def rise(model: nn.Module, x: Tensor, target: Tensor, n_masks: int = 4000, grid:
         n = min(batch_size, n_masks - done)
         masks = rise_masks(n, (h, w), grid, p, gen).to(x.device, x.dtype)
         for i in range(b):
-            probs = torch.softmax(model(x[i : i + 1] * masks[:, None]), dim=1)[:, int(target[i])]
+            kept = x[i : i + 1] * masks[:, None]
+            if not (isinstance(baseline, float) and baseline == 0.0):  # the zero path stays bit-identical
+                kept = kept + (1 - masks[:, None]) * _one(baseline, i)
+            probs = torch.softmax(model(kept), dim=1)[:, int(target[i])]
             sal[i] += (probs.double()[:, None, None] * masks.double()).sum(0)
         done += n
     return (sal / (n_masks * p)).float()
@@ -245,12 +248,14 @@ def gradient(model: nn.Module, x: Tensor, target: Tensor) -> Tensor:
 
 
 def fgvis_importance(model: nn.Module, x: Tensor, target: Tensor, fov_mask: Tensor | None = None,
-                     defense: bool = True, game: str = "deletion", **settings: Any) -> Tensor:
-    """FGVis importance map = mean (complementary) mask of the chosen game (deletion)."""
+                     defense: bool = True, game: str = "deletion", baseline: float | Tensor = 0.0,
+                     **settings: Any) -> Tensor:
+    """FGVis importance map = mean (complementary) mask of the chosen game (deletion); the game's
+    reference r is ``baseline``."""
     from retina_fgvis.fgvis.games import FGVis  # the engine (lead's module)
 
     result = FGVis(model, defense=defense, **settings).attribute(x, target.to(x.device), game=game,
-                                                                fov_mask=fov_mask)
+                                                                fov_mask=fov_mask, reference=baseline)
     return result.mean_mask
 
 
@@ -264,6 +269,16 @@ _DISPATCH: dict[str, Callable[..., Tensor]] = {
 }
 
 
+def _one(baseline: float | Tensor, i: int) -> float | Tensor:
+    """Image ``i``'s baseline: a constant as it is, a (B, C, H, W) tensor as its (1, C, H, W) slice."""
+    return baseline[i : i + 1] if isinstance(baseline, Tensor) else baseline
+
+
+#: Methods that replace removed pixels with a baseline (their ``baseline`` option); the others
+#: (Grad-CAM, gradient) read the model's gradients only.
+USES_BASELINE: frozenset[str] = frozenset({"occlusion", "lime", "rise", "fgvis"})
+
+
 def restrict_to_fov(importance: Tensor, fov_mask: Tensor) -> Tensor:
     """Importance outside the FOV set just below the per-image minimum inside it (ties keep raster order)."""
     if fov_mask.dim() == 4:  # (B, 1, H, W) or (B, C, H, W)
@@ -275,11 +290,14 @@ def restrict_to_fov(importance: Tensor, fov_mask: Tensor) -> Tensor:
 
 
 def explain(method: str, model: nn.Module, x: Tensor, target: int | Tensor | list[int],
-            fov_mask: Tensor | None = None, **options: Any) -> Tensor:
+            fov_mask: Tensor | None = None, baseline: float | Tensor | None = None, **options: Any) -> Tensor:
     """Importance maps (B, H, W), float32 on the CPU, for ``target`` of ``model`` at ``x``.
 
     ``x`` is the normalised batch on the model's device; ``options`` go to the method
     (e.g. ``n_masks`` for rise, ``n_samples`` for lime, FGVis settings for fgvis).
+    ``baseline`` (a constant or a (B, C, H, W) tensor in normalised space, default 0 = the mean
+    colour) is what removed pixels become, for the methods in :data:`USES_BASELINE` (FGVis: the
+    game's reference r); the deletion metric should remove to the same substrate.
     """
     if method not in _DISPATCH:
         raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
@@ -288,6 +306,8 @@ def explain(method: str, model: nn.Module, x: Tensor, target: int | Tensor | lis
     t = _targets(target, x.shape[0])
     if method == "fgvis":
         options = {**options, "fov_mask": fov_mask}
+    if baseline is not None and method in USES_BASELINE:
+        options = {**options, "baseline": baseline.to(x) if isinstance(baseline, Tensor) else float(baseline)}
     imp = _DISPATCH[method](model, x, t, **options).detach()
     if tuple(imp.shape) != (x.shape[0], *x.shape[-2:]):
         raise RuntimeError(f"{method} returned shape {tuple(imp.shape)}, expected (B, H, W)")

@@ -89,6 +89,12 @@ CONFIDENT_LEVEL = 0.9
 #: pruning (a sparsity device); the attacker's answer is its best iterate (``snapshots``).
 DEFENSE_FGVIS_SETTINGS: dict[str, Any] = {"lambda_schedule": "fixed", "lambda_init": 0.0, "prune_levels": ()}
 
+#: What removed pixels become, in the metric and in every method that removes pixels:
+#: "zero" (the protocol: 0 in normalised space, the data-mean colour) or "background" (each
+#: image's median-blurred self, :func:`retina_fgvis.fgvis.presets.background_of`: on a fundus
+#: photograph a grey spot is itself a pale, lesion-like spot, the local background is not).
+SUBSTRATES: tuple[str, ...] = ("zero", "background")
+
 Progress = Callable[[str], None]
 
 
@@ -361,6 +367,7 @@ class FaithfulnessRun:
     model_kind: str = ""
     notes: list[str] = field(default_factory=list)
     resumed: int = 0                     # (image, method) results taken from earlier records
+    substrate: str = "zero"              # what removed pixels became (SUBSTRATES)
 
 
 @dataclass
@@ -392,7 +399,8 @@ class MethodRecord:
 
 
 def run_from_records(records: Sequence[MethodRecord], images: Sequence[str], methods: Sequence[str],
-                     model_kind: str = "", notes: Sequence[str] = (), resumed: int = 0) -> FaithfulnessRun:
+                     model_kind: str = "", notes: Sequence[str] = (), resumed: int = 0,
+                     substrate: str = "zero") -> FaithfulnessRun:
     """The run's tables and curve arrays from records: the images (in order) that have every method."""
     by_key = {(r.image, r.method): r for r in records}
     complete = [im for im in images if all((im, m) in by_key for m in methods)]
@@ -404,7 +412,20 @@ def run_from_records(records: Sequence[MethodRecord], images: Sequence[str], met
            for m in methods if all(by_key[(im, m)].insertion_curve is not None for im in complete)}
     return FaithfulnessRun(per_image=pd.DataFrame([r.row for r in chosen]), curves=curves, insertion_curves=ins,
                            fractions=np.asarray(chosen[0].fractions), model_kind=model_kind, notes=list(notes),
-                           resumed=resumed)
+                           resumed=resumed, substrate=substrate)
+
+
+def substrate_batch(em: EvalModel, images: Sequence[EvalImage], substrate: str, device: torch.device) -> Tensor | None:
+    """The substrate of a batch as a (B, 3, S, S) tensor on ``device``; None for "zero" (every
+    consumer's default, so the protocol's code path stays exactly as it was)."""
+    if substrate not in SUBSTRATES:
+        raise ValueError(f"unknown substrate {substrate!r}; choose from {', '.join(SUBSTRATES)}")
+    if substrate == "zero":
+        return None
+    from retina_fgvis.fgvis.presets import background_of
+
+    return torch.stack([background_of(im.tensor, None if im.fov is None else im.fov.numpy(), em.mean, em.std)
+                        for im in images]).to(device)
 
 
 def _sync(device: torch.device) -> None:
@@ -418,7 +439,8 @@ def run_faithfulness(em: EvalModel, images: Sequence[EvalImage], methods: Sequen
                      progress: Progress | None = None,
                      time_budget_s: float | None = None,
                      previous: Sequence[MethodRecord] = (),
-                     on_record: Callable[[MethodRecord], None] | None = None) -> FaithfulnessRun:
+                     on_record: Callable[[MethodRecord], None] | None = None,
+                     substrate: str = "zero") -> FaithfulnessRun:
     """Deletion AUC of every method on every image, with run times.
 
     ``time_budget_s``: no new batch is started once this many seconds have passed, so a run on
@@ -429,10 +451,16 @@ def run_faithfulness(em: EvalModel, images: Sequence[EvalImage], methods: Sequen
     checks that); an (image, method) pair found there is not recomputed. ``on_record`` is called
     with each new record as soon as its method is done on its batch (the CLI writes it to disk).
 
+    ``substrate`` (:data:`SUBSTRATES`): what removed pixels become, both in the metric and in the
+    methods that remove pixels (occlusion, LIME, RISE baselines; FGVis's reference r), so that
+    every method is judged by the perturbation it was built with.
+
     The explained class is the model's prediction on the unperturbed image (protocol); every
     method explains that class; with a FOV, all methods rank pixels inside it first
     (:func:`retina_fgvis.baselines.restrict_to_fov`).
     """
+    if substrate not in SUBSTRATES:
+        raise ValueError(f"unknown substrate {substrate!r}; choose from {', '.join(SUBSTRATES)}")
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise ValueError(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")
@@ -466,6 +494,7 @@ def run_faithfulness(em: EvalModel, images: Sequence[EvalImage], methods: Sequen
         done += len(batch)
         x_all, fov_all = _stack(batch, device)
         probs_all = predict(em, x_all)
+        sub_all = substrate_batch(em, batch, substrate, device)
         for method in methods:
             idx = [i for i, im in enumerate(batch) if (im.name, method) not in known]
             if not idx:
@@ -475,14 +504,16 @@ def run_faithfulness(em: EvalModel, images: Sequence[EvalImage], methods: Sequen
             x = x_all.index_select(0, sel)
             fov = None if fov_all is None else fov_all.index_select(0, sel)
             probs = probs_all[idx]
+            removed_to = None if sub_all is None else sub_all.index_select(0, sel)
             target = probs.argmax(1)
             _sync(device)
             t0 = time.perf_counter()
-            imp = explain(method, em.model, x, target, fov_mask=fov, **opts.get(method, {}))
+            imp = explain(method, em.model, x, target, fov_mask=fov, baseline=removed_to, **opts.get(method, {}))
             _sync(device)
             t_explain = (time.perf_counter() - t0) / len(sub)
             t0 = time.perf_counter()
-            cur = deletion(em.model, x, imp.to(device), target=target, batch_size=metric_batch_size)
+            cur = deletion(em.model, x, imp.to(device), target=target, batch_size=metric_batch_size,
+                           substrate="zero" if removed_to is None else removed_to)
             _sync(device)
             t_metric = (time.perf_counter() - t0) / len(sub)
             ins = None
@@ -509,7 +540,8 @@ def run_faithfulness(em: EvalModel, images: Sequence[EvalImage], methods: Sequen
             if progress:
                 progress(f"{method}: {', '.join(im.name for im in sub)} "
                          f"AUC {', '.join(f'{a:.4f}' for a in cur.auc.tolist())} ({t_explain:.1f} s/image)")
-    return run_from_records(records, names, methods, model_kind=em.kind, notes=notes, resumed=len(known))
+    return run_from_records(records, names, methods, model_kind=em.kind, notes=notes, resumed=len(known),
+                            substrate=substrate)
 
 
 def faithfulness_summary(run: FaithfulnessRun) -> pd.DataFrame:
@@ -552,8 +584,12 @@ def faithfulness_markdown(run: FaithfulnessRun, model_description: str, image_de
         f"- Model: {model_description}",
         f"- Images: {image_description}",
         "- Protocol: RISE deletion metric; class = the model's prediction on the unperturbed image; "
-        "pixels removed (all channels, set to 0 in normalised space) in order of decreasing "
-        "importance, ties by pixel index; "
+        + ("pixels removed (all channels, set to 0 in normalised space) in order of decreasing "
+           if run.substrate == "zero" else
+           "pixels removed (all channels, replaced by the image's median-blurred background; NOT the "
+           "paper's substrate, which is 0 in normalised space; occlusion, LIME, RISE and FGVis remove to "
+           "the same background) in order of decreasing ")
+        + "importance, ties by pixel index; "
         f"{int(run.per_image['evaluations'].iloc[0])} evaluations "
         f"({int(run.per_image['pixels_per_step'].iloc[0])} px per step); score = softmax "
         "probability; AUC by the trapezoid rule on [0, 1]. Lower is better.",

@@ -111,3 +111,43 @@ def test_fov_restriction_puts_outside_last():
 def test_unknown_method():
     with pytest.raises(ValueError, match="unknown method"):
         explain("bogus", tiny_cnn(), torch.zeros(1, 3, 8, 8), 0)
+
+
+@pytest.mark.parametrize("method", ["occlusion", "lime"])
+def test_removing_to_the_image_itself_attributes_nothing(method):
+    """With the image as its own baseline a removal changes nothing, so nothing is evidence: the
+    baseline option must really reach the method (a method that ignored it would remove to 0)."""
+    model = tiny_cnn()
+    x = torch.randn(2, 3, 16, 16)
+    assert explain(method, model, x, 0, **FAST[method]).abs().amax() > 1e-6
+    assert explain(method, model, x, 0, baseline=x, **FAST[method]).abs().amax() < 1e-6
+
+
+def test_rise_baseline():
+    """RISE: a zero tensor baseline equals the default; with the image as baseline every masked
+    copy is the image, so each map is p(class | x) times the same mask average."""
+    model = tiny_cnn()
+    x = torch.randn(2, 3, 16, 16)
+    default = explain("rise", model, x, 0, **FAST["rise"])
+    assert torch.allclose(explain("rise", model, x, 0, baseline=torch.zeros_like(x), **FAST["rise"]), default)
+    own = explain("rise", model, x, 0, baseline=x, **FAST["rise"])
+    p = torch.softmax(model(x), 1)[:, 0].detach()
+    assert not torch.allclose(own, default)
+    assert torch.allclose(own[0] / p[0], own[1] / p[1], atol=1e-5)
+
+
+def test_gradient_methods_ignore_the_baseline():
+    model = tiny_cnn()
+    x = torch.randn(1, 3, 16, 16)
+    for method in ("gradcam", "gradient"):
+        assert torch.equal(explain(method, model, x, 0, baseline=x), explain(method, model, x, 0))
+
+
+def test_fgvis_plays_its_game_against_the_baseline():
+    """FGVis's baseline is the game's reference r: with r = x the explanation m·x + (1-m)·r is x
+    whatever the mask, so the game has nothing to remove and returns the untouched mask."""
+    model = tiny_cnn()
+    x = torch.randn(1, 3, 16, 16)
+    opts = {"goal": "fraction", "goal_fraction": 0.5, "max_iterations": 10}
+    assert explain("fgvis", model, x, 0, **opts).amax() > 0
+    assert explain("fgvis", model, x, 0, baseline=x, **opts).abs().amax() == 0

@@ -155,6 +155,52 @@ def test_faithfulness_unreadable_record_is_recomputed(tiny_setup):
     assert len(pd.read_csv(out / "auc_per_image.csv")) == 2
 
 
+def test_background_substrate_is_the_blurred_image_and_ends_every_curve():
+    """substrate="background": removed pixels become the image's median-blurred self, in the
+    metric too, so every deletion curve ends at p(class | background), not at p(class | 0)."""
+    em = tiny_eval_model()
+    rng = np.random.default_rng(1)
+    fov = torch.zeros(32, 32, dtype=torch.bool)
+    fov[4:28, 4:28] = True
+    imgs = [F.EvalImage(name=f"i{i}", tensor=torch.from_numpy(rng.normal(size=(3, 32, 32)).astype(np.float32)),
+                        fov=fov) for i in range(2)]
+    assert F.substrate_batch(em, imgs, "zero", torch.device("cpu")) is None
+    bg = F.substrate_batch(em, imgs, "background", torch.device("cpu"))
+    assert bg.shape == (2, 3, 32, 32) and (bg[:, :, ~fov] == 0).all()
+    assert bg[:, :, fov].std() < 0.5 * torch.stack([im.tensor for im in imgs])[:, :, fov].std()  # smoothed
+    runs = {s: F.run_faithfulness(em, imgs, ["gradient", "occlusion"], batch_size=2, substrate=s)
+            for s in F.SUBSTRATES}
+    x = torch.stack([im.tensor for im in imgs])
+    for s, end_image in (("zero", torch.zeros_like(x)), ("background", bg)):
+        probs = torch.softmax(em.model(end_image), 1)
+        df = runs[s].per_image
+        expected = [float(probs[i, t]) for i, t in zip(range(2), df[df.method == "gradient"]["target"])]
+        np.testing.assert_allclose(df[df.method == "gradient"]["p_target_end"], expected, rtol=1e-5)
+    assert runs["background"].substrate == "background"
+    assert not np.allclose(runs["zero"].per_image["deletion_auc"], runs["background"].per_image["deletion_auc"])
+    with pytest.raises(ValueError, match="unknown substrate"):
+        F.run_faithfulness(em, imgs, ["gradient"], substrate="grey")
+
+
+def test_faithfulness_cli_substrate_keeps_its_own_records(tiny_setup):
+    """--substrate background: records in their own folders (the zero substrate's hash is the one
+    records had before the option existed), the outputs say which substrate, bad values exit 2."""
+    app, folder, out = tiny_setup
+    opts = ("--methods", "gradient", "--device", "cpu")
+    assert _evaluate(app, "faithfulness", folder, out, *opts).exit_code == 0
+    res = _evaluate(app, "faithfulness", folder, out, *opts, "--substrate", "background")
+    assert res.exit_code == 0, res.output
+    assert "resuming" not in res.output
+    identities = [json.loads(f.read_text()) for f in sorted((out / "progress").glob("gradient-*/identity.json"))]
+    assert len(identities) == 2
+    assert sorted(i.get("substrate", "zero") for i in identities) == ["background", "zero"]
+    assert "median-blurred background" in (out / "summary.md").read_text()
+    meta = json.loads((out / "run.json").read_text())
+    assert meta["substrate"] == "background" and "--substrate background" in meta["command"]
+    res = _evaluate(app, "faithfulness", folder, out, *opts, "--substrate", "grey")
+    assert res.exit_code == 2 and "zero, background" in res.output
+
+
 def test_faithfulness_cli_rejects_bad_method(tiny_setup):
     app, folder, out = tiny_setup
     res = _evaluate(app, "faithfulness", folder, out, "--methods", "gradcam,bogus")

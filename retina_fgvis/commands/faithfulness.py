@@ -135,8 +135,11 @@ def _faithfulness_images(em, images: Optional[Path], data_root: Optional[Path], 
 PROGRESS_DIR = "progress"
 
 
-def _method_folder(progress_dir: Path, em, method: str, options: dict[str, Any], insertion: bool) -> Path:
-    """progress/METHOD-HASH/: one folder per method *and* its settings (model, options, insertion).
+def _method_folder(progress_dir: Path, em, method: str, options: dict[str, Any], insertion: bool,
+                   substrate: str = "zero") -> Path:
+    """progress/METHOD-HASH/: one folder per method *and* its settings (model, options, insertion,
+    substrate; the protocol's zero substrate is left out of the hash, so records written before
+    the substrate option existed stay valid).
 
     Why a hash of the settings: a record is reused only by a run that would compute the same
     thing, and changing one method's settings (say FGVis's) leaves the other methods' records
@@ -152,9 +155,10 @@ def _method_folder(progress_dir: Path, em, method: str, options: dict[str, Any],
         from retina_fgvis.fgvis.games import FGVisSettings
 
         method_options = asdict(FGVisSettings(**method_options).validate())
-    identity = json.loads(json.dumps({"model": model_id, "method": method,
-                                      "options": method_options, "insertion": insertion},
-                                     default=str, sort_keys=True))
+    identity = {"model": model_id, "method": method, "options": method_options, "insertion": insertion}
+    if substrate != "zero":
+        identity["substrate"] = substrate
+    identity = json.loads(json.dumps(identity, default=str, sort_keys=True))
     digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:12]
     folder = progress_dir / f"{method}-{digest}"
     folder.mkdir(parents=True, exist_ok=True)
@@ -210,6 +214,11 @@ def faithfulness_command(
                                                 help="Start no new batch after this many minutes "
                                                      "(a lent machine's time box); the outputs cover the "
                                                      "images done and say how many were left out."),
+    substrate: str = typer.Option("zero", "--substrate",
+                                  help="What removed pixels become, in the metric and in every method that "
+                                       "removes pixels: zero (the paper's protocol: the data-mean colour) or "
+                                       "background (each image's median-blurred self: no grey, lesion-like "
+                                       "spots on a fundus)."),
     resume: bool = typer.Option(True, "--resume/--restart",
                                 help="Reuse the results earlier runs left in OUT/progress for the same model, "
                                      "method and method settings (default), or discard them all."),
@@ -231,6 +240,8 @@ def faithfulness_command(
     if bad or not chosen:
         raise typer.BadParameter(f"unknown method(s) {bad}; choose from {', '.join(METHODS)}",
                                  param_hint="--methods")
+    if substrate not in F.SUBSTRATES:
+        raise typer.BadParameter(f"use one of {', '.join(F.SUBSTRATES)}", param_hint="--substrate")
     dev = _device(device)
     em = _load(model, weights, dev)
     try:
@@ -251,7 +262,8 @@ def faithfulness_command(
                    insertion=insertion, rise_masks=rise_masks, lime_samples=lime_samples,
                    fgvis_max_iterations=fgvis_max_iterations,
                    fgvis_setting=" --fgvis-setting ".join(fgvis_setting) or None,
-                   seed=seed if seed else None, max_minutes=max_minutes, out=out)
+                   seed=seed if seed else None, max_minutes=max_minutes,
+                   substrate=None if substrate == "zero" else substrate, out=out)
     _echo(f"{em.description}; {image_desc}; methods {', '.join(chosen)}; device {dev}")
     t0 = time.time()
     progress_dir = out / PROGRESS_DIR
@@ -259,7 +271,7 @@ def faithfulness_command(
         import shutil
 
         shutil.rmtree(progress_dir)
-    folders = {m: _method_folder(progress_dir, em, m, options, insertion) for m in chosen}
+    folders = {m: _method_folder(progress_dir, em, m, options, insertion, substrate) for m in chosen}
     previous = _load_records(folders)
 
     def keep(record) -> None:
@@ -268,7 +280,7 @@ def faithfulness_command(
     try:
         run = F.run_faithfulness(em, imgs, chosen, options, batch_size=batch_size, with_insertion=insertion,
                                  progress=_echo, time_budget_s=None if max_minutes is None else 60 * max_minutes,
-                                 previous=previous, on_record=keep)
+                                 previous=previous, on_record=keep, substrate=substrate)
     except ValueError as exc:
         _fail(str(exc))
     _write_csv(out / "auc_per_image.csv", run.per_image)
@@ -281,7 +293,7 @@ def faithfulness_command(
             "image_names": [i.name for i in imgs],
             "images_evaluated": sorted(run.per_image["image"].unique().tolist()), "notes": run.notes,
             "images_from_earlier_runs": run.resumed,
-            "methods": chosen, "method_options": options,
+            "methods": chosen, "method_options": options, "substrate": substrate,
             "seconds_total": round(time.time() - t0, 1), "environment": _environment(dev),
             "note": F.RESEARCH_NOTE}
     _write_text(out / "run.json", json.dumps(meta, indent=2, default=str) + "\n")

@@ -28,14 +28,22 @@ def background_reference(prepared: Any, mean: Any, std: Any, kernel_fraction: fl
     filtering with a kernel of ~6 % of the field of view removes lesions (much smaller) and
     keeps the background's colour and illumination.
     """
+    return background_of(prepared.tensor, prepared.fov_model, mean, std, kernel_fraction)
+
+
+def background_of(tensor: Any, fov: Any, mean: Any, std: Any, kernel_fraction: float = 0.06) -> Any:
+    """:func:`background_reference` for a normalised (3, S, S) tensor and its (S, S) field of view
+    (None: the whole image); zero (the data-mean colour) outside the field of view."""
     import cv2
     import numpy as np
     import torch
 
     m = torch.as_tensor(mean, dtype=torch.float32).view(3, 1, 1)
     s = torch.as_tensor(std, dtype=torch.float32).view(3, 1, 1)
-    rgb = ((prepared.tensor.cpu() * s + m).clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
+    rgb = ((tensor.detach().float().cpu() * s + m).clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
     k = max(3, int(kernel_fraction * rgb.shape[0]) | 1)
     blurred = cv2.medianBlur(np.ascontiguousarray(rgb), k)
     out = (torch.from_numpy(blurred).permute(2, 0, 1).float() / 255 - m) / s
-    return out * torch.from_numpy(np.ascontiguousarray(prepared.fov_model))[None]
+    if fov is None:
+        return out
+    return out * torch.as_tensor(np.ascontiguousarray(np.asarray(fov, dtype=bool)))[None]
