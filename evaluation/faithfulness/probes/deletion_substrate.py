@@ -67,7 +67,7 @@ def main() -> None:
     def cached(name: str, make: Callable[[], object]):
         f = out / f"{name}-{a.eyes}.pt"
         if f.exists():
-            return torch.load(f)
+            return torch.load(f, weights_only=False)  # this probe's own cache (maps, CausalCurves)
         t0 = time.perf_counter()
         value = make()
         print(f"{name}: {time.perf_counter() - t0:.0f} s", flush=True)
