@@ -415,11 +415,15 @@ def run_from_records(records: Sequence[MethodRecord], images: Sequence[str], met
                            resumed=resumed, substrate=substrate)
 
 
+def _check_substrate(substrate: str) -> None:
+    if substrate not in SUBSTRATES:
+        raise ValueError(f"unknown substrate {substrate!r}; choose from {', '.join(SUBSTRATES)}")
+
+
 def substrate_batch(em: EvalModel, images: Sequence[EvalImage], substrate: str, device: torch.device) -> Tensor | None:
     """The substrate of a batch as a (B, 3, S, S) tensor on ``device``; None for "zero" (every
     consumer's default, so the protocol's code path stays exactly as it was)."""
-    if substrate not in SUBSTRATES:
-        raise ValueError(f"unknown substrate {substrate!r}; choose from {', '.join(SUBSTRATES)}")
+    _check_substrate(substrate)
     if substrate == "zero":
         return None
     from retina_fgvis.fgvis.presets import background_of
@@ -459,8 +463,7 @@ def run_faithfulness(em: EvalModel, images: Sequence[EvalImage], methods: Sequen
     method explains that class; with a FOV, all methods rank pixels inside it first
     (:func:`retina_fgvis.baselines.restrict_to_fov`).
     """
-    if substrate not in SUBSTRATES:
-        raise ValueError(f"unknown substrate {substrate!r}; choose from {', '.join(SUBSTRATES)}")
+    _check_substrate(substrate)  # before any work, not at the first batch
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise ValueError(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")

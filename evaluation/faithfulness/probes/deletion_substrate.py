@@ -8,11 +8,11 @@ then climbs back above every baseline. Two measurements tell apart "the game ran
    setting every pixel whose mean removal exceeds τ to the substrate (all channels, as the
    metric does), against the game's soft answer m·x.
 2. *The same metric with a lesion-free substrate*: each eye's median-blurred photograph
-   (:func:`retina_fgvis.fgvis.presets.background_reference`, the stand-in the game study uses),
+   (:func:`retina_fgvis.faithfulness.substrate_batch`, the stand-in the game study uses),
    for FGVis (played with either reference) and the baselines.
 
 Runs on held-out tuning eyes that are NOT among the 60 the faithfulness evaluation reports
-(:func:`fgvis_ranking.tuning_eyes`). Maps and curves are cached in ``--out`` so that a stopped
+(:func:`fgvis_ranking.tuning_batch`). Maps and curves are cached in ``--out`` so that a stopped
 run continues where it was.
 
     python evaluation/faithfulness/probes/deletion_substrate.py --data-root ../shared/data --eyes 6 --out DIR
@@ -23,20 +23,17 @@ import argparse
 import json
 import sys
 import time
-import types
 from pathlib import Path
 from typing import Callable
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from fgvis_ranking import tuning_eyes  # noqa: E402
+from fgvis_ranking import tuning_batch  # noqa: E402
 
 from retina_fgvis.baselines import explain, restrict_to_fov  # noqa: E402
-from retina_fgvis.faithfulness import (FAITHFULNESS_FGVIS_SETTINGS, _stack, load_rdr_model, predict,  # noqa: E402
-                                       rdr_images, rdr_validation_table)
+from retina_fgvis.faithfulness import FAITHFULNESS_FGVIS_SETTINGS, substrate_batch  # noqa: E402
 from retina_fgvis.fgvis.games import FGVis  # noqa: E402
-from retina_fgvis.fgvis.presets import background_reference  # noqa: E402
 from retina_fgvis.metrics.deletion import causal_curves  # noqa: E402
 
 VARIANTS = ("fgvis_r0", "lime", "fgvis_bg", "gradcam", "occlusion", "rise", "gradient")
@@ -55,13 +52,8 @@ def main() -> None:
     torch.manual_seed(0)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    em = load_rdr_model(a.weights)
-    images = rdr_images(em, tuning_eyes(rdr_validation_table(em.classifier.metadata, a.data_root), a.eyes))
-    x, fov = _stack(images, em.device)
-    target = predict(em, x).argmax(1)
-    background = torch.stack([
-        background_reference(types.SimpleNamespace(tensor=im.tensor, fov_model=im.fov.numpy()), em.mean, em.std)
-        for im in images]).float().to(x.device)
+    em, images, x, fov, target = tuning_batch(a.data_root, a.weights, a.eyes)
+    background = substrate_batch(em, images, "background", x.device)  # what `--substrate background` uses
     print("eyes", [im.name for im in images], "explained class", target.tolist(), flush=True)
 
     def cached(name: str, make: Callable[[], object]):

@@ -35,6 +35,14 @@ def tuning_eyes(table: pd.DataFrame, n: int, reported: int = 60) -> pd.DataFrame
     return pd.concat([pos.iloc[skip: skip + n // 2], neg.iloc[skip: skip + n - n // 2]]).reset_index(drop=True)
 
 
+def tuning_batch(data_root: str, weights: str | None, eyes: int):
+    """(model, images, x, fov, explained class) of the ``eyes`` tuning eyes: every probe's setup."""
+    em = load_rdr_model(weights)
+    images = rdr_images(em, tuning_eyes(rdr_validation_table(em.classifier.metadata, data_root), eyes))
+    x, fov = _stack(images, em.device)
+    return em, images, x, fov, predict(em, x).argmax(1)
+
+
 def blur(img: torch.Tensor, sigma: float) -> torch.Tensor:
     """Gaussian blur of (B, H, W) maps (separable, reflect padding)."""
     r = int(3 * sigma)
@@ -64,11 +72,7 @@ def main() -> None:
     torch.manual_seed(0)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    em = load_rdr_model(a.weights)
-    table = tuning_eyes(rdr_validation_table(em.classifier.metadata, a.data_root), a.eyes)
-    images = rdr_images(em, table)
-    x, fov = _stack(images, em.device)
-    target = predict(em, x).argmax(1)
+    em, images, x, fov, target = tuning_batch(a.data_root, a.weights, a.eyes)
     t0 = time.perf_counter()
     path_sum = torch.zeros(x.shape[0], *x.shape[2:])
     path_n = torch.zeros(x.shape[0])
