@@ -19,7 +19,11 @@ difference between methods, not between our re-implementations:
                 importance = sum_i P(class | x * M_i) M_i / (N p). Defaults N = 4000, s = 7
                 (the RISE paper's ImageNet setting). Idea from eclique/RISE (MIT); not copied.
 * ``gradient``  Captum ``Saliency`` (|d logit / d x|, max over colour channels).
-* ``fgvis``     FGVis deletion game; importance = ``FGVisResult.mean_mask``.
+* ``fgvis``     FGVis deletion game with the adversarial defence (Eq. 6); importance =
+                ``FGVisResult.mean_mask``.
+* ``fgvis-undefended``  the same game without the defence. The paper does not say whether its
+                Table 2 masks were defended; on a two-class model the difference decides the
+                ranking (evaluation/faithfulness/README.md), so both are measured.
 
 ``explain(method, model, x, target)`` returns a (B, H, W) float32 CPU tensor, higher = more
 important for ``target``. With ``fov_mask`` the importance outside the field of view is set
@@ -28,6 +32,7 @@ deletion substrate, so this only stops a method from wasting removal steps on th
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Callable
 
@@ -37,10 +42,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 __all__ = ["METHODS", "BASELINES", "explain", "find_last_spatial_layer", "restrict_to_fov",
-           "gradcam", "occlusion", "lime", "rise", "gradient", "fgvis_importance", "USES_BASELINE"]
+           "gradcam", "occlusion", "lime", "rise", "gradient", "fgvis_importance", "USES_BASELINE",
+           "FGVIS_METHODS"]
 
 BASELINES: tuple[str, ...] = ("gradcam", "occlusion", "lime", "rise", "gradient")
-METHODS: tuple[str, ...] = BASELINES + ("fgvis",)
+#: FGVis's deletion game with and without the defence: the same engine, one switch apart.
+FGVIS_METHODS: tuple[str, ...] = ("fgvis", "fgvis-undefended")
+METHODS: tuple[str, ...] = BASELINES + FGVIS_METHODS
 
 
 class _Softmax(nn.Module):
@@ -266,6 +274,7 @@ _DISPATCH: dict[str, Callable[..., Tensor]] = {
     "rise": rise,
     "gradient": gradient,
     "fgvis": fgvis_importance,
+    "fgvis-undefended": functools.partial(fgvis_importance, defense=False),
 }
 
 
@@ -276,7 +285,7 @@ def _one(baseline: float | Tensor, i: int) -> float | Tensor:
 
 #: Methods that replace removed pixels with a baseline (their ``baseline`` option); the others
 #: (Grad-CAM, gradient) read the model's gradients only.
-USES_BASELINE: frozenset[str] = frozenset({"occlusion", "lime", "rise", "fgvis"})
+USES_BASELINE: frozenset[str] = frozenset({"occlusion", "lime", "rise", *FGVIS_METHODS})
 
 
 def restrict_to_fov(importance: Tensor, fov_mask: Tensor) -> Tensor:
@@ -304,7 +313,7 @@ def explain(method: str, model: nn.Module, x: Tensor, target: int | Tensor | lis
     if x.dim() != 4:
         raise ValueError(f"x must be (B, C, H, W), got shape {tuple(x.shape)}")
     t = _targets(target, x.shape[0])
-    if method == "fgvis":
+    if method in FGVIS_METHODS:
         options = {**options, "fov_mask": fov_mask}
     if baseline is not None and method in USES_BASELINE:
         options = {**options, "baseline": baseline.to(x) if isinstance(baseline, Tensor) else float(baseline)}

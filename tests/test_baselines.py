@@ -151,3 +151,21 @@ def test_fgvis_plays_its_game_against_the_baseline():
     opts = {"goal": "fraction", "goal_fraction": 0.5, "max_iterations": 10}
     assert explain("fgvis", model, x, 0, **opts).amax() > 0
     assert explain("fgvis", model, x, 0, baseline=x, **opts).abs().amax() == 0
+
+
+def test_fgvis_undefended_is_the_same_game_without_the_defence():
+    """``fgvis-undefended`` = the engine's deletion game with ``defense=False`` and nothing else
+    changed; ``fgvis`` = the same game defended. Checked against the engine called directly, and
+    the two must differ (else the switch would not reach the engine)."""
+    from retina_fgvis.fgvis.games import FGVis
+
+    model = tiny_cnn()
+    torch.manual_seed(1)
+    x = torch.randn(2, 3, 16, 16)
+    opts = {"goal": "fraction", "goal_fraction": 0.2, "max_iterations": 30}
+    target = torch.tensor([0, 1])
+    maps = {m: explain(m, model, x, target, **opts) for m in ("fgvis", "fgvis-undefended")}
+    for method, defended in (("fgvis", True), ("fgvis-undefended", False)):
+        direct = FGVis(model, defense=defended, **opts).attribute(x, target).mean_mask.float()
+        assert torch.equal(maps[method], direct), method
+    assert not torch.equal(maps["fgvis"], maps["fgvis-undefended"])

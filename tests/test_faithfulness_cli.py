@@ -201,6 +201,28 @@ def test_faithfulness_cli_substrate_keeps_its_own_records(tiny_setup):
     assert res.exit_code == 2 and "zero, background" in res.output
 
 
+@pytest.mark.skipif(not HAS_ENGINE, reason="FGVis engine (retina_fgvis.fgvis.games) not available yet")
+def test_faithfulness_cli_reports_the_game_with_and_without_the_defence(tiny_setup):
+    """fgvis and fgvis-undefended: same settings, own record folders (the defended game's identity
+    is the one it had before the undefended one existed: no new key), a verdict line for each."""
+    app, folder, out = tiny_setup
+    res = _evaluate(app, "faithfulness", folder, out, "--methods", "gradient,fgvis,fgvis-undefended",
+                    "--fgvis-max-iterations", "5", "--device", "cpu")
+    assert res.exit_code == 0, res.output
+    identities = {json.loads(f.read_text())["method"]: json.loads(f.read_text())
+                  for f in (out / "progress").glob("*/identity.json")}
+    assert set(identities) == {"gradient", "fgvis", "fgvis-undefended"}
+    assert set(identities["fgvis"]) == {"model", "method", "options", "insertion"}
+    assert identities["fgvis"]["options"] == identities["fgvis-undefended"]["options"]
+    assert identities["fgvis"]["options"]["max_iterations"] == 5
+    df = pd.read_csv(out / "auc_per_image.csv")
+    assert sorted(df["method"].unique()) == ["fgvis", "fgvis-undefended", "gradient"]
+    md = (out / "summary.md").read_text()
+    assert "FGVis (deletion game) / best baseline (Gradient (saliency))" in md
+    assert "FGVis without the defence / best baseline (Gradient (saliency))" in md
+    assert "does not say whether its Table 2 masks" in md
+
+
 def test_faithfulness_cli_rejects_bad_method(tiny_setup):
     app, folder, out = tiny_setup
     res = _evaluate(app, "faithfulness", folder, out, "--methods", "gradcam,bogus")

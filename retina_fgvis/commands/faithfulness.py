@@ -148,8 +148,10 @@ def _method_folder(progress_dir: Path, em, method: str, options: dict[str, Any],
     import hashlib
 
     model_id = str(getattr(em.classifier, "sha256", "") or em.description)  # not the path: runs move
+    from retina_fgvis.baselines import FGVIS_METHODS
+
     method_options = options.get(method, {})
-    if method == "fgvis":  # every engine setting, defaults included: a changed default is a new folder
+    if method in FGVIS_METHODS:  # every engine setting, defaults included: a changed default is a new folder
         from dataclasses import asdict
 
         from retina_fgvis.fgvis.games import FGVisSettings
@@ -195,7 +197,7 @@ def faithfulness_command(
     out: Path = typer.Option(..., "--out", help="Output folder."),
     images: Optional[Path] = typer.Option(None, "--images", help=IMAGES_HELP),
     limit: Optional[int] = typer.Option(None, "--limit", min=1, help="At most N images (rdr default: 60, balanced)."),
-    methods: str = typer.Option("gradcam,occlusion,lime,rise,gradient,fgvis", "--methods",
+    methods: str = typer.Option("gradcam,occlusion,lime,rise,gradient,fgvis,fgvis-undefended", "--methods",
                                 help="Comma-separated methods."),
     weights: Optional[Path] = typer.Option(None, "--weights", help="rdr: classifier checkpoint (default: the project's)."),
     data_root: Optional[Path] = typer.Option(None, "--data-root", help="rdr: folder with odir5k_512/ and eyepacs1098_400/."),
@@ -229,7 +231,7 @@ def faithfulness_command(
     interrupted run keeps it and the same command continues where it stopped.
     """
     from retina_fgvis import faithfulness as F
-    from retina_fgvis.baselines import METHODS
+    from retina_fgvis.baselines import FGVIS_METHODS, METHODS
     from retina_fgvis.runtime import return_freed_memory
 
     return_freed_memory()  # hours of mixed methods: a heap that never shrinks ran out of memory
@@ -254,9 +256,11 @@ def faithfulness_command(
         "rise": {"n_masks": rise_masks},
         "lime": {"n_samples": lime_samples, "mean": em.mean, "std": em.std},  # SLIC on true colours
     }
-    options["fgvis"] = {**F.FAITHFULNESS_FGVIS_SETTINGS, **_parse_settings(fgvis_setting)}
+    fgvis_options = {**F.FAITHFULNESS_FGVIS_SETTINGS, **_parse_settings(fgvis_setting)}
     if fgvis_max_iterations:
-        options["fgvis"]["max_iterations"] = fgvis_max_iterations
+        fgvis_options["max_iterations"] = fgvis_max_iterations
+    for m in FGVIS_METHODS:  # the defended and the undefended game play with the same settings
+        options[m] = dict(fgvis_options)
     cmd = _command("faithfulness", model=model, images=images, limit=limit, methods=",".join(chosen),
                    weights=weights, data_root=data_root, device=device, batch_size=batch_size,
                    insertion=insertion, rise_masks=rise_masks, lime_samples=lime_samples,

@@ -36,7 +36,7 @@ from retina_fgvis.faithfulness import FAITHFULNESS_FGVIS_SETTINGS, substrate_bat
 from retina_fgvis.fgvis.games import FGVis  # noqa: E402
 from retina_fgvis.metrics.deletion import causal_curves  # noqa: E402
 
-VARIANTS = ("fgvis_r0", "lime", "fgvis_bg", "gradcam", "occlusion", "rise", "gradient")
+VARIANTS = ("fgvis_r0", "lime", "fgvis_bg", "gradcam", "occlusion", "rise", "gradient", "fgvis_r0_nodefense")
 HARD_LEVELS = (0.5, 0.2, 0.05, 0.0)
 
 
@@ -66,8 +66,8 @@ def main() -> None:
         torch.save(value, f)
         return value
 
-    def game(reference: torch.Tensor | None) -> torch.Tensor:
-        r = FGVis(em.model, defense=True, **FAITHFULNESS_FGVIS_SETTINGS).attribute(
+    def game(reference: torch.Tensor | None, defense: bool = True) -> torch.Tensor:
+        r = FGVis(em.model, defense=defense, **FAITHFULNESS_FGVIS_SETTINGS).attribute(
             x, target, fov_mask=fov, reference=reference)
         print("  p after (soft mask)", [round(v, 3) for v in r.target_prob_after.tolist()],
               "changed > 0.5:", [round(v, 4) for v in r.changed_fraction.tolist()], flush=True)
@@ -76,6 +76,8 @@ def main() -> None:
     makers: dict[str, Callable[[], torch.Tensor]] = {
         "fgvis_r0": lambda: game(None),
         "fgvis_bg": lambda: game(background),
+        # the paper does not say whether Table 2 used the defence: does the metric reward a game without it?
+        "fgvis_r0_nodefense": lambda: game(None, defense=False),
         "lime": lambda: explain("lime", em.model, x, target, fov_mask=fov, n_samples=500),
         "gradcam": lambda: explain("gradcam", em.model, x, target, fov_mask=fov),
         "occlusion": lambda: explain("occlusion", em.model, x, target, fov_mask=fov),
@@ -92,7 +94,7 @@ def main() -> None:
             print(f"{variant:10s} {sub_name:10s}", " ".join(f"{v:.3f}" for v in cur.auc.tolist()),
                   f"mean {float(cur.auc.mean()):.4f}", flush=True)
         if variant.startswith("fgvis"):
-            substrate = torch.zeros_like(x) if variant == "fgvis_r0" else background
+            substrate = background if variant == "fgvis_bg" else torch.zeros_like(x)
             with torch.no_grad():
                 for tau in HARD_LEVELS:
                     hard = (imp > tau)[:, None].to(x.device) & fov[:, None]
