@@ -39,6 +39,7 @@ import torch
 from torch import Tensor, nn
 
 from retina_fgvis.baselines import FGVIS_METHODS, METHODS, explain
+from retina_fgvis.memory_layout import CHANNELS_LAST, CONTIGUOUS, model_layout, resolve_channels_last
 from retina_fgvis.metrics.deletion import deletion, insertion
 
 RESEARCH_NOTE = "Research use only, not a diagnosis."
@@ -412,7 +413,11 @@ def run_from_records(records: Sequence[MethodRecord], images: Sequence[str], met
     curves = {m: np.asarray([by_key[(im, m)].curve for im in complete], dtype=np.float64) for m in methods}
     ins = {m: np.asarray([by_key[(im, m)].insertion_curve for im in complete], dtype=np.float64)
            for m in methods if all(by_key[(im, m)].insertion_curve is not None for im in complete)}
-    return FaithfulnessRun(per_image=pd.DataFrame([r.row for r in chosen]), curves=curves, insertion_curves=ins,
+    per_image = pd.DataFrame([r.row for r in chosen])
+    # records written before the layout was recorded all came from NCHW (contiguous) weights
+    per_image["memory_format"] = (per_image["memory_format"].fillna(CONTIGUOUS)
+                                  if "memory_format" in per_image else CONTIGUOUS)
+    return FaithfulnessRun(per_image=per_image, curves=curves, insertion_curves=ins,
                            fractions=np.asarray(chosen[0].fractions), model_kind=model_kind, notes=list(notes),
                            resumed=resumed, substrate=substrate)
 
@@ -446,7 +451,7 @@ def run_faithfulness(em: EvalModel, images: Sequence[EvalImage], methods: Sequen
                      time_budget_s: float | None = None,
                      previous: Sequence[MethodRecord] = (),
                      on_record: Callable[[MethodRecord], None] | None = None,
-                     substrate: str = "zero") -> FaithfulnessRun:
+                     substrate: str = "zero", channels_last: bool | None = None) -> FaithfulnessRun:
     """Deletion AUC of every method on every image, with run times.
 
     ``time_budget_s``: no new batch is started once this many seconds have passed, so a run on
@@ -464,6 +469,10 @@ def run_faithfulness(em: EvalModel, images: Sequence[EvalImage], methods: Sequen
     The explained class is the model's prediction on the unperturbed image (protocol); every
     method explains that class; with a FOV, all methods rank pixels inside it first
     (:func:`retina_fgvis.baselines.restrict_to_fov`).
+
+    ``channels_last`` (None = auto: on a CPU): the model runs with NHWC weights for the run and is
+    restored afterwards (:mod:`retina_fgvis.memory_layout`); each row names its layout, since
+    records of runs with either layout are reused alike (the numbers agree up to float rounding).
     """
     _check_substrate(substrate)  # before any work, not at the first batch
     unknown = [m for m in methods if m not in METHODS]
@@ -488,64 +497,66 @@ def run_faithfulness(em: EvalModel, images: Sequence[EvalImage], methods: Sequen
     # the time box may end a run before its first batch only when earlier runs left complete images
     # to report (so "--max-minutes 0" rewrites the outputs from the records alone)
     complete_before = len(images) - len(todo)
-    for batch in _batches(todo, batch_size):
-        if (time_budget_s is not None and (done or complete_before)
-                and time.perf_counter() - started > time_budget_s):
-            left = len(todo) - done
-            notes.append(f"time budget of {time_budget_s:.0f} s reached: {len(images) - left} of {len(images)} "
-                         f"images evaluated, the other {left} left out")
-            if progress:
-                progress(notes[-1])
-            break
-        done += len(batch)
-        x_all, fov_all = _stack(batch, device)
-        probs_all = predict(em, x_all)
-        sub_all = substrate_batch(em, batch, substrate, device)
-        for method in methods:
-            idx = [i for i, im in enumerate(batch) if (im.name, method) not in known]
-            if not idx:
-                continue
-            sub = [batch[i] for i in idx]
-            sel = torch.as_tensor(idx, device=device)
-            x = x_all.index_select(0, sel)
-            fov = None if fov_all is None else fov_all.index_select(0, sel)
-            probs = probs_all[idx]
-            removed_to = None if sub_all is None else sub_all.index_select(0, sel)
-            target = probs.argmax(1)
-            _sync(device)
-            t0 = time.perf_counter()
-            imp = explain(method, em.model, x, target, fov_mask=fov, baseline=removed_to, **opts.get(method, {}))
-            _sync(device)
-            t_explain = (time.perf_counter() - t0) / len(sub)
-            t0 = time.perf_counter()
-            cur = deletion(em.model, x, imp.to(device), target=target, batch_size=metric_batch_size,
-                           substrate="zero" if removed_to is None else removed_to)
-            _sync(device)
-            t_metric = (time.perf_counter() - t0) / len(sub)
-            ins = None
-            if with_insertion:
-                ins = insertion(em.model, x, imp.to(device), target=target, batch_size=metric_batch_size)
-            for i, im in enumerate(sub):
-                row = {
-                    "image": im.name, "source": im.source, "label": im.label, "method": method,
-                    "target": int(target[i]), "target_name": em.class_name(int(target[i])),
-                    "p_target": float(probs[i, target[i]]),
-                    "deletion_auc": float(cur.auc[i]),
-                    "p_target_end": float(cur.scores[i, -1]),
-                    "evaluations": cur.n_evaluations, "pixels_per_step": cur.step,
-                    "seconds_explain": t_explain, "seconds_metric": t_metric,
-                }
-                if ins is not None:
-                    row["insertion_auc"] = float(ins.auc[i])
-                rec = MethodRecord(image=im.name, method=method, row=row, curve=cur.scores[i].tolist(),
-                                   fractions=cur.fractions.tolist(),
-                                   insertion_curve=None if ins is None else ins.scores[i].tolist())
-                records.append(rec)
-                if on_record is not None:
-                    on_record(rec)
-            if progress:
-                progress(f"{method}: {', '.join(im.name for im in sub)} "
-                         f"AUC {', '.join(f'{a:.4f}' for a in cur.auc.tolist())} ({t_explain:.1f} s/image)")
+    use_nhwc = resolve_channels_last(channels_last, device)
+    with model_layout(em.model, use_nhwc) as layout:
+        for batch in _batches(todo, batch_size):
+            if (time_budget_s is not None and (done or complete_before)
+                    and time.perf_counter() - started > time_budget_s):
+                left = len(todo) - done
+                notes.append(f"time budget of {time_budget_s:.0f} s reached: {len(images) - left} of {len(images)} "
+                             f"images evaluated, the other {left} left out")
+                if progress:
+                    progress(notes[-1])
+                break
+            done += len(batch)
+            x_all, fov_all = _stack(batch, device)
+            probs_all = predict(em, x_all)
+            sub_all = substrate_batch(em, batch, substrate, device)
+            for method in methods:
+                idx = [i for i, im in enumerate(batch) if (im.name, method) not in known]
+                if not idx:
+                    continue
+                sub = [batch[i] for i in idx]
+                sel = torch.as_tensor(idx, device=device)
+                x = x_all.index_select(0, sel)
+                fov = None if fov_all is None else fov_all.index_select(0, sel)
+                probs = probs_all[idx]
+                removed_to = None if sub_all is None else sub_all.index_select(0, sel)
+                target = probs.argmax(1)
+                _sync(device)
+                t0 = time.perf_counter()
+                imp = explain(method, em.model, x, target, fov_mask=fov, baseline=removed_to, **opts.get(method, {}))
+                _sync(device)
+                t_explain = (time.perf_counter() - t0) / len(sub)
+                t0 = time.perf_counter()
+                cur = deletion(em.model, x, imp.to(device), target=target, batch_size=metric_batch_size,
+                               substrate="zero" if removed_to is None else removed_to)
+                _sync(device)
+                t_metric = (time.perf_counter() - t0) / len(sub)
+                ins = None
+                if with_insertion:
+                    ins = insertion(em.model, x, imp.to(device), target=target, batch_size=metric_batch_size)
+                for i, im in enumerate(sub):
+                    row = {
+                        "image": im.name, "source": im.source, "label": im.label, "method": method,
+                        "target": int(target[i]), "target_name": em.class_name(int(target[i])),
+                        "p_target": float(probs[i, target[i]]),
+                        "deletion_auc": float(cur.auc[i]),
+                        "p_target_end": float(cur.scores[i, -1]),
+                        "evaluations": cur.n_evaluations, "pixels_per_step": cur.step,
+                        "seconds_explain": t_explain, "seconds_metric": t_metric, "memory_format": layout,
+                    }
+                    if ins is not None:
+                        row["insertion_auc"] = float(ins.auc[i])
+                    rec = MethodRecord(image=im.name, method=method, row=row, curve=cur.scores[i].tolist(),
+                                       fractions=cur.fractions.tolist(),
+                                       insertion_curve=None if ins is None else ins.scores[i].tolist())
+                    records.append(rec)
+                    if on_record is not None:
+                        on_record(rec)
+                if progress:
+                    progress(f"{method}: {', '.join(im.name for im in sub)} "
+                             f"AUC {', '.join(f'{a:.4f}' for a in cur.auc.tolist())} ({t_explain:.1f} s/image)")
     return run_from_records(records, names, methods, model_kind=em.kind, notes=notes, resumed=len(known),
                             substrate=substrate)
 
@@ -579,6 +590,18 @@ def _fmt(v: float | None, digits: int = 4) -> str:
     return f"{v:.{digits}f}"
 
 
+def _layout_lines(per_image: pd.DataFrame) -> list[str]:
+    """Say which results came from NHWC weights (none: nothing to say, the layout of every earlier
+    run); their numbers agree with NCHW up to float rounding, their run times do not."""
+    counts = per_image["memory_format"].value_counts()
+    n_nhwc = int(counts.get(CHANNELS_LAST, 0))
+    if not n_nhwc:
+        return []
+    return [f"- Weight layout: {n_nhwc} of {len(per_image)} (image, method) results ran with channels-last (NHWC) "
+            "weights, the others with NCHW; the numbers agree up to float rounding, the run times do not "
+            "(NHWC is faster on a CPU): `evaluation/faithfulness/probes/memory_layout_cpu.py`"]
+
+
 def faithfulness_markdown(run: FaithfulnessRun, model_description: str, image_description: str,
                           command: str = "") -> str:
     """Markdown table of our deletion AUCs beside the paper's Table 2."""
@@ -606,6 +629,7 @@ def faithfulness_markdown(run: FaithfulnessRun, model_description: str, image_de
     resumed = (f" ({run.resumed} (image, method) results taken from earlier runs with the same settings)"
                if run.resumed else "")
     lines += [f"- Evaluated: {n_done} images{resumed}"] + [f"- Note: {n}" for n in run.notes]
+    lines += _layout_lines(run.per_image)
     lines += ["", "| Method | ours: deletion AUC (mean ± sem) | median | n | s / image (explain + metric) "
               + ("| insertion AUC " if has_ins else "")
               + "| paper ResNet-50 | paper VGG16 |",
