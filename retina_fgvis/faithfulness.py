@@ -516,49 +516,60 @@ def run_faithfulness(em: EvalModel, images: Sequence[EvalImage], methods: Sequen
                 idx = [i for i, im in enumerate(batch) if (im.name, method) not in known]
                 if not idx:
                     continue
-                sub = [batch[i] for i in idx]
                 sel = torch.as_tensor(idx, device=device)
-                x = x_all.index_select(0, sel)
-                fov = None if fov_all is None else fov_all.index_select(0, sel)
-                probs = probs_all[idx]
-                removed_to = None if sub_all is None else sub_all.index_select(0, sel)
-                target = probs.argmax(1)
-                _sync(device)
-                t0 = time.perf_counter()
-                imp = explain(method, em.model, x, target, fov_mask=fov, baseline=removed_to, **opts.get(method, {}))
-                _sync(device)
-                t_explain = (time.perf_counter() - t0) / len(sub)
-                t0 = time.perf_counter()
-                cur = deletion(em.model, x, imp.to(device), target=target, batch_size=metric_batch_size,
-                               substrate="zero" if removed_to is None else removed_to)
-                _sync(device)
-                t_metric = (time.perf_counter() - t0) / len(sub)
-                ins = None
-                if with_insertion:
-                    ins = insertion(em.model, x, imp.to(device), target=target, batch_size=metric_batch_size)
-                for i, im in enumerate(sub):
-                    row = {
-                        "image": im.name, "source": im.source, "label": im.label, "method": method,
-                        "target": int(target[i]), "target_name": em.class_name(int(target[i])),
-                        "p_target": float(probs[i, target[i]]),
-                        "deletion_auc": float(cur.auc[i]),
-                        "p_target_end": float(cur.scores[i, -1]),
-                        "evaluations": cur.n_evaluations, "pixels_per_step": cur.step,
-                        "seconds_explain": t_explain, "seconds_metric": t_metric, "memory_format": layout,
-                    }
-                    if ins is not None:
-                        row["insertion_auc"] = float(ins.auc[i])
-                    rec = MethodRecord(image=im.name, method=method, row=row, curve=cur.scores[i].tolist(),
-                                       fractions=cur.fractions.tolist(),
-                                       insertion_curve=None if ins is None else ins.scores[i].tolist())
+                new, t_explain = _evaluate_method(
+                    em, method, [batch[i] for i in idx], x_all.index_select(0, sel),
+                    None if fov_all is None else fov_all.index_select(0, sel), probs_all[idx],
+                    None if sub_all is None else sub_all.index_select(0, sel), opts.get(method, {}),
+                    with_insertion, metric_batch_size, layout)
+                for rec in new:
                     records.append(rec)
                     if on_record is not None:
                         on_record(rec)
                 if progress:
-                    progress(f"{method}: {', '.join(im.name for im in sub)} "
-                             f"AUC {', '.join(f'{a:.4f}' for a in cur.auc.tolist())} ({t_explain:.1f} s/image)")
+                    aucs = ", ".join(f"{r.row['deletion_auc']:.4f}" for r in new)
+                    progress(f"{method}: {', '.join(r.image for r in new)} AUC {aucs} ({t_explain:.1f} s/image)")
     return run_from_records(records, names, methods, model_kind=em.kind, notes=notes, resumed=len(known),
                             substrate=substrate)
+
+
+def _evaluate_method(em: EvalModel, method: str, images: Sequence[EvalImage], x: Tensor, fov: Tensor | None,
+                     probs: Tensor, removed_to: Tensor | None, options: dict[str, Any], with_insertion: bool,
+                     metric_batch_size: int, layout: str) -> tuple[list[MethodRecord], float]:
+    """One method on one batch: its maps, their deletion (and insertion) curves, one record per
+    image, and the explain time per image. The explained class is the unperturbed prediction."""
+    device = x.device
+    target = probs.argmax(1)
+    _sync(device)
+    t0 = time.perf_counter()
+    imp = explain(method, em.model, x, target, fov_mask=fov, baseline=removed_to, **options)
+    _sync(device)
+    t_explain = (time.perf_counter() - t0) / len(images)
+    t0 = time.perf_counter()
+    cur = deletion(em.model, x, imp.to(device), target=target, batch_size=metric_batch_size,
+                   substrate="zero" if removed_to is None else removed_to)
+    _sync(device)
+    t_metric = (time.perf_counter() - t0) / len(images)
+    ins = None
+    if with_insertion:
+        ins = insertion(em.model, x, imp.to(device), target=target, batch_size=metric_batch_size)
+    records = []
+    for i, im in enumerate(images):
+        row = {
+            "image": im.name, "source": im.source, "label": im.label, "method": method,
+            "target": int(target[i]), "target_name": em.class_name(int(target[i])),
+            "p_target": float(probs[i, target[i]]),
+            "deletion_auc": float(cur.auc[i]),
+            "p_target_end": float(cur.scores[i, -1]),
+            "evaluations": cur.n_evaluations, "pixels_per_step": cur.step,
+            "seconds_explain": t_explain, "seconds_metric": t_metric, "memory_format": layout,
+        }
+        if ins is not None:
+            row["insertion_auc"] = float(ins.auc[i])
+        records.append(MethodRecord(image=im.name, method=method, row=row, curve=cur.scores[i].tolist(),
+                                    fractions=cur.fractions.tolist(),
+                                    insertion_curve=None if ins is None else ins.scores[i].tolist()))
+    return records, t_explain
 
 
 def faithfulness_summary(run: FaithfulnessRun) -> pd.DataFrame:

@@ -330,3 +330,15 @@ def test_rdr_cli_paths(tiny_rdr_data):
     assert res.exit_code == 0, res.output
     df = pd.read_csv(out / "d" / "defense_per_image.csv")
     assert len(df) == 2 and (df["target"] == 1).all() and (df["label"] == 0).all()
+
+
+def test_faithfulness_cli_default_methods_are_every_method():
+    """The CLI spells its default out (it does not import torch at import time); it must stay the
+    library's full list, in the library's order."""
+    import inspect
+
+    from retina_fgvis.baselines import METHODS
+    from retina_fgvis.commands.faithfulness import faithfulness_command
+
+    default = inspect.signature(faithfulness_command).parameters["methods"].default.default
+    assert tuple(default.split(",")) == METHODS
