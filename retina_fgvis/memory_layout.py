@@ -2,13 +2,13 @@
 
 Why: the faithfulness evaluation is thousands of forward passes per image (225 for each deletion
 curve, 1000 for RISE, 500 for LIME). On a CPU, oneDNN's convolutions run EfficientNet-Lite0 about
-1.7-1.9x faster with channels-last (NHWC) weights (``evaluation/faithfulness/probes/
+1.6-1.7x faster for forward passes with channels-last (NHWC) weights (``evaluation/faithfulness/probes/
 memory_layout_cpu.py``); on the H100 the FGVis game was slower with NHWC
 (``evaluation/bench/gpu-h100.md``). So "auto" means NHWC on a CPU and NCHW elsewhere.
 
-Only the layout changes, not the arithmetic's meaning: results agree up to float rounding (the
-probe measures the difference). Inputs stay NCHW; a convolution with NHWC weights returns NHWC
-activations on its own.
+Only the layout changes, not the arithmetic's meaning: maps agree up to float rounding, and a
+deletion AUC moves at most where near-tied pixels of a map swap places (≤ 5.3e-4 in the probe).
+Inputs stay NCHW; a convolution with NHWC weights returns NHWC activations on its own.
 """
 
 from __future__ import annotations

@@ -223,8 +223,8 @@ def faithfulness_command(
                                        "spots on a fundus)."),
     channels_last: Optional[bool] = typer.Option(None, "--channels-last/--no-channels-last",
                                                  help="Run the model with NHWC weights (default: on a CPU, "
-                                                      "where it is faster; the numbers agree up to float "
-                                                      "rounding, each result row names its layout)."),
+                                                      "where it is faster; maps agree up to float rounding, "
+                                                      "each result row names its layout)."),
     resume: bool = typer.Option(True, "--resume/--restart",
                                 help="Reuse the results earlier runs left in OUT/progress for the same model, "
                                      "method and method settings (default), or discard them all."),
