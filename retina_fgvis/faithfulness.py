@@ -41,6 +41,7 @@ from torch import Tensor, nn
 from retina_fgvis.baselines import FGVIS_METHODS, METHODS, explain
 from retina_fgvis.memory_layout import CHANNELS_LAST, CONTIGUOUS, model_layout, resolve_channels_last
 from retina_fgvis.metrics.deletion import deletion, insertion
+from retina_fgvis.runtime import trim_freed_memory
 
 RESEARCH_NOTE = "Research use only, not a diagnosis."
 
@@ -523,6 +524,7 @@ def run_faithfulness(em: EvalModel, images: Sequence[EvalImage], methods: Sequen
                     None if fov_all is None else fov_all.index_select(0, sel), probs_all[idx],
                     None if sub_all is None else sub_all.index_select(0, sel), opts.get(method, {}),
                     with_insertion, metric_batch_size, layout)
+                trim_freed_memory()  # each method's peak back to the kernel (see runtime)
                 for rec in new:
                     records.append(rec)
                     if on_record is not None:

@@ -236,9 +236,7 @@ def faithfulness_command(
     """
     from retina_fgvis import faithfulness as F
     from retina_fgvis.baselines import FGVIS_METHODS, METHODS
-    from retina_fgvis.runtime import return_freed_memory
 
-    return_freed_memory()  # hours of mixed methods: a heap that never shrinks ran out of memory
     if model not in ("rdr", "imagenet"):
         raise typer.BadParameter("use rdr or imagenet", param_hint="--model")
     chosen = [m.strip() for m in methods.split(",") if m.strip()]
