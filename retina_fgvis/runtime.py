@@ -63,8 +63,9 @@ def trim_freed_memory() -> bool:
 
     Why: a long run that mixes methods (``evaluate faithfulness``: six methods with very different
     allocation sizes, for hours) needs both. With glibc's defaults every 512-px forward pass faults
-    its activations in again: a batch of 32 took 4.8 s and 2.46 M minor faults, against 2.5 s and
-    0.07 M with freed memory kept (2-core Xeon, NHWC; session 9). With memory kept and never handed
+    its activations in again: a batch of 32 took 7.0 s and 2.5 M minor faults, against 2.9 s and
+    0.07 M with freed memory kept (2-core Xeon, NHWC, shared CPU;
+    ``evaluation/bench/probes/forward_allocator.py`` and its log). With memory kept and never handed
     back, the heap only grew until the OOM killer stopped a 60-eye run at 24 GB (session 6). Kept
     memory inside a method and this call between methods gives the speed of the first and bounds
     the heap by one method's peak. Returns False where the C library is not glibc (nothing done).
