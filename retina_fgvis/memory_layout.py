@@ -1,9 +1,11 @@
 """Which memory layout (NCHW or NHWC) a model's weights use while an evaluation runs.
 
 Why: the faithfulness evaluation is thousands of forward passes per image (225 for each deletion
-curve, 1000 for RISE, 500 for LIME). On a CPU, oneDNN's convolutions run EfficientNet-Lite0 about
-1.6-1.7x faster for forward passes with channels-last (NHWC) weights (``evaluation/faithfulness/probes/
-memory_layout_cpu.py``); on the H100 the FGVis game was slower with NHWC
+curve, 1000 for RISE, 500 for LIME). On this project's 2-core CPU, forward passes of
+EfficientNet-Lite0 with channels-last (NHWC) weights were 1.26x faster than NCHW with the CLI's
+kept freed memory and 1.64x with glibc's default allocator (``evaluation/bench/probes/
+forward_allocator.py``); the defended game gained 1.14x (``evaluation/faithfulness/probes/
+memory_layout_cpu.py``). On the H100 the FGVis game was slower with NHWC
 (``evaluation/bench/gpu-h100.md``). So "auto" means NHWC on a CPU and NCHW elsewhere.
 
 Only the layout changes, not the arithmetic's meaning: maps agree up to float rounding, and a
