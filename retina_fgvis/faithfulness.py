@@ -41,6 +41,7 @@ from torch import Tensor, nn
 from retina_fgvis.baselines import FGVIS_METHODS, METHODS, explain
 from retina_fgvis.memory_layout import CHANNELS_LAST, CONTIGUOUS, model_layout, resolve_channels_last
 from retina_fgvis.metrics.deletion import deletion, insertion
+from retina_fgvis.metrics.paired import paired_comparison_table
 from retina_fgvis.runtime import trim_freed_memory
 
 RESEARCH_NOTE = "Research use only, not a diagnosis."
@@ -598,6 +599,34 @@ def faithfulness_summary(run: FaithfulnessRun) -> pd.DataFrame:
     return pd.DataFrame(out)
 
 
+def faithfulness_paired(run: FaithfulnessRun) -> pd.DataFrame:
+    """Each FGVis game against each baseline, paired by image (see ``metrics.paired``): a ranking
+    by means can hide that one method wins on most eyes, or that a gap is within the noise."""
+    present = list(dict.fromkeys(run.per_image["method"]))
+    games = [m for m in present if m in FGVIS_METHODS]
+    baselines = [m for m in present if m not in FGVIS_METHODS]
+    return paired_comparison_table(run.per_image, games, baselines)
+
+
+def _paired_lines(run: FaithfulnessRun) -> list[str]:
+    table = faithfulness_paired(run)
+    if table.empty:
+        return []
+    lines = ["", "Paired by image (the game's deletion AUC minus the baseline's; negative = the game is better; "
+             f"two-sided Wilcoxon signed-rank test, {len(table)} comparisons, not corrected for multiplicity):", "",
+             "| Game | against | lower on | mean difference ± sem | Wilcoxon p |", "|---|---|---|---|---|"]
+    for r in table.itertuples():
+        lines.append(f"| {METHOD_LABELS.get(r.method, r.method)} | {METHOD_LABELS.get(r.other, r.other)} | "
+                     f"{r.lower} of {r.n} | {r.mean_difference:+.4f} ± {_fmt(r.sem_difference)} | "
+                     f"{_fmt_p(r.wilcoxon_p)} |")
+    return lines
+
+
+def _fmt_p(p: float) -> str:
+    """Three decimals, or scientific notation below 0.001 (where three decimals would print 0.000)."""
+    return f"{p:.1e}" if 0 <= p < 1e-3 else _fmt(p, 3)
+
+
 def _fmt(v: float | None, digits: int = 4) -> str:
     if v is None or (isinstance(v, float) and math.isnan(v)):
         return "–"
@@ -684,6 +713,7 @@ def faithfulness_markdown(run: FaithfulnessRun, model_description: str, image_de
                   "(paper: 0.60 ResNet-50, 0.65 VGG16). "
                   + (f"{label} is lower than every baseline." if fg < best_auc
                      else f"{label} is NOT lower than every baseline.")]
+    lines += _paired_lines(run)
     if "fgvis-undefended" in set(s["method"]):
         lines += ["", "The paper does not say whether its Table 2 masks were computed with the defence; "
                   "both games are shown. Only the defended one is what `retina-fgvis explain` and "

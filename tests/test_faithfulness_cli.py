@@ -221,6 +221,13 @@ def test_faithfulness_cli_reports_the_game_with_and_without_the_defence(tiny_set
     assert "FGVis (deletion game) / best baseline (Gradient (saliency))" in md
     assert "FGVis without the defence / best baseline (Gradient (saliency))" in md
     assert "does not say whether its Table 2 masks" in md
+    paired = pd.read_csv(out / "paired_comparison.csv").set_index("method")
+    assert list(paired["other"]) == ["gradient", "gradient"] and (paired["n"] == 2).all()
+    wide = df.pivot(index="image", columns="method", values="deletion_auc")
+    for game in ("fgvis", "fgvis-undefended"):
+        assert paired.loc[game, "lower"] == int((wide[game] < wide["gradient"]).sum())
+        assert paired.loc[game, "mean_difference"] == pytest.approx((wide[game] - wide["gradient"]).mean(), abs=1e-6)
+    assert "Paired by image" in md and "| FGVis without the defence | Gradient (saliency) |" in md
 
 
 def test_faithfulness_cli_rejects_bad_method(tiny_setup):

@@ -294,6 +294,7 @@ def faithfulness_command(
     _write_csv(out / "auc_per_image.csv", run.per_image)
     summary = F.faithfulness_summary(run)
     _write_csv(out / "summary.csv", summary)
+    _write_csv(out / "paired_comparison.csv", F.faithfulness_paired(run))
     _write_csv(out / "mean_deletion_curves.csv", F.mean_curves_table(run))
     _write_text(out / "summary.md", F.faithfulness_markdown(run, em.description, image_desc, cmd))
     _write_figure(out / "deletion_curves.png", F.curves_figure(run))
