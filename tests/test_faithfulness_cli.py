@@ -349,3 +349,11 @@ def test_faithfulness_cli_default_methods_are_every_method():
 
     default = inspect.signature(faithfulness_command).parameters["methods"].default.default
     assert tuple(default.split(",")) == METHODS
+
+
+def test_reports_show_paths_below_the_working_directory_relative(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "weights").mkdir()
+    assert F.shown_path(tmp_path / "weights" / "w.pt") == "weights/w.pt"
+    outside = tmp_path.parent / "elsewhere.pt"
+    assert F.shown_path(outside) == str(outside)
