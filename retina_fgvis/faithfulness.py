@@ -354,7 +354,9 @@ def _batches(items: Sequence[Any], size: int):
         yield items[i : i + size]
 
 
-def _stack(images: Sequence[EvalImage], device: torch.device) -> tuple[Tensor, Tensor | None]:
+def stack_images(images: Sequence[EvalImage], device: torch.device) -> tuple[Tensor, Tensor | None]:
+    """One batch tensor and its FOV masks (None when no image has one: ImageNet photographs);
+    an image without a FOV counts as all field of view."""
     x = torch.stack([im.tensor for im in images]).to(device)
     if all(im.fov is None for im in images):
         return x, None
@@ -523,7 +525,7 @@ def run_faithfulness(em: EvalModel, images: Sequence[EvalImage], methods: Sequen
                     progress(notes[-1])
                 break
             done += len(batch)
-            x_all, fov_all = _stack(batch, device)
+            x_all, fov_all = stack_images(batch, device)
             probs_all = predict(em, x_all)
             sub_all = substrate_batch(em, batch, substrate, device)
             for method in methods:
@@ -812,7 +814,7 @@ def defense_cases(em: EvalModel, images: Sequence[EvalImage], min_confidence: fl
     cases: list[DefenseCase] = []
     skipped = 0
     for batch in _batches(list(images), batch_size):
-        x, _ = _stack(batch, em.device)
+        x, _ = stack_images(batch, em.device)
         probs = predict(em, x)
         for im, p in zip(batch, probs):
             pred = int(p.argmax())
@@ -858,7 +860,7 @@ def run_defense(em: EvalModel, cases: Sequence[DefenseCase], fgvis_settings: dic
     rows: list[dict[str, Any]] = []
     examples: list[dict[str, Any]] = []
     for batch in _batches(list(cases), batch_size):
-        x, fov = _stack([c.image for c in batch], em.device)
+        x, fov = stack_images([c.image for c in batch], em.device)
         target = torch.tensor([c.target for c in batch], device=em.device)
         out: dict[bool, Any] = {}
         times: dict[bool, float] = {}

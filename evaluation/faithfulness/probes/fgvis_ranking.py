@@ -18,11 +18,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-import torch.nn.functional as F
+from torchvision.transforms.functional import gaussian_blur
 
 from retina_fgvis.baselines import explain, restrict_to_fov
-from retina_fgvis.faithfulness import (FAITHFULNESS_FGVIS_SETTINGS, _stack, load_rdr_model, predict,
-                                       rdr_images, rdr_validation_table, sample_rdr)
+from retina_fgvis.faithfulness import (FAITHFULNESS_FGVIS_SETTINGS, load_rdr_model, predict,
+                                       rdr_images, rdr_validation_table, sample_rdr,
+                                       stack_images)
 from retina_fgvis.fgvis.games import FGVis
 from retina_fgvis.metrics.deletion import deletion
 
@@ -39,19 +40,14 @@ def tuning_batch(data_root: str, weights: str | None, eyes: int):
     """(model, images, x, fov, explained class) of the ``eyes`` tuning eyes: every probe's setup."""
     em = load_rdr_model(weights)
     images = rdr_images(em, tuning_eyes(rdr_validation_table(em.classifier.metadata, data_root), eyes))
-    x, fov = _stack(images, em.device)
+    x, fov = stack_images(images, em.device)
     return em, images, x, fov, predict(em, x).argmax(1)
 
 
 def blur(img: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Gaussian blur of (B, H, W) maps (separable, reflect padding)."""
+    """Gaussian blur of (B, H, W) maps, kernel ±3σ, reflect padding (torchvision's)."""
     r = int(3 * sigma)
-    k = torch.exp(-0.5 * (torch.arange(-r, r + 1, dtype=torch.float32) / sigma) ** 2)
-    k = (k / k.sum()).to(img)
-    x = img[:, None]
-    x = F.conv2d(F.pad(x, (r, r, 0, 0), mode="reflect"), k.view(1, 1, 1, -1))
-    x = F.conv2d(F.pad(x, (0, 0, r, r), mode="reflect"), k.view(1, 1, -1, 1))
-    return x[:, 0]
+    return gaussian_blur(img[:, None], kernel_size=[2 * r + 1, 2 * r + 1], sigma=[sigma, sigma])[:, 0]
 
 
 def lexicographic(primary: torch.Tensor, secondary: torch.Tensor) -> torch.Tensor:
