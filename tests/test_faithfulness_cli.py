@@ -75,6 +75,7 @@ def test_faithfulness_cli_end_to_end(tiny_setup):
     assert curves["fraction_removed"].iloc[0] == 0 and curves["fraction_removed"].iloc[-1] == 1
     meta = json.loads((out / "run.json").read_text())
     assert meta["image_names"] == ["im0.png", "im1.png"]
+    assert meta["seconds_in_results"] == pytest.approx((df["seconds_explain"] + df["seconds_metric"]).sum(), abs=0.2)
 
 
 def _evaluate(app, command: str, folder, out, *options: str):

@@ -303,7 +303,10 @@ def faithfulness_command(
             "images_evaluated": sorted(run.per_image["image"].unique().tolist()), "notes": run.notes,
             "images_from_earlier_runs": run.resumed,
             "methods": chosen, "method_options": options, "substrate": substrate,
-            "seconds_total": round(time.time() - t0, 1), "environment": _environment(dev),
+            "seconds_total": round(time.time() - t0, 1),
+            # this invocation's time says nothing once results are reused; the records keep theirs
+            "seconds_in_results": round(float(run.per_image[["seconds_explain", "seconds_metric"]].to_numpy().sum()), 1),
+            "environment": _environment(dev),
             "note": F.RESEARCH_NOTE}
     _write_text(out / "run.json", json.dumps(meta, indent=2, default=str) + "\n")
     for r in summary.itertuples():
