@@ -46,6 +46,8 @@ from retina_fgvis.report.files import shown_path
 from retina_fgvis.runtime import trim_freed_memory
 
 RESEARCH_NOTE = "Research use only, not a diagnosis."
+#: ``explained_class`` of the paired comparisons over every image (the other rows name one class).
+ALL_CLASSES = "all"
 
 #: Paper Table 2 (deletion AUC, lower is better; baselines from Petsiuk et al. 2018).
 PAPER_TABLE2: dict[str, tuple[float | None, float | None]] = {
@@ -604,24 +606,57 @@ def faithfulness_summary(run: FaithfulnessRun) -> pd.DataFrame:
 
 def faithfulness_paired(run: FaithfulnessRun) -> pd.DataFrame:
     """Each FGVis game against each baseline, paired by image (see ``metrics.paired``): a ranking
-    by means can hide that one method wins on most eyes, or that a gap is within the noise."""
-    present = list(dict.fromkeys(run.per_image["method"]))
+    by means can hide that one method wins on most eyes, or that a gap is within the noise.
+
+    Rows with ``explained_class`` = ``all`` pair every image; when the images were explained as
+    more than one class (RDR: referable and non-referable eyes), the same comparison follows per
+    explained class. Why: on the RDR model the games win or lose on different halves of the eyes
+    (the by-class means show it), and whether a gap within one half is more than eye-to-eye noise
+    is what the overall test cannot say.
+    """
+    df = run.per_image
+    present = list(dict.fromkeys(df["method"]))
     games = [m for m in present if m in FGVIS_METHODS]
     baselines = [m for m in present if m not in FGVIS_METHODS]
-    return paired_comparison_table(run.per_image, games, baselines)
+    tables = [paired_comparison_table(df, games, baselines).assign(explained_class=ALL_CLASSES)]
+    if "target_name" in df and df["target_name"].nunique() > 1:
+        for name, group in df.groupby("target_name", sort=True):
+            tables.append(paired_comparison_table(group, games, baselines).assign(explained_class=str(name)))
+    table = pd.concat(tables, ignore_index=True)
+    first = ["method", "other", "explained_class"]
+    return table[first + [c for c in table.columns if c not in first]]
 
 
 def _paired_lines(run: FaithfulnessRun) -> list[str]:
     table = faithfulness_paired(run)
-    if table.empty:
+    overall = table[table["explained_class"] == ALL_CLASSES]
+    if overall.empty:
         return []
     lines = ["", "Paired by image (the game's deletion AUC minus the baseline's; negative = the game is better; "
-             f"two-sided Wilcoxon signed-rank test, {len(table)} comparisons, not corrected for multiplicity):", "",
+             f"two-sided Wilcoxon signed-rank test, {len(overall)} comparisons, not corrected for multiplicity):", "",
              "| Game | against | lower on | mean difference ± sem | Wilcoxon p |", "|---|---|---|---|---|"]
-    for r in table.itertuples():
+    for r in overall.itertuples():
         lines.append(f"| {METHOD_LABELS.get(r.method, r.method)} | {METHOD_LABELS.get(r.other, r.other)} | "
                      f"{r.lower} of {r.n} | {r.mean_difference:+.4f} ± {_fmt(r.sem_difference)} | "
                      f"{_fmt_p(r.wilcoxon_p)} |")
+    classes = [c for c in dict.fromkeys(table["explained_class"]) if c != ALL_CLASSES]
+    if classes:
+        by_class = table.set_index(["method", "other", "explained_class"])
+        lines += ["", "The same pairs within each explained class (lower on; mean difference; Wilcoxon p; "
+                  f"{len(table) - len(overall)} more comparisons):", "",
+                  "| Game | against | " + " | ".join(classes) + " |", "|---|---|" + "---|" * len(classes)]
+        for r in overall.itertuples():
+            cells = []
+            for c in classes:
+                key = (r.method, r.other, c)
+                if key not in by_class.index:
+                    cells.append("–")
+                    continue
+                q = by_class.loc[key]
+                cells.append(f"{int(q['lower'])} of {int(q['n'])}; {q['mean_difference']:+.4f}; "
+                             f"p = {_fmt_p(float(q['wilcoxon_p']))}")
+            lines.append(f"| {METHOD_LABELS.get(r.method, r.method)} | {METHOD_LABELS.get(r.other, r.other)} | "
+                         + " | ".join(cells) + " |")
     return lines
 
 

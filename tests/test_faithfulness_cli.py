@@ -222,7 +222,9 @@ def test_faithfulness_cli_reports_the_game_with_and_without_the_defence(tiny_set
     assert "FGVis (deletion game) / best baseline (Gradient (saliency))" in md
     assert "FGVis without the defence / best baseline (Gradient (saliency))" in md
     assert "does not say whether its Table 2 masks" in md
-    paired = pd.read_csv(out / "paired_comparison.csv").set_index("method")
+    paired = pd.read_csv(out / "paired_comparison.csv")
+    assert set(paired["explained_class"]) >= {"all"}
+    paired = paired[paired["explained_class"] == "all"].set_index("method")
     assert list(paired["other"]) == ["gradient", "gradient"] and (paired["n"] == 2).all()
     wide = df.pivot(index="image", columns="method", values="deletion_auc")
     for game in ("fgvis", "fgvis-undefended"):

@@ -49,3 +49,41 @@ def test_paired_table_pairs_by_image_and_skips_missing_images():
     assert t.loc["lime", "mean_difference"] == pytest.approx((-0.2 - 0.3 + 0.5) / 3)
     assert t.loc["rise", "n"] == 1 and t.loc["rise", "lower"] == 0
     assert list(paired_comparison_table(df, ["game"], ["absent"]).columns)[:3] == ["method", "other", "n"]
+
+
+def test_faithfulness_paired_splits_by_explained_class():
+    """Overall rows pair every image; per-class rows pair only the images explained as that class,
+    so a game can lose overall and still be level with the baseline within one class."""
+    from retina_fgvis.faithfulness import ALL_CLASSES, FaithfulnessRun, faithfulness_paired, _paired_lines
+
+    aucs = {  # image: (class, fgvis, lime)
+        "r1": ("referable", 0.20, 0.30), "r2": ("referable", 0.25, 0.20), "r3": ("referable", 0.10, 0.40),
+        "n1": ("non-referable", 0.70, 0.50), "n2": ("non-referable", 0.80, 0.60),
+    }
+    rows = [{"image": im, "method": m, "target_name": c, "deletion_auc": v}
+            for im, (c, fg, lime) in aucs.items() for m, v in (("fgvis", fg), ("lime", lime))]
+    run = FaithfulnessRun(per_image=pd.DataFrame(rows), curves={}, fractions=np.zeros(1), model_kind="rdr")
+    t = faithfulness_paired(run).set_index("explained_class")
+    assert list(t.index) == [ALL_CLASSES, "non-referable", "referable"]
+    assert (t["method"] == "fgvis").all() and (t["other"] == "lime").all()
+    assert t.loc[ALL_CLASSES, "n"] == 5 and t.loc[ALL_CLASSES, "lower"] == 2
+    assert t.loc["referable", "n"] == 3 and t.loc["referable", "lower"] == 2
+    assert t.loc["referable", "mean_difference"] == pytest.approx((-0.10 + 0.05 - 0.30) / 3)
+    assert t.loc["non-referable", "n"] == 2 and t.loc["non-referable", "lower"] == 0
+    assert t.loc["non-referable", "mean_difference"] == pytest.approx(0.20)
+    # exact two-sided Wilcoxon, n = 2, both differences positive: p = 2 / 2**2
+    assert t.loc["non-referable", "wilcoxon_p"] == pytest.approx(0.5)
+    md = "\n".join(_paired_lines(run))
+    assert "| non-referable | referable |" in md
+    assert "0 of 2; +0.2000; p = 0.500" in md and "2 of 3; -0.1167" in md
+
+
+def test_faithfulness_paired_one_class_has_only_overall_rows():
+    from retina_fgvis.faithfulness import ALL_CLASSES, FaithfulnessRun, faithfulness_paired, _paired_lines
+
+    rows = [{"image": f"e{i}", "method": m, "target_name": "cat", "deletion_auc": v}
+            for i in range(3) for m, v in (("fgvis", 0.1 * i), ("gradcam", 0.5))]
+    run = FaithfulnessRun(per_image=pd.DataFrame(rows), curves={}, fractions=np.zeros(1))
+    t = faithfulness_paired(run)
+    assert list(t["explained_class"]) == [ALL_CLASSES] and t["lower"].iloc[0] == 3
+    assert "within each explained class" not in "\n".join(_paired_lines(run))
