@@ -48,6 +48,8 @@ from retina_fgvis.runtime import trim_freed_memory
 RESEARCH_NOTE = "Research use only, not a diagnosis."
 #: ``explained_class`` of the paired comparisons over every image (the other rows name one class).
 ALL_CLASSES = "all"
+#: Fewest images of one explained class for its own paired comparison (5 pairs: smallest p 0.0625).
+MIN_PAIRED_PER_CLASS = 5
 
 #: Paper Table 2 (deletion AUC, lower is better; baselines from Petsiuk et al. 2018).
 PAPER_TABLE2: dict[str, tuple[float | None, float | None]] = {
@@ -604,15 +606,17 @@ def faithfulness_summary(run: FaithfulnessRun) -> pd.DataFrame:
     return pd.DataFrame(out)
 
 
-def faithfulness_paired(run: FaithfulnessRun) -> pd.DataFrame:
+def faithfulness_paired(run: FaithfulnessRun, min_images_per_class: int = MIN_PAIRED_PER_CLASS) -> pd.DataFrame:
     """Each FGVis game against each baseline, paired by image (see ``metrics.paired``): a ranking
     by means can hide that one method wins on most eyes, or that a gap is within the noise.
 
     Rows with ``explained_class`` = ``all`` pair every image; when the images were explained as
     more than one class (RDR: referable and non-referable eyes), the same comparison follows per
-    explained class. Why: on the RDR model the games win or lose on different halves of the eyes
-    (the by-class means show it), and whether a gap within one half is more than eye-to-eye noise
-    is what the overall test cannot say.
+    explained class that holds at least ``min_images_per_class`` images. Why: on the RDR model the
+    games win or lose on different halves of the eyes (the by-class means show it), and whether a
+    gap within one half is more than eye-to-eye noise is what the overall test cannot say. Why the
+    minimum: on ImageNet nearly every photograph is its own class, and with fewer than 5 pairs no
+    two-sided Wilcoxon p can fall below 0.05.
     """
     df = run.per_image
     present = list(dict.fromkeys(df["method"]))
@@ -621,6 +625,8 @@ def faithfulness_paired(run: FaithfulnessRun) -> pd.DataFrame:
     tables = [paired_comparison_table(df, games, baselines).assign(explained_class=ALL_CLASSES)]
     if "target_name" in df and df["target_name"].nunique() > 1:
         for name, group in df.groupby("target_name", sort=True):
+            if group["image"].nunique() < min_images_per_class:
+                continue
             tables.append(paired_comparison_table(group, games, baselines).assign(explained_class=str(name)))
     table = pd.concat(tables, ignore_index=True)
     first = ["method", "other", "explained_class"]
@@ -642,7 +648,8 @@ def _paired_lines(run: FaithfulnessRun) -> list[str]:
     classes = [c for c in dict.fromkeys(table["explained_class"]) if c != ALL_CLASSES]
     if classes:
         by_class = table.set_index(["method", "other", "explained_class"])
-        lines += ["", "The same pairs within each explained class (lower on; mean difference; Wilcoxon p; "
+        lines += ["", "The same pairs within each explained class of at least "
+                  f"{MIN_PAIRED_PER_CLASS} images (lower on; mean difference; Wilcoxon p; "
                   f"{len(table) - len(overall)} more comparisons):", "",
                   "| Game | against | " + " | ".join(classes) + " |", "|---|---|" + "---|" * len(classes)]
         for r in overall.itertuples():

@@ -52,30 +52,33 @@ def test_paired_table_pairs_by_image_and_skips_missing_images():
 
 
 def test_faithfulness_paired_splits_by_explained_class():
-    """Overall rows pair every image; per-class rows pair only the images explained as that class,
-    so a game can lose overall and still be level with the baseline within one class."""
+    """Overall rows pair every image; per-class rows pair only the images explained as that class
+    (classes with fewer than 5 images get none), so a game can lose overall and still be level
+    with the baseline within one class."""
     from retina_fgvis.faithfulness import ALL_CLASSES, FaithfulnessRun, faithfulness_paired, _paired_lines
 
-    aucs = {  # image: (class, fgvis, lime)
-        "r1": ("referable", 0.20, 0.30), "r2": ("referable", 0.25, 0.20), "r3": ("referable", 0.10, 0.40),
-        "n1": ("non-referable", 0.70, 0.50), "n2": ("non-referable", 0.80, 0.60),
-    }
-    rows = [{"image": im, "method": m, "target_name": c, "deletion_auc": v}
-            for im, (c, fg, lime) in aucs.items() for m, v in (("fgvis", fg), ("lime", lime))]
+    referable = [(0.20, 0.30), (0.25, 0.20), (0.10, 0.40), (0.30, 0.50), (0.40, 0.50)]  # fgvis, lime
+    healthy = [(0.70, 0.50), (0.70, 0.60), (0.80, 0.50), (0.65, 0.50), (0.75, 0.50)]
+    rows = []
+    for cls, pairs in (("referable", referable), ("non-referable", healthy), ("ungradable", [(0.9, 0.1)])):
+        for i, (fg, lime) in enumerate(pairs):
+            rows += [{"image": f"{cls}{i}", "method": "fgvis", "target_name": cls, "deletion_auc": fg},
+                     {"image": f"{cls}{i}", "method": "lime", "target_name": cls, "deletion_auc": lime}]
     run = FaithfulnessRun(per_image=pd.DataFrame(rows), curves={}, fractions=np.zeros(1), model_kind="rdr")
     t = faithfulness_paired(run).set_index("explained_class")
-    assert list(t.index) == [ALL_CLASSES, "non-referable", "referable"]
+    assert list(t.index) == [ALL_CLASSES, "non-referable", "referable"]  # "ungradable": 1 image, no row
     assert (t["method"] == "fgvis").all() and (t["other"] == "lime").all()
-    assert t.loc[ALL_CLASSES, "n"] == 5 and t.loc[ALL_CLASSES, "lower"] == 2
-    assert t.loc["referable", "n"] == 3 and t.loc["referable", "lower"] == 2
-    assert t.loc["referable", "mean_difference"] == pytest.approx((-0.10 + 0.05 - 0.30) / 3)
-    assert t.loc["non-referable", "n"] == 2 and t.loc["non-referable", "lower"] == 0
+    assert t.loc[ALL_CLASSES, "n"] == 11 and t.loc[ALL_CLASSES, "lower"] == 4
+    assert t.loc["referable", "n"] == 5 and t.loc["referable", "lower"] == 4
+    assert t.loc["referable", "mean_difference"] == pytest.approx((-0.10 + 0.05 - 0.30 - 0.20 - 0.10) / 5)
+    assert t.loc["non-referable", "n"] == 5 and t.loc["non-referable", "lower"] == 0
     assert t.loc["non-referable", "mean_difference"] == pytest.approx(0.20)
-    # exact two-sided Wilcoxon, n = 2, both differences positive: p = 2 / 2**2
-    assert t.loc["non-referable", "wilcoxon_p"] == pytest.approx(0.5)
+    # exact two-sided Wilcoxon, 5 differences of one sign: p = 2 / 2**5
+    assert t.loc["non-referable", "wilcoxon_p"] == pytest.approx(0.0625)
+    assert len(faithfulness_paired(run, min_images_per_class=1)) == 4  # the 1-image class too
     md = "\n".join(_paired_lines(run))
     assert "| non-referable | referable |" in md
-    assert "0 of 2; +0.2000; p = 0.500" in md and "2 of 3; -0.1167" in md
+    assert "0 of 5; +0.2000; p = 0.062" in md and "4 of 5; -0.1300" in md
 
 
 def test_faithfulness_paired_one_class_has_only_overall_rows():
