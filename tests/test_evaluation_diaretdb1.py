@@ -124,7 +124,7 @@ def _tiny_weights(path):
     return path
 
 
-def test_cli_real_path_with_tiny_classifier(dataset, tmp_path):
+def test_cli_real_path_with_tiny_classifier(dataset, tmp_path, monkeypatch):
     """Wiring of classifier.prepare -> FGVis deletion game -> map_to_original -> cache -> scores,
     with a random 32-px TinyNet and two iterations (what is checked is plumbing, not quality)."""
     typer_testing = pytest.importorskip("typer.testing")
@@ -141,9 +141,11 @@ def test_cli_real_path_with_tiny_classifier(dataset, tmp_path):
     args = ["evaluate", "diaretdb1", "--data-dir", str(root), "--split", "train", "--out", str(out),
             "--limit", "2", "--weights", str(weights), "--fgvis-setting", "max_iterations=2",
             "--fgvis-setting", "goal=fraction", "--no-overlays"]
+    monkeypatch.chdir(tmp_path)  # the report names the weights relative to the working directory
     r = typer_testing.CliRunner().invoke(app, args)
     assert r.exit_code == 0, r.output
     assert "Research use only" in r.output
+    assert "- weights: tiny.pt\n" in (out / "summary.md").read_text()
     per = read_csv(out / "per_image.csv")
     assert per.cached.tolist() == [False, False] and per.iterations.max() <= 2
     assert per.p_before.between(0, 1).all()

@@ -44,7 +44,7 @@ def _tiny_layout_and_weights(tmp_path, specs):
     return root, weights
 
 
-def test_study_cli_seeds_the_diaretdb1_cache(tmp_path) -> None:
+def test_study_cli_seeds_the_diaretdb1_cache(tmp_path, monkeypatch) -> None:
     """The study's default-game maps are reused by `evaluate diaretdb1` (no second game)."""
     from typer.testing import CliRunner
 
@@ -54,12 +54,14 @@ def test_study_cli_seeds_the_diaretdb1_cache(tmp_path) -> None:
     root, weights = _tiny_layout_and_weights(
         tmp_path, {"image001": {"H": [(20, 20, 26, 26, 189)]}, "image002": {"HE": [(30, 40, 34, 44, 252)]}})
     study, ev = tmp_path / "study", tmp_path / "eval"
+    monkeypatch.chdir(tmp_path)  # the report names the weights relative to the working directory
     r = CliRunner().invoke(app, ["evaluate", "game-study", "--data-dir", str(root), "--out", str(study),
                                  "--weights", str(weights), "--setting", "sgdn-logodds-lr0.3",
                                  "--seed-diaretdb1", str(ev)])
     assert r.exit_code == 0, r.output
     table = __import__("pandas").read_csv(study / "summary.csv")
     assert set(table.defense) == {True, False} and (table.images == 2).all()
+    assert "Classifier: `tiny.pt` (sha256" in (study / "summary.md").read_text()
     # re-summarising runs no game and rebuilds the same table from per_image.csv
     (study / "summary.csv").unlink()
     r = CliRunner().invoke(app, ["evaluate", "game-study", "--data-dir", str(root), "--out", str(study),

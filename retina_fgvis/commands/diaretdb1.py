@@ -108,8 +108,10 @@ def register(app: typer.Typer, evaluate_app: typer.Typer) -> None:
 
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+        from retina_fgvis.report.files import shown_path
+
         n = min(limit, len(dataset)) if limit else len(dataset)
-        meta = {"weights": str(classifier.path) if classifier.path else "default",
+        meta = {"weights": shown_path(classifier.path) if classifier.path else "default",
                 "data": str(dataset.resources)}
         with Progress(TextColumn("[bold]DiaretDB1[/] {task.description}"), BarColumn(), MofNCompleteColumn(),
                       TimeElapsedColumn(), transient=False) as bar:

@@ -92,7 +92,7 @@ def _write_summary(out: Path, rows: Any, curves: Any, plain: list[str], split: s
                    header: str, clf: object, dev: str) -> None:
     """summary.csv, summary.md and one enrichment-vs-iterations plot per setting run both ways."""
     from retina_fgvis import game_study as gs
-    from retina_fgvis.report.files import atomic_write_text
+    from retina_fgvis.report.files import atomic_write_text, shown_path
 
     table = gs.aggregate(rows)
     atomic_write_text(out / "summary.csv", table.to_csv(index=False))
@@ -101,7 +101,8 @@ def _write_summary(out: Path, rows: Any, curves: Any, plain: list[str], split: s
     md = [
         f"# Deletion-game study on DiaretDB1 ({split} split)", "",
         "Research use only, not a diagnosis.", "",
-        f"Classifier: `{clf.path}` (sha256 {str(clf.sha256)[:12]}…), threshold {clf.threshold:.3f}, "
+        f"Classifier: `{shown_path(clf.path) if clf.path else 'default'}` (sha256 {str(clf.sha256)[:12]}…), "
+        f"threshold {clf.threshold:.3f}, "
         f"device {dev}; {header}.", "",
         "Enrichment = share of removed mass inside GT lesions (any type, >= 0.75) / GT share of the FOV "
         "(1 = chance; images without GT lesions have none and are left out of its medians). Goal = p(referable) "
