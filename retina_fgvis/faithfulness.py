@@ -685,10 +685,26 @@ def _layout_lines(per_image: pd.DataFrame) -> list[str]:
     n_nhwc = int(counts.get(CHANNELS_LAST, 0))
     if not n_nhwc:
         return []
-    return [f"- Weight layout: {n_nhwc} of {len(per_image)} (image, method) results ran with channels-last (NHWC) "
-            "weights, the others with NCHW. The maps agree up to float rounding; a gradient map's near-ties "
-            "may reorder, so a deletion AUC can move in the 4th decimal (≤ 5.3e-4 measured); the run times "
-            "differ (NHWC is faster on a CPU): `evaluation/faithfulness/probes/memory_layout_cpu.py`"]
+    lines = [f"- Weight layout: {n_nhwc} of {len(per_image)} (image, method) results ran with channels-last (NHWC) "
+             "weights, the others with NCHW. The maps agree up to float rounding; a gradient map's near-ties "
+             "may reorder, so a deletion AUC can move in the 4th decimal (≤ 5.3e-4 measured); the run times "
+             "differ (NHWC is faster on a CPU): `evaluation/faithfulness/probes/memory_layout_cpu.py`"]
+    if n_nhwc == len(per_image):
+        return lines
+    # the table's seconds average both layouts (and whatever else differed between the sessions
+    # that computed them): give each layout's own means beside it
+    seconds = per_image.assign(seconds=per_image["seconds_explain"] + per_image["seconds_metric"])
+    by_layout = seconds.pivot_table(index="method", columns="memory_format", values="seconds", aggfunc="mean",
+                                    sort=False)
+    n_by_layout = seconds.pivot_table(index="method", columns="memory_format", values="seconds", aggfunc="size",
+                                      sort=False)
+    cells = []
+    for method, r in by_layout.iterrows():
+        parts = [f"{layout} {_fmt(r[layout], 1)} s (n = {int(n_by_layout.loc[method, layout])})"
+                 for layout in (CONTIGUOUS, CHANNELS_LAST) if layout in r and not pd.isna(r[layout])]
+        cells.append(f"{METHOD_LABELS.get(method, method)}: " + ", ".join(parts))
+    lines.append("- Seconds per image (explain + metric) by weight layout: " + "; ".join(cells))
+    return lines
 
 
 def faithfulness_markdown(run: FaithfulnessRun, model_description: str, image_description: str,

@@ -101,3 +101,20 @@ def test_model_is_restored_when_a_method_fails():
     with pytest.raises(TypeError):
         F.run_faithfulness(em, imgs, ["rise"], {"rise": {"no_such_option": 1}})  # fails inside the run
     assert current_layout(em.model) == CONTIGUOUS
+
+
+def test_summary_gives_each_weight_layouts_own_run_time_when_a_run_mixes_them():
+    """A resumed run can hold records of both layouts; summary.md's seconds column averages them,
+    so the layout line gives each layout's mean (explain + metric) and count per method."""
+    import pandas as pd
+
+    from retina_fgvis.faithfulness import _layout_lines
+
+    rows = [("a", "rise", CONTIGUOUS, 300.0, 100.0), ("b", "rise", CHANNELS_LAST, 50.0, 10.0),
+            ("c", "rise", CHANNELS_LAST, 70.0, 10.0), ("a", "gradient", CHANNELS_LAST, 1.0, 9.0)]
+    df = pd.DataFrame(rows, columns=["image", "method", "memory_format", "seconds_explain", "seconds_metric"])
+    line = _layout_lines(df)[-1]
+    assert "RISE: contiguous 400.0 s (n = 1), channels_last 70.0 s (n = 2)" in line
+    assert "Gradient (saliency): channels_last 10.0 s (n = 1)" in line
+    assert len(_layout_lines(df[df["memory_format"] == CHANNELS_LAST])) == 1  # one layout: no split
+    assert _layout_lines(df[df["memory_format"] == CONTIGUOUS]) == []
