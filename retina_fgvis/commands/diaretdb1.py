@@ -10,6 +10,8 @@ from typing import Optional
 
 import typer
 
+from retina_fgvis.commands.fgvis_options import parse_fgvis_settings
+
 
 def _parse_floats(text: str, what: str) -> tuple[float, ...]:
     try:
@@ -19,21 +21,6 @@ def _parse_floats(text: str, what: str) -> tuple[float, ...]:
     if not vals:
         raise typer.BadParameter(f"{what} is empty")
     return vals
-
-
-def _parse_settings(items: list[str]) -> dict:
-    import json
-
-    out = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise typer.BadParameter(f"--fgvis-setting expects KEY=VALUE, got {item!r}")
-        try:
-            out[key.strip()] = json.loads(value)
-        except json.JSONDecodeError:
-            out[key.strip()] = value
-    return out
 
 
 def register(app: typer.Typer, evaluate_app: typer.Typer) -> None:
@@ -97,7 +84,7 @@ def register(app: typer.Typer, evaluate_app: typer.Typer) -> None:
         except WeightsError as exc:
             typer.echo(f"error: {exc}", err=True)
             raise typer.Exit(2)
-        fgvis_overrides = _parse_settings(fgvis_setting)
+        fgvis_overrides = parse_fgvis_settings(fgvis_setting)
         if max_iterations is not None:
             fgvis_overrides["max_iterations"] = int(max_iterations)
         try:

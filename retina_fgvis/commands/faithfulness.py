@@ -16,6 +16,7 @@ from typing import Any, Optional
 
 import typer
 
+from retina_fgvis.commands.fgvis_options import parse_fgvis_settings
 from retina_fgvis.report.files import atomic_write_bytes, atomic_write_text
 
 MODEL_HELP = "Model to evaluate: 'rdr' (the referable-DR classifier) or 'imagenet' (EfficientNet-Lite0)."
@@ -26,20 +27,6 @@ IMAGES_HELP = ("Folder of images. Default: rdr -> held-out validation images of 
 
 def _echo(msg: str) -> None:
     typer.echo(msg, err=True)
-
-
-def _parse_settings(items: list[str]) -> dict[str, Any]:
-    """``KEY=VALUE`` FGVis overrides (VALUE parsed as JSON when possible), as in evaluate diaretdb1."""
-    out: dict[str, Any] = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise typer.BadParameter(f"expects KEY=VALUE, got {item!r}", param_hint="--fgvis-setting")
-        try:
-            out[key.strip()] = json.loads(value)
-        except json.JSONDecodeError:
-            out[key.strip()] = value
-    return out
 
 
 def _device(name: str) -> str:
@@ -258,7 +245,7 @@ def faithfulness_command(
         "rise": {"n_masks": rise_masks},
         "lime": {"n_samples": lime_samples, "mean": em.mean, "std": em.std},  # SLIC on true colours
     }
-    fgvis_options = {**F.FAITHFULNESS_FGVIS_SETTINGS, **_parse_settings(fgvis_setting)}
+    fgvis_options = {**F.FAITHFULNESS_FGVIS_SETTINGS, **parse_fgvis_settings(fgvis_setting)}
     if fgvis_max_iterations:
         fgvis_options["max_iterations"] = fgvis_max_iterations
     for m in FGVIS_METHODS:  # the defended and the undefended game play with the same settings
@@ -384,7 +371,7 @@ def defense_command(
         _fail(str(exc))
     if not cases:
         _fail("no image meets the selection rule (see --min-confidence / --max-p-referable)")
-    settings = {**F.DEFENSE_FGVIS_SETTINGS, **_parse_settings(fgvis_setting)}
+    settings = {**F.DEFENSE_FGVIS_SETTINGS, **parse_fgvis_settings(fgvis_setting)}
     if max_iterations:
         settings["max_iterations"] = max_iterations
     cmd = _command("defense", model=model, images=images, limit=limit, weights=weights, data_root=data_root,
