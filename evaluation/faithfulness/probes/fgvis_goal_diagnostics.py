@@ -18,15 +18,18 @@ import pandas as pd
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from fgvis_goal import VARIANTS  # noqa: E402  (the goal probe's settings, by name)
 from fgvis_ranking import tuning_batch  # noqa: E402  (same tuning eyes as the other probes)
 
+from retina_fgvis.commands.fgvis_options import parse_fgvis_settings  # noqa: E402
+from retina_fgvis.faithfulness import FAITHFULNESS_FGVIS_SETTINGS  # noqa: E402
 from retina_fgvis.fgvis.games import FGVis  # noqa: E402
 
-#: setting name -> engine settings (the faithfulness evaluation's FGVis uses goal=fraction, 0.1)
+#: the goal probe's variants looked at here, resolved exactly as ``evaluate faithfulness`` does
+#: (the evaluation's FGVis settings, then the variant's ``--fgvis-setting`` overrides)
 GOALS: dict[str, dict] = {
-    "fraction-0.1 (evaluation)": {"goal": "fraction", "goal_fraction": 0.1},
-    "fraction-0.3": {"goal": "fraction", "goal_fraction": 0.3},
-    "reference (p of the blank eye)": {"goal": "reference"},
+    name: {**FAITHFULNESS_FGVIS_SETTINGS, **parse_fgvis_settings(VARIANTS[name])}
+    for name in ("fraction-0.1 (evaluation)", "fraction-0.3", "reference (p of the blank eye)")
 }
 
 
