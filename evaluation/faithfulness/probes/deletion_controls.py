@@ -8,7 +8,8 @@ that carry no information about the eye, on the **reported** held-out eyes (noth
 them: no setting is chosen here), so the committed AUCs of every method can be read against them:
 
 * ``raster``: every pixel tied (importance 0 in the FOV): pixel-index order, the metric's tie-break;
-* ``random``: a seeded uniformly random order (seed 0 per eye).
+* ``random``: a seeded uniformly random order (one generator per batch, seeded by the batch's first
+  eye index, one draw per eye).
 
     python evaluation/faithfulness/probes/deletion_controls.py --data-root ../shared/data --limit 60 \
         --compare evaluation/faithfulness/rdr-cpu-shipped-60/auc_per_image.csv \
@@ -21,6 +22,7 @@ import json
 import time
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import torch
 
@@ -60,11 +62,10 @@ def _new_rows(seen: pd.DataFrame | None, other: pd.DataFrame, folder: str) -> pd
         return other
     keep = []
     for method, rows in other.groupby("method", sort=False):
-        known = seen[seen["method"] == method]
+        known = seen[seen["method"] == method].set_index("image")["deletion_auc"]
         if known.empty:
             keep.append(rows)
-        elif not known.set_index("image")["deletion_auc"].reindex(rows["image"]).to_numpy().tolist() == \
-                rows["deletion_auc"].tolist():
+        elif not np.array_equal(known.reindex(rows["image"]).to_numpy(), rows["deletion_auc"].to_numpy()):
             keep.append(rows.assign(method=f"{method}@{folder}"))
     return pd.concat(keep) if keep else other.iloc[:0]
 
@@ -109,7 +110,7 @@ def main() -> None:
             x, fov = stack_images(batch, em.device)
             target = predict(em, x).argmax(1)
             for name, imp in control_maps(x.shape[:1] + x.shape[2:], seed=start).items():
-                imp = restrict_to_fov(imp, None if fov is None else fov.cpu())
+                imp = restrict_to_fov(imp, fov.cpu())  # RDR eyes always carry a FOV mask
                 cur = deletion(em.model, x, imp.to(x.device), target=target.to(x.device), batch_size=64)
                 rows += [{"image": im.name, "target": int(target[i]), "method": f"control-{name}",
                           "deletion_auc": float(cur.auc[i])} for i, im in enumerate(batch)]

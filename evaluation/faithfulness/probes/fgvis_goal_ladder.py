@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+from deletion_controls import control_maps
 from fgvis_ranking import lexicographic, tuning_batch
 
 from retina_fgvis.baselines import fgvis_importance, restrict_to_fov
@@ -88,10 +89,8 @@ def main() -> None:
     for strict in ("fraction-0.1", "fraction-0.01"):
         variants[f"mean(reference, {strict})"] = (ref + maps[strict]) / 2
         variants[f"ladder(reference, {strict})"] = lexicographic(ref, maps[strict])
-    random_order = torch.rand(ref.shape, generator=torch.Generator().manual_seed(0))
-    variants["raster"] = torch.zeros_like(ref)
-    variants["random"] = random_order
-    variants["reference, then random"] = lexicographic(ref, random_order)
+    variants.update(control_maps(ref.shape, seed=0))  # "raster", "random"
+    variants["reference, then random"] = lexicographic(ref, variants["random"])
     wanted = [v for v in a.only.split(";") if v] or list(variants)
     old = pd.read_csv(out / "auc_per_image.csv") if a.only and (out / "auc_per_image.csv").exists() else None
     fov_cpu = fov.cpu().reshape(ref.shape).bool()
@@ -99,15 +98,15 @@ def main() -> None:
         share = [float((maps[name][i][fov_cpu[i]] > 0).float().mean()) for i in range(ref.shape[0])]
         print(f"{name}: share of the FOV with importance > 0:", " ".join(f"{v:.4f}" for v in share), flush=True)
     rows = []
-    for name in wanted:
-        imp = restrict_to_fov(variants[name], fov.cpu())
-        with model_layout(em.model, channels_last=True):  # the evaluation's CPU layout
+    with model_layout(em.model, channels_last=True):  # the evaluation's CPU layout
+        for name in wanted:
+            imp = restrict_to_fov(variants[name], fov_cpu)
             cur = deletion(em.model, x, imp.to(x.device), target=target, batch_size=64)
-        for i, im in enumerate(images):
-            rows.append({"image": im.name, "target": int(target[i]), "variant": name,
-                         "deletion_auc": float(cur.auc[i])})
-        print(name, " ".join(f"{v:.3f}" for v in cur.auc.tolist()), f"mean {float(cur.auc.mean()):.4f}",
-              flush=True)
+            for i, im in enumerate(images):
+                rows.append({"image": im.name, "target": int(target[i]), "variant": name,
+                             "deletion_auc": float(cur.auc[i])})
+            print(name, " ".join(f"{v:.3f}" for v in cur.auc.tolist()), f"mean {float(cur.auc.mean()):.4f}",
+                  flush=True)
     df = pd.DataFrame(rows)
     if old is not None:
         df = pd.concat([old[~old["variant"].isin(wanted)], df])
