@@ -24,6 +24,12 @@ difference between methods, not between our re-implementations:
 * ``fgvis-undefended``  the same game without the defence. The paper does not say whether its
                 Table 2 masks were defended; on a two-class model the difference decides the
                 ranking (evaluation/faithfulness/README.md), so both are measured.
+* ``random``    a control, not an explanation: a uniformly random pixel order, seeded by the
+                image's content (the same image gets the same order in any batch, run or
+                resumption). Why: the deletion metric rewards scattered removals for their own
+                sake (a random order beat every smooth baseline on the ImageNet sample and was level
+                with the defended game on the RDR eyes, ``evaluation/faithfulness/``), so a method's
+                AUC means little until it is read against this line.
 
 ``explain(method, model, x, target)`` returns a (B, H, W) float32 CPU tensor, higher = more
 important for ``target``. With ``fov_mask`` the importance outside the field of view is set
@@ -33,6 +39,7 @@ deletion substrate, so this only stops a method from wasting removal steps on th
 from __future__ import annotations
 
 import functools
+import hashlib
 import math
 from typing import Any, Callable
 
@@ -43,12 +50,14 @@ from torch import Tensor, nn
 
 __all__ = ["METHODS", "BASELINES", "explain", "find_last_spatial_layer", "restrict_to_fov",
            "gradcam", "occlusion", "lime", "rise", "gradient", "fgvis_importance", "USES_BASELINE",
-           "FGVIS_METHODS"]
+           "FGVIS_METHODS", "CONTROLS", "random_order"]
 
 BASELINES: tuple[str, ...] = ("gradcam", "occlusion", "lime", "rise", "gradient")
 #: FGVis's deletion game with and without the defence: the same engine, one switch apart.
 FGVIS_METHODS: tuple[str, ...] = ("fgvis", "fgvis-undefended")
-METHODS: tuple[str, ...] = BASELINES + FGVIS_METHODS
+#: Information-free orders the methods are read against (not explanations, never "best baseline").
+CONTROLS: tuple[str, ...] = ("random",)
+METHODS: tuple[str, ...] = BASELINES + FGVIS_METHODS + CONTROLS
 
 
 class _Softmax(nn.Module):
@@ -267,6 +276,23 @@ def fgvis_importance(model: nn.Module, x: Tensor, target: Tensor, fov_mask: Tens
     return result.mean_mask
 
 
+def image_seed(image: Tensor, seed: int = 0) -> int:
+    """A 63-bit seed from an image's values (and ``seed``): the same image, the same seed, wherever
+    it sits in a batch and whichever device holds it."""
+
+    data = image.detach().to("cpu", torch.float32).contiguous().numpy().tobytes()
+    digest = hashlib.blake2b(data, digest_size=8, key=str(seed).encode()).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+def random_order(model: nn.Module, x: Tensor, target: Tensor, seed: int = 0) -> Tensor:
+    """Uniform random importance per pixel, one draw per image seeded by :func:`image_seed`; the
+    model and the target are not looked at (that is the point of the control)."""
+    del model, target
+    return torch.stack([torch.rand(x.shape[-2:], generator=torch.Generator().manual_seed(image_seed(im, seed)))
+                        for im in x])
+
+
 _DISPATCH: dict[str, Callable[..., Tensor]] = {
     "gradcam": gradcam,
     "occlusion": occlusion,
@@ -275,6 +301,7 @@ _DISPATCH: dict[str, Callable[..., Tensor]] = {
     "gradient": gradient,
     "fgvis": fgvis_importance,
     "fgvis-undefended": functools.partial(fgvis_importance, defense=False),
+    "random": random_order,
 }
 
 

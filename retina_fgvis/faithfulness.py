@@ -38,7 +38,7 @@ import pandas as pd
 import torch
 from torch import Tensor, nn
 
-from retina_fgvis.baselines import FGVIS_METHODS, METHODS, explain
+from retina_fgvis.baselines import CONTROLS, FGVIS_METHODS, METHODS, explain
 from retina_fgvis.memory_layout import CHANNELS_LAST, CONTIGUOUS, model_layout, resolve_channels_last
 from retina_fgvis.metrics.deletion import deletion, insertion
 from retina_fgvis.metrics.paired import paired_comparison_table
@@ -60,6 +60,7 @@ PAPER_TABLE2: dict[str, tuple[float | None, float | None]] = {
     "gradient": (None, None),
     "fgvis": (0.0644, 0.0636),
     "fgvis-undefended": (None, None),  # the paper does not say whether Table 2 used the defence
+    "random": (None, None),
 }
 METHOD_LABELS = {
     "gradcam": "Grad-CAM",
@@ -69,6 +70,7 @@ METHOD_LABELS = {
     "gradient": "Gradient (saliency)",
     "fgvis": "FGVis (deletion game)",
     "fgvis-undefended": "FGVis without the defence",
+    "random": "Random order (control)",
 }
 #: Paper Table 1: share of images for which an adversarial class was generated.
 PAPER_TABLE1 = {"VGG16": (1.0, 0.002), "AlexNet": (1.0, 0.0), "ResNet50": (1.0, 0.0),
@@ -607,7 +609,7 @@ def faithfulness_summary(run: FaithfulnessRun) -> pd.DataFrame:
 
 
 def faithfulness_paired(run: FaithfulnessRun, min_images_per_class: int = MIN_PAIRED_PER_CLASS) -> pd.DataFrame:
-    """Each FGVis game against each baseline, paired by image (see ``metrics.paired``): a ranking
+    """Each FGVis game against each baseline (and the random-order control), paired by image (see ``metrics.paired``): a ranking
     by means can hide that one method wins on most eyes, or that a gap is within the noise.
 
     Rows with ``explained_class`` = ``all`` pair every image; when the images were explained as
@@ -664,6 +666,19 @@ def _paired_lines(run: FaithfulnessRun) -> list[str]:
                              f"p = {_fmt_p(float(q['wilcoxon_p']))}")
             lines.append(f"| {METHOD_LABELS.get(r.method, r.method)} | {METHOD_LABELS.get(r.other, r.other)} | "
                          + " | ".join(cells) + " |")
+    return lines
+
+
+def _control_lines(summary: pd.DataFrame) -> list[str]:
+    """Which methods' mean is not below an information-free order's: the line a deletion AUC has to
+    beat before it says anything about the model (the metric rewards scattered removals as such)."""
+    lines = []
+    for control in [m for m in CONTROLS if m in set(summary["method"])]:
+        level = float(summary.loc[summary["method"] == control, "deletion_auc_mean"].iloc[0])
+        methods = summary[~summary["method"].isin(CONTROLS)]
+        above = [r.label for r in methods.itertuples() if not r.deletion_auc_mean < level]
+        lines += ["", f"{METHOD_LABELS[control]}: {_fmt(level)}, a pixel order that knows nothing of the image. "
+                  + (f"Not lower than it: {', '.join(above)}." if above else "Every method is lower than it.")]
     return lines
 
 
@@ -761,7 +776,7 @@ def faithfulness_markdown(run: FaithfulnessRun, model_description: str, image_de
                   "|---|" + "---|" * len(cols)]
         for method, r in pivot.iterrows():
             lines.append(f"| {METHOD_LABELS.get(method, method)} | " + " | ".join(_fmt(r[c]) for c in cols) + " |")
-    base = s[~s["method"].isin(FGVIS_METHODS)]
+    base = s[~s["method"].isin(FGVIS_METHODS + CONTROLS)]
     games = [m for m in FGVIS_METHODS if m in set(s["method"])] if len(base) else []
     if games:
         best = base.loc[base["deletion_auc_mean"].idxmin()]  # one best baseline for both games
@@ -774,6 +789,7 @@ def faithfulness_markdown(run: FaithfulnessRun, model_description: str, image_de
                   "(paper: 0.60 ResNet-50, 0.65 VGG16). "
                   + (f"{label} is lower than every baseline." if fg < best_auc
                      else f"{label} is NOT lower than every baseline.")]
+    lines += _control_lines(s)
     lines += _paired_lines(run)
     if "fgvis-undefended" in set(s["method"]):
         lines += ["", "The paper does not say whether its Table 2 masks were computed with the defence; "
@@ -798,7 +814,8 @@ def curves_figure(run: FaithfulnessRun, title: str = ""):
         mean = c.mean(axis=0)
         ax.plot(run.fractions, mean, label=f"{METHOD_LABELS.get(method, method)} "
                 f"(AUC {s.loc[method, 'deletion_auc_mean']:.3f})",
-                lw=2.2 if method in FGVIS_METHODS else 1.4)
+                lw=2.2 if method in FGVIS_METHODS else 1.4, ls=":" if method in CONTROLS else "-",
+                color="0.4" if method in CONTROLS else None)
     ax.set_xlabel("fraction of pixels removed")
     ax.set_ylabel("probability of the predicted class")
     ax.set_xlim(0, 1)

@@ -169,3 +169,29 @@ def test_fgvis_undefended_is_the_same_game_without_the_defence():
         direct = FGVis(model, defense=defended, **opts).attribute(x, target).mean_mask.float()
         assert torch.equal(maps[method], direct), method
     assert not torch.equal(maps["fgvis"], maps["fgvis-undefended"])
+
+
+def test_random_order_is_seeded_by_the_image_not_by_its_batch():
+    """The control's order depends on the image alone: the same image gets the same map alone or
+    in a batch (so resumed and batched runs agree), another image or seed another map, and the
+    model is never called (a control that looked at the model would not be a control)."""
+    class Untouchable(nn.Module):
+        def forward(self, x):
+            raise AssertionError("the random control must not run the model")
+
+    x = torch.randn(3, 3, 16, 12)
+    batch = explain("random", Untouchable(), x, 0)
+    alone = explain("random", Untouchable(), x[1:2], 0)
+    assert batch.shape == (3, 16, 12) and torch.equal(batch[1], alone[0])
+    assert not torch.equal(batch[0], batch[1])
+    assert not torch.equal(explain("random", Untouchable(), x[1:2], 0, seed=1)[0], alone[0])
+    # every pixel gets its own rank (no ties for the metric's tie-break to decide)
+    assert batch[0].flatten().unique().numel() == 16 * 12
+
+
+def test_random_order_stays_inside_the_field_of_view():
+    x = torch.randn(1, 3, 8, 8)
+    fov = torch.zeros(1, 8, 8, dtype=torch.bool)
+    fov[:, 2:6, 2:6] = True
+    imp = explain("random", tiny_cnn(), x, 0, fov_mask=fov)
+    assert imp[fov].min() > imp[~fov].max()

@@ -233,6 +233,26 @@ def test_faithfulness_cli_reports_the_game_with_and_without_the_defence(tiny_set
     assert "Paired by image" in md and "| FGVis without the defence | Gradient (saliency) |" in md
 
 
+@pytest.mark.skipif(not HAS_ENGINE, reason="FGVis engine (retina_fgvis.fgvis.games) not available yet")
+def test_faithfulness_random_control_is_a_reference_line_never_the_best_baseline(tiny_setup):
+    """The random order is reported and paired against, but the game's ratio is to the best real
+    baseline, and the report names exactly the methods whose mean is not below the control's."""
+    app, folder, out = tiny_setup
+    res = _evaluate(app, "faithfulness", folder, out, "--methods", "gradient,fgvis,random",
+                    "--fgvis-max-iterations", "5", "--device", "cpu")
+    assert res.exit_code == 0, res.output
+    df = pd.read_csv(out / "auc_per_image.csv")
+    means = df.groupby("method")["deletion_auc"].mean()
+    md = (out / "summary.md").read_text()
+    assert "FGVis (deletion game) / best baseline (Gradient (saliency))" in md
+    line = next(x for x in md.splitlines() if x.startswith("Random order (control): "))
+    assert line.startswith(f"Random order (control): {means['random']:.4f}")
+    for method, label in (("gradient", "Gradient (saliency)"), ("fgvis", "FGVis (deletion game)")):
+        assert (label in line) == (means[method] >= means["random"]), (line, means.to_dict())
+    paired = pd.read_csv(out / "paired_comparison.csv")
+    assert set(paired.loc[paired["explained_class"] == "all", "other"]) == {"gradient", "random"}
+
+
 def test_faithfulness_cli_rejects_bad_method(tiny_setup):
     app, folder, out = tiny_setup
     res = _evaluate(app, "faithfulness", folder, out, "--methods", "gradcam,bogus")

@@ -184,7 +184,7 @@ def faithfulness_command(
     out: Path = typer.Option(..., "--out", help="Output folder."),
     images: Optional[Path] = typer.Option(None, "--images", help=IMAGES_HELP),
     limit: Optional[int] = typer.Option(None, "--limit", min=1, help="At most N images (rdr default: 60, balanced)."),
-    methods: str = typer.Option("gradcam,occlusion,lime,rise,gradient,fgvis,fgvis-undefended", "--methods",
+    methods: str = typer.Option("gradcam,occlusion,lime,rise,gradient,fgvis,fgvis-undefended,random", "--methods",
                                 help="Comma-separated methods."),
     weights: Optional[Path] = typer.Option(None, "--weights", help="rdr: classifier checkpoint (default: the project's)."),
     data_root: Optional[Path] = typer.Option(None, "--data-root", help="rdr: folder with odir5k_512/ and eyepacs1098_400/."),
