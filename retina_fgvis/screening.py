@@ -44,6 +44,7 @@ from typing import Any
 import numpy as np
 
 from retina_fgvis.report.files import (
+    atomic_write_bytes,
     atomic_write_image,
     atomic_write_text,
     file_sha256,
@@ -113,7 +114,12 @@ def discover_inputs(
     """Walk folders (recursively) and explicit files; return (items sorted by ``file``,
     skipped non-image files). Hidden files/folders and anything under ``exclude`` (the
     output folder, when it lies inside the input) are ignored. Explicitly named files are
-    always included (so the user gets an error line for an unsupported one)."""
+    always included (so the user gets an error line for an unsupported one).
+
+    Symbolic links to files are inputs under the link's own path (data sets are often linked
+    in from elsewhere); a broken link with an image suffix is an input too, so it gets its
+    error line. FIFOs, sockets and devices found in a folder are skipped: opening one to
+    sniff or hash it would block the run."""
     from retina_fgvis.fundus.dicom import DICOM_SUFFIXES, is_dicom
 
     excluded = [Path(e).resolve() for e in exclude]
@@ -122,10 +128,10 @@ def discover_inputs(
     roots: list[Path] = []
     for raw in inputs:
         root = Path(raw).expanduser()
-        if not root.exists():
+        if not root.exists() and not root.is_symlink():  # a broken link gets its error line
             raise ScreeningUsageError(f"{raw}: no such file or folder")
-        root = root.resolve()
         if root.is_dir():
+            root = root.resolve()
             roots.append(root)
             for dirpath, dirnames, filenames in os.walk(root):
                 here = Path(dirpath)
@@ -137,14 +143,21 @@ def discover_inputs(
                     if name.startswith("."):
                         continue
                     p = here / name
+                    if not p.is_file():  # broken link, FIFO, socket, device
+                        if p.is_symlink() and p.suffix.lower() in IMAGE_SUFFIXES | DICOM_SUFFIXES:
+                            found[p] = p.suffix.lower() in DICOM_SUFFIXES
+                        else:
+                            skipped.append(p)
+                        continue
                     ok, dicom = _looks_like_input(p)
                     if ok:
                         found[p] = dicom
                     else:
                         skipped.append(p)
         else:
+            root = Path(os.path.abspath(root))  # a linked file keeps its own name and folder
             roots.append(root.parent)
-            found[root] = root.suffix.lower() in DICOM_SUFFIXES or is_dicom(root)
+            found[root] = root.suffix.lower() in DICOM_SUFFIXES or (root.is_file() and is_dicom(root))
     if not found:
         return [], skipped
     # Keys: relative to the root for one root; "<root name>/<relative path>" for several
@@ -160,7 +173,9 @@ def discover_inputs(
             labels[r] = name if used[name] == 1 else f"{name}~{used[name]}"
     items = []
     for p, d in found.items():
-        root = next(r for r in unique_roots if _within(p, r))  # roots in argument order
+        # every path was built under its root: compare the paths as written (resolving would
+        # follow a symbolic link out of its folder)
+        root = next(r for r in unique_roots if p.is_relative_to(r))  # roots in argument order
         rel = p.relative_to(root).as_posix()
         key = f"{labels[root]}/{rel}" if labels else rel
         items.append(InputItem(path=p, file=key, is_dicom=d))
@@ -213,16 +228,21 @@ def load_manifest(path: str | Path) -> dict[str, tuple[str | None, str | None]]:
     return out
 
 
-def group_from_name(file: str) -> tuple[str | None, str | None]:
-    """``<patient>_<eye>`` file-name rule; ``<folder>/left.png`` -> (folder, left)."""
+def group_from_name(file: str, folder: str | None = None) -> tuple[str | None, str | None]:
+    """``<patient>_<eye>`` file-name rule; ``<folder>/left.png`` -> (folder, left).
+
+    ``folder``: the name of the folder the file really sits in, for a key without one (the
+    folder itself, or the files, were named on the command line): ``screen pat/`` and
+    ``screen pat/left.png`` must group like ``screen parent/`` does."""
     rel = Path(file)
     stem = rel.stem
     m = _NAME_RE.match(stem)
     if m:
         return m.group("patient"), normalise_eye(m.group("eye"))
     eye = normalise_eye(stem) if stem.lower() in ("left", "right", "od", "os") else None
-    if eye and rel.parent.name:
-        return rel.parent.name, eye
+    patient = rel.parent.name or folder
+    if eye and patient:
+        return patient, eye
     return None, None
 
 
@@ -258,7 +278,7 @@ def assign_groups(
             key = by_abs[str(it.path)]
         elif len(by_name.get(it.path.name, [])) == 1 and "/" not in by_name[it.path.name][0]:
             key = by_name[it.path.name][0]
-        name_patient, name_eye = group_from_name(it.file)
+        name_patient, name_eye = group_from_name(it.file, folder=it.path.parent.name)
         if key is not None and manifest[key][0]:
             used.add(key)
             patient, eye = manifest[key]
@@ -315,6 +335,9 @@ class ScreenSettings:
     engine: dict[str, Any] = field(default_factory=dict)  # extra FGVis settings
     regions: dict[str, Any] = field(default_factory=dict)  # RegionSettings overrides
     max_pixels: int = DEFAULT_MAX_PIXELS
+    #: shortest image side accepted; None: half the classifier's input size (a smaller photograph
+    #: would be enlarged more than 2x: a 40-px thumbnail has no lesions to find, yet gets a p)
+    min_side: int | None = None
     overlay_max_side: int = 1600
     explain_all: bool = False  # run the game even where its goal already holds (no effect but time)
     device: str = "cpu"
@@ -332,6 +355,7 @@ class ScreenSettings:
             "engine": self.engine,
             "regions": self.regions,
             "max_pixels": self.max_pixels,
+            "min_side": self.min_side,
             "overlay_max_side": self.overlay_max_side,
         }
         return sha256_hex(json.dumps(payload, sort_keys=True, default=str))[:16]
@@ -595,6 +619,8 @@ class Screener:
         #: optional status hook (text), called while a batch's game runs (progress bars)
         self.on_step: Callable[[str], None] | None = None
         self.threshold = float(getattr(classifier, "threshold", 0.5))
+        input_size = int(getattr(classifier, "input_size", 0) or 0)
+        self.min_side = self.settings.min_side if self.settings.min_side is not None else input_size // 2
 
     # -- resume ------------------------------------------------------------------------------
     def finished_record(self, item: InputItem) -> ImageRecord | None:
@@ -605,14 +631,37 @@ class Screener:
             return None
         if rec.status == "error" and rec.error_stage != "input":
             return None  # may have been transient (out of memory, a bug fixed since): retry
-        try:
-            sha = file_sha256(item.path)
-        except OSError:
-            sha = None
+        sha = _input_sha256(item.path)
         if rec.input_sha256 != sha:
             return None
         if rec.status == "ok" and (not rec.overlay or not (self.out / rec.overlay).is_file()):
             return None
+        return self._regrouped(rec, item)
+
+    def _regrouped(self, rec: ImageRecord, item: InputItem) -> ImageRecord | None:
+        """A reused record under this run's grouping (a manifest added or changed since, a file
+        renamed into a patient folder): patient, eye and overlay folder follow the grouping,
+        the game is not played again. The overlay is copied to its new place before the record
+        names it and the old copy goes last, so an interruption leaves a valid record (at worst
+        an orphan picture). A DICOM's grouping comes from its header, known only after reading
+        it: such a record is redone instead (None) when its patient changed (its eye may come from
+        the header, so an eye that differs is not a change there)."""
+        patient = item.patient or item.file
+        same_patient = (rec.patient, rec.grouping) == (patient, item.grouping)
+        if rec.grouping == "dicom" or (same_patient and (item.is_dicom or rec.eye == item.eye)):
+            return rec
+        if item.is_dicom:
+            return None
+        old_overlay = rec.overlay
+        rec.patient, rec.eye, rec.grouping = patient, item.eye, item.grouping
+        rec.patient_dir = patient_dir_name(patient)
+        if rec.status == "ok" and old_overlay:
+            rec.overlay = f"patients/{rec.patient_dir}/{overlay_file_name(rec.file, rec.eye, Path(old_overlay).suffix)}"
+            if rec.overlay != old_overlay:
+                atomic_write_bytes(self.out / rec.overlay, (self.out / old_overlay).read_bytes())
+        write_record(self.out, rec)
+        if old_overlay and rec.overlay != old_overlay:
+            (self.out / old_overlay).unlink(missing_ok=True)
         return rec
 
     # -- stages ------------------------------------------------------------------------------
@@ -623,10 +672,7 @@ class Screener:
             patient_dir=patient_dir_name(patient), result_key=self.result_key,
             threshold=self.threshold,
         )
-        try:
-            rec.input_sha256 = file_sha256(item.path)
-        except OSError:
-            rec.input_sha256 = None
+        rec.input_sha256 = _input_sha256(item.path)
         return rec
 
     def load(self, item: InputItem) -> _Prepared:
@@ -636,6 +682,9 @@ class Screener:
         rec = self._base_record(item)
         t0 = time.perf_counter()
         try:
+            not_a_file = _not_a_regular_file(item.path)
+            if not_a_file:
+                raise ImageRejected(not_a_file)
             try:
                 if item.path.stat().st_size == 0:
                     raise ImageRejected("empty file (0 bytes)")
@@ -664,6 +713,9 @@ class Screener:
                 fundus = read_fundus(item.path)
             rgb = fundus.rgb
             rec.height, rec.width = int(rgb.shape[0]), int(rgb.shape[1])
+            if min(rgb.shape[:2]) < self.min_side:
+                raise ImageRejected(f"image too small ({rgb.shape[1]}x{rgb.shape[0]} px; the shorter side must be "
+                                    f"at least {self.min_side} px, --min-side)")
             if rgb.shape[0] * rgb.shape[1] > self.settings.max_pixels:
                 raise ImageRejected(f"image too large ({rgb.shape[1]}x{rgb.shape[0]})")
             if is_greyscale(rgb):
@@ -917,6 +969,28 @@ class Screener:
         summary.failed = sum(1 for r in summary.records if r.status != "ok")
         summary.seconds = time.perf_counter() - t_start
         return summary
+
+
+def _not_a_regular_file(path: Path) -> str | None:
+    """Why ``path`` cannot be read as an image file, or None when it is a regular file."""
+    if path.is_file():
+        return None
+    if path.is_symlink() and not path.exists():
+        return "broken symbolic link (its target does not exist)"
+    if not path.exists():
+        return "file not found (removed since the run started?)"
+    return "not a regular file (a folder, FIFO, socket or device)"
+
+
+def _input_sha256(path: Path) -> str | None:
+    """The input's content hash for resume checks; None for anything but a readable regular file
+    (hashing a FIFO would block for ever)."""
+    if not path.is_file():
+        return None
+    try:
+        return file_sha256(path)
+    except OSError:
+        return None
 
 
 def _accepts(fn: Callable, name: str) -> bool:

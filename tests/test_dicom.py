@@ -149,7 +149,18 @@ def test_truncated_rle(tmp_path):
     data = good.read_bytes()
     trunc = tmp_path / "rt.dcm"
     trunc.write_bytes(data[: int(len(data) * 0.6)])
-    _reason(trunc)
+    # pydicom reads the cut-off encapsulated data without raising (it only warns): the reason must
+    # still say truncated, not "no pixel data"
+    assert "truncated" in _reason(trunc)
+
+
+def test_file_cut_inside_the_header_is_truncated_not_missing_pixels(tmp_path):
+    good = write_dicom(tmp_path / "h.dcm", _rgb(), patient_id="P", compression=None)
+    trunc = tmp_path / "h200.dcm"
+    trunc.write_bytes(good.read_bytes()[:200])  # file meta only
+    assert "truncated" in _reason(trunc)
+    with pytest.raises(FundusReadError, match="truncated"):
+        read_dicom_header(trunc)
 
 
 def test_multiframe_is_refused(tmp_path):

@@ -176,6 +176,71 @@ def test_bad_inputs_become_error_rows_and_the_run_continues(tmp_path, capsys):
         assert sum(name in line and "failed" in line for line in logged.splitlines()) == 1
 
 
+def test_links_fifos_and_tiny_images_never_stop_the_run(tmp_path, capsys):
+    """A link to a photograph elsewhere is screened under its own name; a broken link and a
+    thumbnail get one error line each; a FIFO is skipped (opening it to hash or sniff would block
+    the run for ever)."""
+    src = tmp_path / "in"
+    make_folder(src, 1)
+    elsewhere = write_png(tmp_path / "elsewhere" / "X_right.png", fundus_rgb(2))
+    (src / "linked_left.png").symlink_to(elsewhere)
+    (src / "broken.png").symlink_to(tmp_path / "nowhere.png")
+    os.mkfifo(src / "pipe.png")
+    write_png(src / "thumb.png", fundus_rgb(3, size=24))  # below half the fake classifier's 64 px
+    out = tmp_path / "out"
+    assert _screen([src], out) == 1
+    df = _results(out).set_index("file")
+    assert set(df.index) == {"P00_right.png", "linked_left.png", "broken.png", "thumb.png"}
+    assert set(df.index[df.status == "ok"]) == {"P00_right.png", "linked_left.png"}
+    assert (df.loc["linked_left.png", "patient"], df.loc["linked_left.png", "eye"]) == ("linked", "left")
+    assert df.loc["broken.png", "error"] == "broken symbolic link (its target does not exist)"
+    assert df.loc["thumb.png", "error"].startswith("image too small (24x24 px")
+    assert json.loads((out / "run.json").read_text())["skipped_non_image_files"] == 1  # the FIFO
+    logged = capsys.readouterr().err
+    assert sum("failed" in line and "broken.png" in line for line in logged.splitlines()) == 1
+    # named on the command line: the same answers, and a FIFO gets its error line
+    out2 = tmp_path / "out2"
+    assert _screen([src / "broken.png", src / "pipe.png", src / "linked_left.png"], out2, min_side=16) == 1
+    df2 = _results(out2).set_index("file")
+    assert df2.loc["linked_left.png", "status"] == "ok"
+    assert df2.loc["pipe.png", "error"].startswith("not a regular file")
+    assert df2.loc["broken.png", "error"].startswith("broken symbolic link")
+
+
+def test_eye_named_files_take_their_real_folder_as_patient(tmp_path):
+    """`pat/left.png`: patient pat, whether the parent folder, the patient folder itself or the
+    files are named on the command line."""
+    write_png(tmp_path / "in" / "pat" / "left.png", fundus_rgb(1))
+    write_png(tmp_path / "in" / "pat" / "right.png", fundus_rgb(2))
+    pat = tmp_path / "in" / "pat"
+    for n, inputs in enumerate(([tmp_path / "in"], [pat], [pat / "left.png", pat / "right.png"])):
+        out = tmp_path / f"out{n}"
+        assert _screen(inputs, out) == 0
+        df = _results(out)
+        assert list(zip(df.patient, df.eye)) == [("pat", "left"), ("pat", "right")], inputs
+
+
+def test_resume_with_a_new_manifest_regroups_without_replaying_the_games(tmp_path):
+    src = tmp_path / "in"
+    write_png(src / "a_left.png", fundus_rgb(1))
+    write_png(src / "b_right.png", fundus_rgb(2))
+    out = tmp_path / "out"
+    assert _screen([src], out) == 0
+    old_overlays = sorted(p.relative_to(out) for p in (out / "patients").rglob("*.jpg"))
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("file,patient,eye\na_left.png,X1,left\nb_right.png,X1,right\n")
+    ex = FakeExplainer()
+    assert _screen([src], out, explainer=ex, resume=True, manifest=manifest) == 0
+    assert ex.images == 0  # records reused, only regrouped
+    fresh = tmp_path / "fresh"
+    assert _screen([src], fresh, manifest=manifest) == 0
+    assert _outputs(out) == _outputs(fresh)
+    new_overlays = sorted(p.relative_to(out) for p in (out / "patients").rglob("*.jpg"))
+    assert new_overlays == sorted(p.relative_to(fresh) for p in (fresh / "patients").rglob("*.jpg"))
+    assert not set(old_overlays) & set(new_overlays)  # moved, not copied beside the old ones
+    assert {r.patient for r in (S.read_record(out, f) for f in ("a_left.png", "b_right.png"))} == {"X1"}
+
+
 def test_exit_codes(tmp_path):
     make_folder(tmp_path / "in", 2)
     assert _screen([tmp_path / "in"], tmp_path / "ok") == 0
@@ -280,8 +345,7 @@ def test_resume_after_crash_gives_identical_outputs(tmp_path, monkeypatch):
 
     monkeypatch.setattr(S, "write_record", crashing_write)
     out = tmp_path / "out"
-    with pytest.raises(KeyboardInterrupt):
-        _screen([src], out, batch_size=3)
+    assert _screen([src], out, batch_size=3) == 130  # Ctrl-C: exit code 130, a message, no tables
     monkeypatch.setattr(S, "write_record", real_write)
     assert len(list((out / "records").glob("*.json"))) == 4
     assert not (out / "results.csv").exists()

@@ -87,13 +87,14 @@ def screen_command(
     prune: bool = typer.Option(True, "--prune/--no-prune", help="Undo the game's faint changes that its goal does not need (default: sparser, more lesion-enriched maps); --no-prune keeps the denser optimised mask (larger regions, better coverage of lesion outlines)."),
     embed_images: bool = typer.Option(False, "--embed-images", help="Inline the overlays in report.html (one file to share; larger)."),
     max_megapixels: float = typer.Option(50.0, "--max-megapixels", help="Reject larger images (checked before decoding)."),
+    min_side: Optional[int] = typer.Option(None, "--min-side", min=1, help="Reject images whose shorter side is below this many pixels (default: half the classifier's input size, 256 px)."),
 ) -> None:
     """Screen fundus photographs: p(referable), FGVis deletion-game evidence, lesion regions,
     per-patient overlays, results.csv / lesions.csv / report.html. Research use only, not a diagnosis."""
     code = run_screen(
         inputs=inputs, out=out, weights=weights, device=device, batch_size=batch_size,
         manifest=manifest, resume=resume, overwrite=overwrite, iterations=iterations,
-        embed_images=embed_images, max_megapixels=max_megapixels, prune=prune,
+        embed_images=embed_images, max_megapixels=max_megapixels, prune=prune, min_side=min_side,
     )
     raise typer.Exit(code)
 
@@ -103,7 +104,7 @@ def run_screen(
     batch_size: int = 4, manifest: Path | None = None, resume: bool = False,
     overwrite: bool = False, iterations: int | None = None, embed_images: bool = False,
     max_megapixels: float = 50.0, classifier: Any = None, screener_kwargs: dict | None = None,
-    prune: bool = True,
+    prune: bool = True, min_side: int | None = None,
 ) -> int:
     """The command body; returns the exit code. ``classifier``/``screener_kwargs`` let tests
     inject fakes (a fake explainer, overlay...) while exercising the real CLI path."""
@@ -180,6 +181,7 @@ def run_screen(
         settings = S.ScreenSettings(
             batch_size=batch_size, iterations=iterations, device=device,
             max_pixels=int(max_megapixels * 1e6), engine={} if prune else {"prune_levels": ()},
+            min_side=min_side,
         )
         screener = S.Screener(classifier, out, settings, **(screener_kwargs or {}))
     except _Usage as exc:
@@ -189,7 +191,16 @@ def run_screen(
 
     started = datetime.now(timezone.utc)
     t0 = time.perf_counter()
-    summary = _run_with_progress(screener, items, resume, rank, world, err)
+    try:
+        summary = _run_with_progress(screener, items, resume, rank, world, err)
+    except KeyboardInterrupt:
+        # every finished image's record is on disk (written atomically, in batch order); the
+        # tables and the report are not, since they would describe a partial run as a whole one
+        kept = len(list((out / "records").glob("*.json")))
+        err.print(f"[yellow]interrupted:[/] {kept} image records are kept in {out / 'records'}; run the same "
+                  "command with --resume to continue (results.csv and report.html are written when it ends)")
+        _shutdown(dist)
+        return 130
     wall = time.perf_counter() - t0
 
     if dist is not None:

@@ -143,14 +143,21 @@ def _dcmread(path: str | Path, *, stop_before_pixels: bool):
     from pydicom.errors import InvalidDicomError
 
     try:
-        with _quiet():
-            return pydicom.dcmread(str(path), stop_before_pixels=stop_before_pixels)
+        with _quiet(), warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            ds = pydicom.dcmread(str(path), stop_before_pixels=stop_before_pixels)
     except InvalidDicomError:
         raise _error(path, "not a DICOM file (no DICM preamble)") from None
     except FileNotFoundError:
         raise _error(path, "file not found") from None
     except Exception as exc:  # truncated/corrupt files raise many different types
         raise _error(path, f"unreadable DICOM ({_one_line(exc)})") from None
+    # pydicom reads a cut-off file without raising: it warns, or stops at the file meta header
+    if any("End of file reached" in str(w.message) for w in caught):
+        raise _error(path, "truncated DICOM (the file ends inside a data element)")
+    if len(ds) == 0:
+        raise _error(path, "truncated or empty DICOM (no data elements after the file meta header)")
+    return ds
 
 
 def read_dicom_header(path: str | Path) -> DicomHeader:
