@@ -43,6 +43,7 @@ from typing import Any
 
 import numpy as np
 
+from retina_fgvis.fundus.intake import DEFAULT_MAX_PIXELS, ImageRejected, is_greyscale, read_checked_fundus
 from retina_fgvis.report.files import (
     atomic_write_bytes,
     atomic_write_image,
@@ -56,9 +57,6 @@ from retina_fgvis.report.files import (
 
 NOTICE = "Research use only, not a diagnosis."
 RECORD_SCHEMA = 1
-#: Largest image accepted (width x height). Real fundus cameras stay below ~25 MP; the limit
-#: is checked from the file header *before* decoding, so a decompression bomb costs nothing.
-DEFAULT_MAX_PIXELS = 50_000_000
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"})
 _EYE_TOKENS = {"left": "left", "os": "left", "l": "left", "right": "right", "od": "right", "r": "right"}
 _NAME_RE = re.compile(r"^(?P<patient>.+?)[_-](?P<eye>left|right|od|os)$", re.IGNORECASE)
@@ -432,56 +430,6 @@ def read_record(out: str | Path, file: str) -> ImageRecord | None:
 # ---------------------------------------------------------------------------------------------
 
 
-class ImageRejected(ValueError):
-    """An input that cannot be screened; ``str()`` is the one-line reason."""
-
-
-def probe_size(item: InputItem) -> tuple[int, int] | None:
-    """(width, height) from the header without decoding pixels; None if unknown.
-
-    Pillow refuses images above 2x its bomb limit before allocating anything; we turn that
-    into the same "too large" rejection."""
-    if item.is_dicom:
-        from retina_fgvis.fundus.dicom import read_dicom_header
-
-        h = read_dicom_header(item.path)  # FundusReadError for non-DICOM / corrupt headers
-        if h.rows and h.columns:
-            return int(h.columns), int(h.rows)
-        return None
-    suffix = item.path.suffix.lower()
-    try:
-        if suffix in (".tif", ".tiff"):
-            import tifffile
-
-            with tifffile.TiffFile(item.path) as tf:
-                shape = tf.pages[0].shape
-            if len(shape) >= 2:
-                hw = shape[:2] if len(shape) == 2 or shape[-1] in (1, 2, 3, 4) else shape[-2:]
-                return int(hw[1]), int(hw[0])
-            return None
-        from PIL import Image
-
-        with Image.open(item.path) as im:
-            return int(im.size[0]), int(im.size[1])
-    except Exception as exc:  # noqa: BLE001
-        if type(exc).__name__ == "DecompressionBombError":
-            m = re.search(r"\((\d+) pixels\)", str(exc))
-            size = f"{int(m.group(1)) / 1e6:.0f} MP" if m else "over Pillow's limit"
-            raise ImageRejected(f"image too large ({size}; refused before decoding)") from None
-        return None  # leave the real error to the reader
-
-
-def is_greyscale(rgb: np.ndarray, tol: int = 3, share: float = 0.995) -> bool:
-    """True when the three channels are (nearly) equal on the lit pixels: a grey-scale or
-    red-free photograph, which the colour classifier cannot judge."""
-    sub = rgb[:: max(1, rgb.shape[0] // 256), :: max(1, rgb.shape[1] // 256)].astype(np.int16)
-    lit = sub.max(axis=2) > 10
-    if not lit.any():
-        return True
-    spread = (sub.max(axis=2) - sub.min(axis=2))[lit]
-    return float((spread <= tol).mean()) >= share
-
-
 def _resize_max_side(rgb: np.ndarray, max_side: int) -> np.ndarray:
     import cv2
 
@@ -682,24 +630,9 @@ class Screener:
         rec = self._base_record(item)
         t0 = time.perf_counter()
         try:
-            not_a_file = _not_a_regular_file(item.path)
-            if not_a_file:
-                raise ImageRejected(not_a_file)
-            try:
-                if item.path.stat().st_size == 0:
-                    raise ImageRejected("empty file (0 bytes)")
-            except OSError as exc:
-                raise ImageRejected(f"cannot open the file ({exc.strerror or type(exc).__name__})") from None
-            size = probe_size(item)
-            if size is not None and size[0] * size[1] > self.settings.max_pixels:
-                raise ImageRejected(
-                    f"image too large ({size[0]}x{size[1]} = {size[0] * size[1] / 1e6:.0f} MP; "
-                    f"limit {self.settings.max_pixels / 1e6:.0f} MP)"
-                )
+            fundus = read_checked_fundus(item.path, is_dicom=item.is_dicom, max_pixels=self.settings.max_pixels,
+                                         min_side=self.min_side)
             if item.is_dicom:
-                from retina_fgvis.fundus.dicom import read_dicom
-
-                fundus = read_dicom(item.path)
                 if fundus.patient_id:
                     rec.patient = fundus.patient_id
                     rec.patient_dir = patient_dir_name(fundus.patient_id)
@@ -707,21 +640,8 @@ class Screener:
                 if fundus.eye:
                     rec.eye = fundus.eye
                 rec.study_date = fundus.study_date
-            else:
-                from retina_fgvis.fundus.io import read_fundus
-
-                fundus = read_fundus(item.path)
             rgb = fundus.rgb
             rec.height, rec.width = int(rgb.shape[0]), int(rgb.shape[1])
-            if min(rgb.shape[:2]) < self.min_side:
-                raise ImageRejected(f"image too small ({rgb.shape[1]}x{rgb.shape[0]} px; the shorter side must be "
-                                    f"at least {self.min_side} px, --min-side)")
-            if rgb.shape[0] * rgb.shape[1] > self.settings.max_pixels:
-                raise ImageRejected(f"image too large ({rgb.shape[1]}x{rgb.shape[0]})")
-            if is_greyscale(rgb):
-                raise ImageRejected(
-                    "grey-scale image (all colour channels equal): a colour fundus photograph is needed"
-                )
             prepared = self.classifier.prepare(rgb)
             rec.timings["read"] = round(time.perf_counter() - t0, 4)
             return _Prepared(item, rec, rgb, prepared)
@@ -969,17 +889,6 @@ class Screener:
         summary.failed = sum(1 for r in summary.records if r.status != "ok")
         summary.seconds = time.perf_counter() - t_start
         return summary
-
-
-def _not_a_regular_file(path: Path) -> str | None:
-    """Why ``path`` cannot be read as an image file, or None when it is a regular file."""
-    if path.is_file():
-        return None
-    if path.is_symlink() and not path.exists():
-        return "broken symbolic link (its target does not exist)"
-    if not path.exists():
-        return "file not found (removed since the run started?)"
-    return "not a regular file (a folder, FIFO, socket or device)"
 
 
 def _input_sha256(path: Path) -> str | None:

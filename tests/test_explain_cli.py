@@ -46,3 +46,31 @@ def test_explain_writes_fig2_pictures_and_json(tmp_path: Path) -> None:
     for kind, name in info["files"].items():
         img = np.asarray(Image.open(out / name))
         assert img.shape[:2] == (90, 120), kind  # the original grid, not the model's 64 px
+
+
+def test_explain_and_predict_refuse_what_screen_refuses(tmp_path: Path) -> None:
+    """The same intake checks as `screen` (retina_fgvis.fundus.intake): a grey-scale photograph and
+    a thumbnail below half the classifier's input get one error line each; the good image is done."""
+    weights = tmp_path / "m.pt"
+    save_checkpoint(build_model("tiny"), META, weights)
+    good = tmp_path / "good.png"
+    _fundus(good)
+    grey = tmp_path / "grey.png"
+    Image.fromarray(np.asarray(Image.open(good))[..., 1]).save(grey)
+    thumb = tmp_path / "thumb.png"
+    _fundus(thumb, 24, 30)  # half of the tiny model's 64 px input is 32
+    out = tmp_path / "out"
+    res = CliRunner().invoke(app, ["explain", str(good), str(grey), str(thumb), "--out", str(out),
+                                   "--weights", str(weights), "--iterations", "3"])
+    assert res.exit_code == 1, res.output
+    errors = [line for line in res.output.splitlines() if line.startswith("error:")]
+    assert len(errors) == 2
+    assert "grey.png" in errors[0] and "grey-scale" in errors[0]
+    assert "thumb.png" in errors[1] and "image too small (30x24 px" in errors[1]
+    assert len(list(out.glob("*.json"))) == 1
+    res = CliRunner().invoke(app, ["predict", str(good), str(grey), str(thumb), "--weights", str(weights)])
+    assert res.exit_code == 0, res.output  # predict fails only when every image fails
+    assert sum(line.startswith("error:") for line in res.output.splitlines()) == 2
+    assert "p(referable)=" in res.output and "image too small" in res.output
+    res = CliRunner().invoke(app, ["predict", str(thumb), "--weights", str(weights), "--min-side", "16"])
+    assert res.exit_code == 0 and "p(referable)=" in res.output, res.output

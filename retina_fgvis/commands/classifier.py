@@ -100,13 +100,15 @@ def register(app: typer.Typer, evaluate_app: typer.Typer) -> None:
         weights: Optional[Path] = typer.Option(None, help="Checkpoint (default: shipped weights or $RETINA_FGVIS_WEIGHTS)."),
         csv: Optional[Path] = typer.Option(None, help="Also write a CSV here."),
         device: str = typer.Option("cpu"),
+        min_side: Optional[int] = typer.Option(None, "--min-side", min=1, help="Refuse images whose shorter side is below this many pixels (default: half the classifier's input size)."),
     ) -> None:
         """p(referable DR) per image, and the decision at the shipped operating threshold."""
         import pandas as pd
         import torch
 
         from retina_fgvis.classifier.model import WeightsError, load_classifier
-        from retina_fgvis.fundus.io import FundusReadError, read_fundus
+        from retina_fgvis.fundus.intake import ImageRejected, read_checked_fundus
+        from retina_fgvis.fundus.io import FundusReadError
         from retina_fgvis.fundus.preprocess import NoFundusError
 
         torch.set_num_threads(2)
@@ -118,7 +120,8 @@ def register(app: typer.Typer, evaluate_app: typer.Typer) -> None:
         rows, failed = [], 0
         for path in images:
             try:
-                prep = clf.prepare(read_fundus(path).rgb)
+                rgb = read_checked_fundus(path, min_side=clf.input_size // 2 if min_side is None else min_side).rgb
+                prep = clf.prepare(rgb)
                 p = float(clf.predict_proba(prep.tensor[None])[0])
                 rows.append({"file": str(path), "p_referable": round(p, 4),
                              "decision": "referable" if p >= clf.threshold else "non-referable",
@@ -128,7 +131,7 @@ def register(app: typer.Typer, evaluate_app: typer.Typer) -> None:
                 failed += 1
                 rows.append({"file": str(path), "p_referable": None, "decision": "", "error": str(exc)})
                 typer.echo(f"error: {exc}", err=True)
-            except NoFundusError as exc:
+            except (ImageRejected, NoFundusError) as exc:
                 failed += 1
                 rows.append({"file": str(path), "p_referable": None, "decision": "",
                              "error": f"{path}: {exc}"})

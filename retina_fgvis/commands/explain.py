@@ -26,6 +26,7 @@ def register(app: typer.Typer, evaluate_app: typer.Typer) -> None:
         device: str = typer.Option("auto", help="auto | cpu | cuda"),
         iterations: Optional[int] = typer.Option(None, help="Iteration cap (default: engine default)."),
         prune: bool = typer.Option(True, "--prune/--no-prune", help="Undo faint changes the goal does not need (default)."),
+        min_side: Optional[int] = typer.Option(None, "--min-side", min=1, help="Refuse images whose shorter side is below this many pixels (default: half the classifier's input size)."),
     ) -> None:
         """Explain p(referable) of each image with an FGVis game (research use only)."""
         import torch
@@ -33,7 +34,8 @@ def register(app: typer.Typer, evaluate_app: typer.Typer) -> None:
         from retina_fgvis.classifier.model import REFERABLE, WeightsError, load_classifier
         from retina_fgvis.explanation_images import explanation_images
         from retina_fgvis.fgvis.presets import fundus_fgvis
-        from retina_fgvis.fundus.io import FundusReadError, read_fundus
+        from retina_fgvis.fundus.intake import ImageRejected, read_checked_fundus
+        from retina_fgvis.fundus.io import FundusReadError
         from retina_fgvis.fundus.preprocess import NoFundusError
         from retina_fgvis.report.files import atomic_write_image, atomic_write_text, sha256_hex
 
@@ -52,20 +54,26 @@ def register(app: typer.Typer, evaluate_app: typer.Typer) -> None:
         for path in images:
             name = f"image-{sha256_hex(str(path))[:12]}"
             try:
-                fundus = read_fundus(path)
+                fundus = read_checked_fundus(path, min_side=clf.input_size // 2 if min_side is None else min_side)
                 prepared = clf.prepare(fundus.rgb)
-            except (FundusReadError, NoFundusError, OSError, ValueError) as err:
+            except (FundusReadError, ImageRejected, NoFundusError, OSError, ValueError) as err:
                 failures += 1
                 msg = str(err) if str(path) in str(err) else f"{path}: {err}"
                 typer.echo(f"error: {msg}", err=True)
                 continue
             start = time.perf_counter()
-            result = fgvis.attribute(
-                prepared.tensor[None].to(dev),
-                target=REFERABLE,
-                game=game,
-                fov_mask=torch.from_numpy(prepared.fov_model)[None],
-            )
+            try:
+                result = fgvis.attribute(
+                    prepared.tensor[None].to(dev),
+                    target=REFERABLE,
+                    game=game,
+                    fov_mask=torch.from_numpy(prepared.fov_model)[None],
+                )
+            except RuntimeError as err:  # out of memory and other torch failures: the next image may fit
+                failures += 1
+                typer.echo(f"error: {path}: the game failed ({str(err).splitlines()[0] if str(err) else type(err).__name__})",
+                           err=True)
+                continue
             seconds = time.perf_counter() - start
             for kind, img in explanation_images(fundus.rgb, prepared, result, 0, clf.mean).items():
                 atomic_write_image(out / f"{name}_{kind}.png", img)
