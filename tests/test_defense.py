@@ -12,7 +12,7 @@ import pytest
 from torchvision.models.googlenet import BasicConv2d
 
 from retina_fgvis import activation_bounds
-from retina_fgvis.fgvis.defense import CallSequenceError, UnsupportedNonlinearityError
+from retina_fgvis.fgvis.defense import CallSequenceError, DefenseError, UnsupportedNonlinearityError
 
 torch.set_num_threads(1)
 
@@ -438,3 +438,107 @@ def test_compiled_masks_give_the_eager_gradients_and_fall_back_when_compiling_fa
     with pytest.warns(RuntimeWarning, match="compiled defence masks unavailable.*no C\\+\\+ compiler"):
         assert torch.equal(_defended_grad(model, x, e, True), eager)
     assert not defense.compiled_masks_enabled()
+
+
+class _SliceInPlace(nn.Module):
+    """An in-place nonlinearity on a channel slice (a view) whose base goes on through the network;
+    ``out_of_place=True`` is the same function written without the in-place call."""
+
+    def __init__(self, op, out_of_place: bool = False) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.c, self.c2, self.fc = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 1), nn.Linear(8, 2)
+        self.op, self.out_of_place = op, out_of_place
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.c(x)
+        if self.out_of_place:
+            h = torch.cat([self.op(h[:, :4].clone()), h[:, 4:]], 1)
+        else:
+            self.op(h[:, :4])
+        return self.fc(torch.relu(self.c2(h)).mean((2, 3)))
+
+
+@pytest.mark.parametrize("fuse", [True, False])
+@pytest.mark.parametrize("name", ["relu_", "leaky_relu_", "tanh_"])
+def test_inplace_call_on_a_view_is_defended(name: str, fuse: bool) -> None:
+    """A gradient hook on a view changed in place never fires (the gradient flows through the
+    base's history): such a call was silently undefended on the hook path. Its defended gradient
+    must equal that of the same model written out of place, and differ from the undefended one."""
+    op = {"relu_": torch.relu_, "leaky_relu_": lambda t: F.leaky_relu_(t, 0.1), "tanh_": torch.tanh_}[name]
+    x = torch.randn(2, 3, 8, 8)
+    m0 = 1 - 0.3 * torch.rand_like(x)
+    grads = []
+    for out_of_place in (False, True):
+        net = _SliceInPlace(op, out_of_place).eval().requires_grad_(False)
+        m = m0.clone().requires_grad_(True)
+        with activation_bounds(net, x, fuse=fuse):
+            net(m * x)[:, 1].sum().backward()
+        grads.append(m.grad)
+    assert torch.equal(grads[0], grads[1])
+    assert not torch.allclose(grads[0], mask_gradient_of(_SliceInPlace(op).eval().requires_grad_(False), x, m0))
+
+
+def mask_gradient_of(net: nn.Module, x: torch.Tensor, m0: torch.Tensor) -> torch.Tensor:
+    m = m0.clone().requires_grad_(True)
+    net(m * x)[:, 1].sum().backward()
+    return m.grad
+
+
+@pytest.mark.filterwarnings("ignore:None of the inputs have requires_grad")
+@pytest.mark.parametrize("fuse", [True, False])
+@pytest.mark.parametrize("reentrant", [True, False])
+def test_activation_checkpointing_is_refused_and_everything_is_undone(reentrant: bool, fuse: bool) -> None:
+    """Checkpointed blocks are recomputed in the backward pass, outside the defence: the gradient
+    would silently lose Eq. 6 (or take the wrong saved tensor on the fused path)."""
+    from torch.utils.checkpoint import checkpoint
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.stem, self.block, self.fc = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1), nn.Linear(8, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = torch.relu(self.stem(x))
+            h = checkpoint(lambda t: torch.relu(self.block(t)), h, use_reentrant=reentrant)
+            return self.fc(h.mean((2, 3)))
+
+    net = Net().eval().requires_grad_(False)
+    x = torch.randn(1, 3, 8, 8)
+    m = torch.full_like(x, 0.7).requires_grad_(True)
+    with pytest.raises(DefenseError, match="checkpointing"):
+        with activation_bounds(net, x, fuse=fuse):
+            net(m * x).sum().backward()
+    assert not net._forward_pre_hooks and not net._forward_hooks
+    net(m * x).sum().backward()  # the plain model still works
+
+
+def test_a_call_on_a_parameter_keeps_its_bounds_when_samples_leave_the_batch() -> None:
+    """``sigmoid(gate)`` has no batch dimension: sub-selecting its bounds like an activation's
+    made a batched game fail as soon as one sample finished."""
+    from retina_fgvis.fgvis.games import FGVis
+
+    class Gated(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            torch.manual_seed(0)
+            self.c, self.fc = nn.Conv2d(3, 8, 3, padding=1), nn.Linear(8, 2)
+            self.gate = nn.Parameter(torch.randn(8))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = torch.relu(self.c(x)) * torch.sigmoid(self.gate)[None, :, None, None]
+            return self.fc(h.mean((2, 3)))
+
+    model = Gated().eval()
+    x = torch.randn(3, 3, 16, 16)
+    with torch.no_grad():
+        logits = model(x)
+    # sample 1 explains its least likely class: p < 0.5 already holds at m0, it leaves the batch at once
+    target = torch.stack([logits[0].argmax(), logits[1].argmin(), logits[2].argmax()])
+    fgvis = FGVis(model, defense=True, max_iterations=30, check_every=5, goal="threshold", goal_level=0.5)
+    batched = fgvis.attribute(x, target)
+    singles = [fgvis.attribute(x[i:i + 1], target[i:i + 1]) for i in range(3)]
+    assert len(set(int(n) for n in batched.iterations)) > 1  # samples did leave the batch
+    for i, single in enumerate(singles):
+        assert int(batched.iterations[i]) == int(single.iterations[0])
+        assert torch.allclose(batched.mask[i], single.mask[0], atol=1e-5)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import timm
 import torch
 import torchvision
+from torch import nn
 import pytest
 
 from _synthetic_blobs import make_blobs, trained_blob_cnn
@@ -302,3 +303,61 @@ def test_mask_gradient_is_the_games_gradient_and_the_defence_clips_it() -> None:
     inside = (defended.clamp_min(0).sum(1) * blobs).flatten(1).sum(1)
     assert bool((inside > 0.5 * defended.clamp_min(0).sum(1).flatten(1).sum(1)).all())
     assert [p.requires_grad for p in model.parameters()] == flags and not model.training
+
+
+class _Additive(nn.Module):
+    """logit_1 - logit_0 = 400 · mean(relu(sum of channels)) - 2: evidence adds up over the image."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c = nn.Conv2d(3, 1, 1)
+        with torch.no_grad():
+            self.c.weight.fill_(1.0)
+            self.c.bias.fill_(0.0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = torch.relu(self.c(x)).mean((1, 2, 3)) * 400 - 2
+        return torch.stack([torch.zeros_like(z), z], 1)
+
+
+def _fov_case() -> tuple[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Evidence inside a central FOV, and (stronger) outside it, where pixels can never move."""
+    fov = torch.zeros(1, 32, 32, dtype=torch.bool)
+    fov[:, 8:24, 8:24] = True
+    inside = torch.zeros(1, 3, 32, 32)
+    inside[:, :, 12:16, 12:16] = 1.0
+    outside = torch.zeros(1, 3, 32, 32)
+    outside[:, :, 0:4, 0:4] = 3.0
+    return _Additive().eval(), fov, inside, inside + outside
+
+
+def test_evidence_outside_the_fov_does_not_change_the_game_inside_it() -> None:
+    """A normalised step divides by the largest gradient: that of pixels fixed at m0 must not
+    count (it shrank every step inside the FOV 3x here)."""
+    model, fov, x_clean, x_outside = _fov_case()
+    first_steps = []
+    for x in (x_clean, x_outside):
+        snaps: dict[int, torch.Tensor] = {}
+        FGVis(model, defense=False, max_iterations=2, check_every=1, prune_levels=()).attribute(
+            x, 1, fov_mask=fov, snapshot=lambda t, idx, m, p: snaps.setdefault(t, m.clone()))
+        first_steps.append(snaps[2][0][:, fov[0]])
+    assert torch.equal(first_steps[0], first_steps[1])
+    assert float((1 - first_steps[0]).max()) == pytest.approx(0.3)  # lr: the largest in-FOV evidence moves a full step
+
+
+def test_reference_goal_is_what_the_game_can_reach_with_a_fov() -> None:
+    """p(reference) for the goal is that of r inside the FOV and the image outside it (what deleting
+    everything the game may touch gives), not of r everywhere."""
+    model, fov, _, x = _fov_case()
+    deletable = torch.where(fov[:, None], torch.zeros_like(x), x)
+    with torch.no_grad():
+        p_reachable = torch.softmax(model(deletable), 1)[0, 1]
+    res = FGVis(model, defense=False, goal="reference", max_iterations=50).attribute(x, 1, fov_mask=fov)
+    assert float(res.goal_prob[0]) == pytest.approx(float(p_reachable))
+    assert bool(res.goal_reached[0])
+
+
+def test_fov_mask_of_the_wrong_shape_is_refused() -> None:
+    model, fov, x, _ = _fov_case()
+    with pytest.raises(ValueError, match="fov_mask must be"):
+        FGVis(model, defense=False, max_iterations=2).attribute(x, 1, fov_mask=fov[0])

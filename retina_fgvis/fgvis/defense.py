@@ -243,6 +243,9 @@ class CallRecord:
     nonnegative: bool
     # fused calls with a finite top (ReLU6, hardtanh): b_u capped just below it; None = use ``upper``
     grad_upper: torch.Tensor | None = None
+    # dim 0 is the batch (False for a call on a parameter, e.g. a learned gate ``sigmoid(w)``):
+    # only batched bounds are sub-selected when samples leave the batch
+    batched: bool = True
 
 
 class _BoundsMode(TorchFunctionMode):
@@ -265,13 +268,53 @@ class _BoundsMode(TorchFunctionMode):
         name = _NONNEGATIVE.get(func) or _SIGNED.get(func)
         if name is None:
             return func(*args, **kwargs)
+        if not owner._recording:
+            _refuse_checkpointing(name, owner._grad_at_start)
         nonnegative = func in _NONNEGATIVE or (name == "hardtanh" and _hardtanh_is_nonnegative(args, kwargs))
         clamp = _fusable_clamp(func, args, kwargs) if owner.fuse else None
         if clamp is not None and not owner._recording:
             return owner._fused_call(name, func, clamp)
+        clamp_hi = None if clamp is None else clamp.hi
+        if not owner._recording and _writes_into_a_view(args):
+            # a hook on a view that an op changed in place never fires (the gradient flows through
+            # the base's history): run the op on a copy, defend the copy, write it back
+            src = args[0]
+            work = src.clone()
+            out = func(work, *args[1:], **kwargs)
+            if out is work:
+                src.copy_(owner._on_call(name, out, nonnegative, clamp_hi=clamp_hi))
+                return src
+            return owner._on_call(name, out, nonnegative, clamp_hi=clamp_hi)
         out = func(*args, **kwargs)
-        owner._on_call(name, out, nonnegative, clamp_hi=None if clamp is None else clamp.hi)
-        return out
+        return owner._on_call(name, out, nonnegative, clamp_hi=clamp_hi)
+
+
+def _writes_into_a_view(args: tuple[Any, ...]) -> bool:
+    """Whether the call's input is a view that autograd tracks (an in-place call would then
+    change its base's history, not its own)."""
+    src = args[0] if args else None
+    return isinstance(src, torch.Tensor) and src._is_view() and torch.is_grad_enabled() and src.requires_grad
+
+
+def _refuse_checkpointing(op: str, grad_at_start: bool) -> None:
+    """Raise when a defended call runs under activation checkpointing.
+
+    Why: autograd then recomputes the call in the backward pass, where no mode sees it, and the
+    recomputed graph has no Eq. 6 (reentrant checkpointing: the forward runs under no_grad), or
+    swaps the fused call's saved mask for the plain op's saved output (non-reentrant: saved-tensor
+    hooks). Either way the gradient is silently wrong, so the game must not start."""
+    if grad_at_start and not torch.is_grad_enabled():
+        raise DefenseError(
+            f"activation_bounds: '{op}' was called inside a no-grad region of the model's forward pass "
+            "(reentrant activation checkpointing?); autograd would recompute it without the defence. "
+            "Turn checkpointing off (timm: model.set_grad_checkpointing(False))")
+    top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+    hooks = top(False) if top is not None else None
+    if hooks and "checkpoint" in getattr(hooks[0], "__qualname__", ""):
+        raise DefenseError(
+            f"activation_bounds: '{op}' was called under activation checkpointing; autograd would "
+            "recompute it in the backward pass without the defence. Turn checkpointing off "
+            "(timm: model.set_grad_checkpointing(False))")
 
 
 class ActivationBounds:
@@ -312,6 +355,7 @@ class ActivationBounds:
         self.records: list[CallRecord] = []
         self._recording = False
         self._in_forward = False
+        self._grad_at_start = False
         self._call_index = 0
         self._selection: torch.Tensor | None = None
         self._selected_refs: list[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]] | None = None
@@ -369,7 +413,8 @@ class ActivationBounds:
             return
         self._selection = indices
         pick = lambda t: None if t is None else t.index_select(0, indices)  # noqa: E731
-        self._selected_refs = [(pick(r.upper), pick(r.lower), pick(r.grad_upper)) for r in self.records]
+        self._selected_refs = [(pick(r.upper), pick(r.lower), pick(r.grad_upper)) if r.batched
+                               else (r.upper, r.lower, r.grad_upper) for r in self.records]
 
     def bounds(self, call: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(b_l, b_u) of Eq. 5 for call number ``call`` (all samples, tolerance included)."""
@@ -379,6 +424,7 @@ class ActivationBounds:
     # ----------------------------------------------------------------- hooks
     def _forward_starts(self, module: torch.nn.Module, args: Any) -> None:
         self._in_forward = True
+        self._grad_at_start = torch.is_grad_enabled()
         self._call_index = 0
         self._violations = []
 
@@ -395,14 +441,17 @@ class ActivationBounds:
             total = sum(v[1] for v in self._violations)
             self.last_violation_fraction = float(sum(v[0] for v in self._violations) / max(total, 1))
 
-    def _on_call(self, op: str, out: torch.Tensor, nonnegative: bool, clamp_hi: float | None = None) -> None:
+    def _on_call(self, op: str, out: torch.Tensor, nonnegative: bool, clamp_hi: float | None = None) -> torch.Tensor:
+        """Record (clean pass) or defend (later passes) one call's output; returns the tensor the
+        model must go on with."""
         if self._recording:
             self._record(op, out, nonnegative, clamp_hi)
-            return
+            return out
         upper, lower, _ = self._next_call(op, tuple(out.shape))
         if not (torch.is_grad_enabled() and out.requires_grad):
-            return
+            return out
         self._defend_with_hook(out, upper, lower)
+        return out
 
     def _record(self, op: str, out: torch.Tensor, nonnegative: bool, clamp_hi: float | None) -> None:
         ref = out.detach()
@@ -416,7 +465,8 @@ class ActivationBounds:
         grad_upper = None
         if clamp_hi is not None and clamp_hi != float("inf"):
             grad_upper = upper.clamp(max=_below(clamp_hi, upper.dtype))
-        self.records.append(CallRecord(op, tuple(out.shape), upper, lower, nonnegative, grad_upper))
+        batched = out.dim() > 0 and out.shape[0] == self.x.shape[0]
+        self.records.append(CallRecord(op, tuple(out.shape), upper, lower, nonnegative, grad_upper, batched))
 
     def _next_call(self, op: str, shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """(b_u, b_l, capped b_u or None) of the next call, after checking it matches the clean pass's call."""
@@ -447,8 +497,13 @@ class ActivationBounds:
             return run(x)
         grad_upper = upper if grad_upper is None else grad_upper
         if grad_upper.dtype != x.dtype or grad_upper.device != x.device:
-            out = run(x)  # e.g. a call whose dtype differs from the clean pass's: the general path
+            # e.g. a call whose dtype differs from the clean pass's: the general (hook) path, on a
+            # copy when it would change a view in place (see _BoundsMode)
+            work = x.clone() if clamp.inplace and _writes_into_a_view((x,)) else x
+            out = run(work)
             self._defend_with_hook(out, upper, lower)
+            if work is not x:
+                return x.copy_(out)
             return out
         out = _ClampWithIndicator.apply(x, grad_upper, run, clamp.inplace)
         if self.track_violations:
@@ -456,6 +511,8 @@ class ActivationBounds:
         return out
 
     def _defend_with_hook(self, out: torch.Tensor, upper: torch.Tensor, lower: torch.Tensor | None) -> None:
+        """Multiply the gradient reaching ``out`` by Eq. 6's indicator (a tensor hook; ``out`` is never
+        a view changed in place: :class:`_BoundsMode` hands such calls a copy)."""
         # Eq. 6: [b_l <= h(e) <= b_u]; for h >= 0 the lower bound b_l = 0 always holds. Stored as a
         # float 0/1 tensor: the backward is then one multiply, ~3x cheaper on a CPU than a where/
         # masked_fill on a bool mask (which also converts the scalar and the mask per element).

@@ -27,7 +27,8 @@ Choices the paper leaves open (the README's method section gives the measurement
   with the least removed mass among the checks, so λ only has to visit the right range, not
   settle in it (``snapshots`` also allows every iteration; measured worse, see the setting).
 * **Stopping.** A sample stops once it reached the goal and its best snapshot has not improved
-  for ``patience`` checks, or at ``max_iterations``. Finished samples leave the batch (and the
+  for more than ``patience`` checks (the default 3 tolerates three checks without a better
+  snapshot and stops at the fourth, 40 iterations after the best one), or at ``max_iterations``. Finished samples leave the batch (and the
   defence's bounds are sub-selected), so they cost nothing. In deletion and generation, whose
   start mask costs nothing, a sample whose goal already holds at m0 (e.g. an eye already below
   the deletion goal) returns m0 after 0 iterations.
@@ -111,7 +112,7 @@ class FGVisSettings:
     goal: Literal["threshold", "fraction", "reference", "threshold_or_reference"] = "threshold"
     goal_level: float = 0.5
     goal_fraction: float = 0.1
-    patience: int = 3  # checks without improvement after the goal is reached
+    patience: int = 3  # checks without improvement tolerated after the goal is reached; the next one stops
     # which iterates are snapshot candidates: "checks" (every check_every steps), "closest_every_iteration"
     # (the goal-reaching snapshot from checks, the closest-to-goal one from every iteration) or
     # "every_iteration" (both from every iteration). Under the defence p swings by ±0.1 between
@@ -260,14 +261,17 @@ class FGVis:
             return ref
         return ref.expand_as(x[:1] if ref.dim() < 4 else ref).expand_as(x).contiguous()
 
-    def _goal(self, spec: GameSpec, p_before: torch.Tensor, ref: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    def _goal(self, spec: GameSpec, p_before: torch.Tensor, ref: torch.Tensor, target: torch.Tensor,
+              x: torch.Tensor, fov: torch.Tensor) -> torch.Tensor:
+        """The game's stopping level per sample. p(reference) is that of the most the game can delete:
+        r inside the field of view, the image outside it (pixels there stay at m0)."""
         s = self.settings
         if s.goal == "fraction":
             return p_before * s.goal_fraction
         level = torch.full_like(p_before, s.goal_level)
         if s.goal in ("reference", "threshold_or_reference") and spec.removes_evidence:
             with torch.no_grad():
-                p_ref = self._probs(ref, target)
+                p_ref = self._probs(torch.where(fov, ref, x), target)
             return p_ref if s.goal == "reference" else torch.maximum(level, p_ref)
         return level
 
@@ -448,6 +452,9 @@ class FGVis:
         else:
             fov = fov_mask.to(device=device, dtype=torch.bool)
             fov = fov[:, None] if fov.dim() == 3 else fov
+            if fov.dim() != 4 or fov.shape[0] != B or fov.shape[1] != 1 or fov.shape[2:] != x.shape[2:]:
+                raise ValueError(f"fov_mask must be (B, H, W) or (B, 1, H, W) = {(B, *x.shape[2:])}, "
+                                 f"got shape {tuple(fov_mask.shape)}")
         fov_pixels = fov.flatten(1).sum(1).clamp_min(1)
 
         m0 = spec.mask_init
@@ -479,7 +486,7 @@ class FGVis:
         with _explaining(self.model):
             with torch.no_grad():
                 p_before = self._probs(x, target)
-                goal = self._goal(spec, p_before, ref, target)
+                goal = self._goal(spec, p_before, ref, target, x, fov)
                 p_start = p_before if m0 == 1.0 else self._probs(m0 * x + (1 - m0) * ref, target)
                 closest_p = p_start.clone()
                 # deletion / generation: m0 costs nothing (sparsity 0), so a sample whose goal already
@@ -510,6 +517,9 @@ class FGVis:
                         lam_now = torch.zeros_like(sim)  # this step's gradient is the evidence alone
                     loss = (sign * sim + lam_now * sparse).sum()
                     (grad,) = torch.autograd.grad(loss, m)
+                    # pixels outside the FOV never move: their evidence must not set the step size
+                    # of a normalised step (a no-op where the image equals r there, as in the CLI)
+                    grad.mul_(fa)
                     if t == calibrate_at:
                         with torch.no_grad():
                             lam_unit[active] = self._evidence_unit(grad, fa)
