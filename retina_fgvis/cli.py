@@ -24,12 +24,37 @@ from retina_fgvis.commands import register_all  # noqa: E402
 register_all(app, evaluate_app)
 
 
+def user_error_line(exc: BaseException) -> str | None:
+    """The one-line message for an error the user can fix (a file that is missing, unreadable or in
+    the way, a weights file that is not one, a data set in the wrong layout); None for anything
+    else, which is a bug and keeps its traceback."""
+    from retina_fgvis.classifier.model import WeightsError
+    from retina_fgvis.datasets.diaretdb1 import DiaretDB1Error
+    from retina_fgvis.fundus.io import FundusReadError
+
+    if isinstance(exc, (WeightsError, DiaretDB1Error, FundusReadError)):
+        return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    if isinstance(exc, (FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError, PermissionError)):
+        where = exc.filename if exc.filename is not None else ""
+        return f"{where}: {exc.strerror}" if where and exc.strerror else str(exc).splitlines()[0]
+    return None
+
+
 def main() -> None:
+    import sys
+
     from retina_fgvis.runtime import compile_defence_masks, keep_freed_memory
 
     keep_freed_memory()  # a CLI process runs games for its whole life: no page faults per iteration
     compile_defence_masks()  # one compiled kernel per defence mask on the CPU (compiled on first use)
-    app()
+    try:
+        app()
+    except Exception as exc:  # the safety net under every command's own checks
+        line = user_error_line(exc)
+        if line is None:
+            raise
+        typer.echo(f"error: {line}", err=True)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

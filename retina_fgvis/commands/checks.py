@@ -1,0 +1,52 @@
+"""Checks every command makes on its options before any work starts.
+
+Why here: a typo in ``--device`` or an ``--out`` that names an existing file used to surface as a
+Python traceback -- sometimes after an hour of work (a benchmark, a full evaluation) had been
+done and could not be written. Each check raises ``typer.BadParameter`` (exit code 2, one line
+naming the option) so every command fails the same way, at once.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+
+def resolve_device(name: str, option: str = "--device") -> str:
+    """``auto`` (CUDA when present, else CPU), ``cpu``, ``cuda``, ``cuda:N``; anything torch cannot
+    parse, or CUDA on a machine without it, is refused."""
+    import torch
+
+    name = (name or "").strip()
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise typer.BadParameter(f"'{name}' is not a device (use auto, cpu, cuda or cuda:N)", param_hint=option) from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise typer.BadParameter("CUDA is not available on this machine", param_hint=option)
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise typer.BadParameter(f"'{name}': this machine has {torch.cuda.device_count()} CUDA device(s)",
+                                     param_hint=option)
+    return name
+
+
+def output_folder(path: Path, option: str = "--out") -> Path:
+    """A folder the command may create or write into: not an existing file, and no existing file
+    on the way to it."""
+    path = Path(path)
+    for p in (path, *path.parents):
+        if p.exists() and not p.is_dir():
+            raise typer.BadParameter(f"{p}: exists and is not a folder", param_hint=option)
+    return path
+
+
+def output_file(path: Path, option: str = "--out") -> Path:
+    """A file the command may write: not an existing folder, and its folder can be made."""
+    path = Path(path)
+    if path.is_dir():
+        raise typer.BadParameter(f"{path}: is a folder, a file name is needed", param_hint=option)
+    output_folder(path.parent, option)
+    return path

@@ -1,0 +1,65 @@
+"""Option checks shared by every command, and the CLI's safety net for user errors."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import typer
+
+from retina_fgvis.cli import user_error_line
+from retina_fgvis.commands.checks import output_file, output_folder, resolve_device
+
+
+def test_device_names_are_checked_before_any_work() -> None:
+    assert resolve_device("cpu") == "cpu"
+    assert resolve_device("auto") in ("cpu", "cuda")
+    with pytest.raises(typer.BadParameter, match="'bogus' is not a device"):
+        resolve_device("bogus")
+    import torch
+
+    if not torch.cuda.is_available():
+        with pytest.raises(typer.BadParameter, match="CUDA is not available"):
+            resolve_device("cuda:0")
+
+
+def test_output_paths_in_the_way_are_refused(tmp_path: Path) -> None:
+    a_file = tmp_path / "afile"
+    a_file.write_text("x")
+    with pytest.raises(typer.BadParameter, match="afile: exists and is not a folder"):
+        output_folder(a_file)
+    with pytest.raises(typer.BadParameter, match="afile: exists and is not a folder"):
+        output_folder(a_file / "sub")
+    with pytest.raises(typer.BadParameter, match="afile: exists and is not a folder"):
+        output_file(a_file / "report.md")
+    with pytest.raises(typer.BadParameter, match="is a folder"):
+        output_file(tmp_path)
+    assert output_folder(tmp_path / "new" / "deeper") == tmp_path / "new" / "deeper"
+    assert output_file(tmp_path / "new" / "x.md") == tmp_path / "new" / "x.md"
+
+
+def test_user_errors_become_one_line_and_bugs_keep_their_traceback(tmp_path: Path) -> None:
+    from retina_fgvis.classifier.model import WeightsError
+
+    assert user_error_line(WeightsError(tmp_path / "w.pt", "not a readable weights file")) == \
+        f"{tmp_path / 'w.pt'}: not a readable weights file"
+    try:
+        (tmp_path / "afile").write_text("x")
+        (tmp_path / "afile").mkdir()
+    except FileExistsError as exc:
+        assert user_error_line(exc) == f"{tmp_path / 'afile'}: File exists"
+    assert user_error_line(KeyError("setting")) is None
+    assert user_error_line(ZeroDivisionError()) is None
+
+
+def test_the_installed_entry_point_prints_one_line_for_a_bad_weights_file(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.pt"
+    bad.write_text("not a checkpoint")
+    image = Path(__file__).resolve().parents[1] / "data" / "samples" / "SYNA_left.png"
+    proc = subprocess.run([sys.executable, "-c", "from retina_fgvis.cli import main; main()", "bench", "--device",
+                           "cpu", "--batch", "1", "--repeats", "1", "--weights", str(bad), "--images", str(image)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith(f"error: {bad}")
