@@ -106,7 +106,8 @@ def test_load_errors_are_one_line(tmp_path: Path):
     # corrupt without a sha file -> unreadable
     (tmp_path / "bad.pt.sha256").unlink()
     (tmp_path / "trunc.pt").write_bytes(p.read_bytes()[:1000])
-    with pytest.raises(WeightsError, match="not a readable weights file"):
+    with pytest.raises(WeightsError, match=r"not a retina-fgvis checkpoint \(torch.load could not read it: "
+                                           r"PytorchStreamReader failed reading zip archive"):
         load_classifier(tmp_path / "trunc.pt")
     # a plain state dict (someone else's weights) -> not our format
     torch.save(build_model("tiny").state_dict(), tmp_path / "plain.pt")
@@ -233,6 +234,7 @@ def test_one_epoch_training_writes_loadable_checkpoint(tmp_path: Path):
     md = clf.metadata
     assert md["input_size"] == 64 and md["arch"] == "tiny" and md["epochs_done"] == 1
     assert {s["source"] for s in md["training_data"]} == {"srcA", "srcB"}
+    assert [s["folder"] for s in md["training_data"]] == [str(a), str(b)]  # as given by --data
     assert 0.0 <= clf.threshold <= 1.0 and md["split_seed"] == 0 and md["date"]
     assert "pooled" in md["validation_metrics"]
     ck = tmp_path / "w" / "tiny.train"

@@ -23,27 +23,61 @@ import numpy as np
 import pandas as pd
 import torch
 
-from retina_fgvis.fundus.io import FundusReadError, read_fundus
+from retina_fgvis.fundus.io import read_fundus
 from retina_fgvis.fundus.preprocess import (FOVCircle, NoFundusError,
                                             crop_fundus_uint8, mapping_for_circle)
+from retina_fgvis.report.files import atomic_write_text
 
 
 def load_labels(folder: str | Path) -> pd.DataFrame:
-    """``labels.csv`` of a data folder -> DataFrame with ``path, rdr, patient, source``."""
+    """``labels.csv`` of a data folder -> DataFrame with ``path, rdr, patient, source``.
+
+    Every problem with the file raises a one-line ``ValueError`` (``FileNotFoundError`` when it is
+    missing) that names the file and, for a bad value, its line: pandas' own messages ("No
+    columns to parse from file", "invalid literal for int()") do not say which of several
+    ``--data`` folders is wrong, nor where.
+    """
     folder = Path(folder)
     csv = folder / "labels.csv"
-    if not csv.exists():
+    if not csv.is_file():
         raise FileNotFoundError(f"{csv}: labels.csv not found (expected columns file,rdr,patient)")
-    df = pd.read_csv(csv, dtype={"patient": str})
+    try:
+        df = pd.read_csv(csv, dtype={"patient": str, "file": str})
+    except pd.errors.EmptyDataError:
+        raise ValueError(f"{csv}: empty file (expected columns file,rdr,patient)") from None
+    except (pd.errors.ParserError, UnicodeDecodeError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:120]
+        raise ValueError(f"{csv}: not a readable CSV file ({first})") from None
+    except OSError as exc:
+        raise ValueError(f"{csv}: cannot read ({exc.strerror or exc})") from None
     for col in ("file", "rdr", "patient"):
         if col not in df.columns:
-            raise ValueError(f"{csv}: missing column '{col}'")
+            raise ValueError(f"{csv}: missing column '{col}' (expected columns file,rdr,patient)")
+    if df.empty:
+        raise ValueError(f"{csv}: no images listed")
+    # line numbers as an editor shows them: the header is line 1
+    rdr = pd.to_numeric(df["rdr"], errors="coerce")
+    bad = ~rdr.isin([0, 1])
+    if bad.any():
+        i = int(np.flatnonzero(bad.to_numpy())[0])
+        raise ValueError(f"{csv}: column 'rdr' must be 0 or 1 (line {i + 2}: {_cell(df['rdr'].iloc[i])}; "
+                         f"{int(bad.sum())} bad row(s))")
+    for col in ("file", "patient"):
+        empty = df[col].isna().to_numpy() | (df[col].astype(str).str.strip() == "").to_numpy()
+        if empty.any():
+            i = int(np.flatnonzero(empty)[0])
+            raise ValueError(f"{csv}: column '{col}' is empty (line {i + 2}; {int(empty.sum())} row(s))")
     df = df.copy()
     df["path"] = [str(folder / f) for f in df["file"]]
     df["source"] = folder.name
-    df["rdr"] = df["rdr"].astype(int)
+    df["rdr"] = rdr.astype(int)
     df["patient"] = df["source"] + ":" + df["patient"].astype(str)
     return df.reset_index(drop=True)
+
+
+def _cell(value) -> str:
+    """A CSV cell for an error message: quoted, empty cells named, long ones cut."""
+    return "empty" if pd.isna(value) else repr(str(value)[:40])
 
 
 def patient_split(df: pd.DataFrame, val_fraction: float, seed: int = 0) -> np.ndarray:
@@ -68,6 +102,8 @@ def build_split(folders: list[str | Path], val_fractions: list[float], seed: int
         raise ValueError("give one --val-fraction, or one per --data folder")
     parts = []
     for folder, frac in zip(folders, val_fractions):
+        if not 0.0 < float(frac) < 1.0:
+            raise ValueError(f"{folder}: validation fraction {frac} must be between 0 and 1 (exclusive)")
         df = load_labels(folder)
         df["val"] = patient_split(df, frac, seed)
         df["val_fraction"] = frac
@@ -107,38 +143,67 @@ def _fallback_crop(rgb: np.ndarray, size: int):
 
 def build_cache(paths: list[str], size: int, cache_dir: str | Path,
                 progress: Callable[[Iterable], Iterable] = lambda it: it) -> ImageCache:
-    """Decode + preprocess every image once into ``cache_dir`` (reused when complete)."""
+    """Decode + preprocess every image once into ``cache_dir`` (reused when complete).
+
+    An unreadable image raises its one-line
+    :class:`~retina_fgvis.fundus.io.FundusReadError` (``"<file>: <reason>"``) and
+    the run stops, rather than skipping it: the split, its fingerprint and the checkpoint
+    metadata are all derived from ``labels.csv``, so a silently dropped image would make the
+    recorded training data differ from the trained one; a listed file that cannot be read is a
+    broken copy of the data set the user has to fix (or remove from ``labels.csv``).
+
+    Why the cache cannot be trusted half-built: the ``.json`` that marks it complete is written
+    (atomically) only after every image, and a failed or interrupted build deletes its image
+    files, so a later run never reads zeros as images.
+    """
     cache_dir = Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
     key = hashlib.sha256(("\n".join(paths) + f"|{size}|v1").encode()).hexdigest()[:16]
     img_f, fov_f, meta_f = (cache_dir / f"{key}.img.u8", cache_dir / f"{key}.fov.u8",
                             cache_dir / f"{key}.json")
     n = len(paths)
-    if meta_f.exists():
+    if _complete_cache(meta_f, img_f, fov_f, paths, size):
         meta = json.loads(meta_f.read_text())
         images = np.memmap(img_f, np.uint8, "r", shape=(n, size, size, 3))
         fovs = np.memmap(fov_f, np.uint8, "r", shape=(n, size, size))
         return ImageCache(images, fovs, np.array(meta["fallback"], bool))
-    images = np.memmap(img_f, np.uint8, "w+", shape=(n, size, size, 3))
-    fovs = np.memmap(fov_f, np.uint8, "w+", shape=(n, size, size))
-    fallback = np.zeros(n, bool)
-    for i in progress(range(n)):
-        try:
-            rgb = read_fundus(paths[i]).rgb
-        except FundusReadError as exc:
-            raise RuntimeError(str(exc)) from None
-        try:
-            crop, fov_model, _, _ = crop_fundus_uint8(rgb, size)
-        except NoFundusError:
-            crop, fov_model = _fallback_crop(rgb, size)
-            fallback[i] = True
-        images[i] = crop
-        fovs[i] = fov_model
-    images.flush()
-    fovs.flush()
-    meta_f.write_text(json.dumps({"paths": paths, "size": size, "fallback": fallback.tolist()}))
+    meta_f.unlink(missing_ok=True)
+    try:
+        images = np.memmap(img_f, np.uint8, "w+", shape=(n, size, size, 3))
+        fovs = np.memmap(fov_f, np.uint8, "w+", shape=(n, size, size))
+        fallback = np.zeros(n, bool)
+        for i in progress(range(n)):
+            rgb = read_fundus(paths[i]).rgb  # FundusReadError: one line naming the file
+            try:
+                crop, fov_model, _, _ = crop_fundus_uint8(rgb, size)
+            except NoFundusError:
+                crop, fov_model = _fallback_crop(rgb, size)
+                fallback[i] = True
+            images[i] = crop
+            fovs[i] = fov_model
+        images.flush()
+        fovs.flush()
+        del images, fovs
+    except BaseException:
+        img_f.unlink(missing_ok=True)
+        fov_f.unlink(missing_ok=True)
+        raise
+    atomic_write_text(meta_f, json.dumps({"paths": paths, "size": size, "fallback": fallback.tolist()}))
     return ImageCache(np.memmap(img_f, np.uint8, "r", shape=(n, size, size, 3)),
                       np.memmap(fov_f, np.uint8, "r", shape=(n, size, size)), fallback)
+
+
+def _complete_cache(meta_f: Path, img_f: Path, fov_f: Path, paths: list[str], size: int) -> bool:
+    """True when a finished cache for exactly these images is on disk (meta readable, same
+    paths and size, image files of the full length)."""
+    try:
+        meta = json.loads(meta_f.read_text())
+        n = len(paths)
+        return (meta.get("paths") == paths and int(meta.get("size", -1)) == size
+                and len(meta.get("fallback", [])) == n
+                and img_f.stat().st_size == n * size * size * 3 and fov_f.stat().st_size == n * size * size)
+    except (OSError, ValueError, TypeError, AttributeError):
+        return False
 
 
 # ---------------------------------------------------------------------------------------------

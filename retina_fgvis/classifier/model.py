@@ -278,6 +278,24 @@ def _expected_sha(path: Path) -> str | None:
     return text[0].lower() if text else ""
 
 
+def _load_failure_reason(exc: BaseException) -> str:
+    """The informative clause of a ``torch.load`` failure, short and on one line.
+
+    Why: PyTorch's messages open with paragraphs of advice (``"Weights only load failed. In
+    PyTorch 2.6, we changed the default value of ..."``) and put the actual cause (``"Unsupported
+    operand 110"`` for a text file, ``"failed finding central directory"`` for a truncated
+    archive) last or after a colon; cut to 160 characters the cause was lost.
+    """
+    text = str(exc).strip()
+    if "WeightsUnpickler error:" in text:  # the cause follows this marker
+        text = text.split("WeightsUnpickler error:", 1)[1].strip()
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    if not lines:
+        return "the file ends early" if isinstance(exc, EOFError) else type(exc).__name__
+    first = lines[0].split(". ")[0].rstrip(".")
+    return first if len(first) <= 100 else first[:99] + "…"
+
+
 def load_classifier(path: str | Path | None = None, device: str = "cpu",
                     input_size: int | None = None, verify_sha256: bool = True) -> Classifier:
     """Load a classifier checkpoint written by :func:`save_checkpoint`.
@@ -293,17 +311,21 @@ def load_classifier(path: str | Path | None = None, device: str = "cpu",
     if not p.exists():
         raise WeightsError(p, "weights file not found (train one with `retina-fgvis train` or set "
                               "RETINA_FGVIS_WEIGHTS)")
+    if not p.is_file():
+        raise WeightsError(p, "is a folder, not a weights file" if p.is_dir() else "not a regular file")
     digest = sha256_file(p)
     if verify_sha256:
         expected = _expected_sha(p)
         if expected is not None and expected != digest:
             raise WeightsError(p, f"sha256 mismatch (file {digest[:12]}…, {p.name}.sha256 says "
                                   f"{expected[:12]}…): the file is corrupt or was replaced")
+    if p.is_file() and p.stat().st_size == 0:
+        raise WeightsError(p, "not a retina-fgvis checkpoint (empty file)")
     try:
         ckpt = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
-        raise WeightsError(p, f"not a readable weights file ({first})") from None
+        raise WeightsError(p, f"not a retina-fgvis checkpoint (torch.load could not read it: "
+                              f"{_load_failure_reason(exc)})") from None
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "metadata" not in ckpt:
         raise WeightsError(p, "not a retina-fgvis classifier checkpoint (no state_dict/metadata)")
     if ckpt.get("format") != FORMAT:

@@ -164,17 +164,21 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print,
           progress: Callable[..., Iterable] = _noop_progress) -> Path:
     """Run (or resume) training; write the final checkpoint to ``cfg.out``; return its path."""
     stages = parse_stages(cfg.stages)
+    names = [Path(d).name for d in cfg.data]
+    dups = sorted({n for n in names if names.count(n) > 1})
+    if dups:  # the source is named after its folder: two folders of one name would merge
+        raise ValueError(f"--data folders must have distinct names (the name is the source): {dups[0]!r} repeats")
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = _device(cfg.device)
-    ckpt_dir = cfg.resolved_checkpoint_dir()
-    ckpt_dir.mkdir(parents=True, exist_ok=True)
-
     df = build_split(cfg.data, cfg.val_fractions, cfg.seed)
     if cfg.max_images_per_source:
         df = df[df.groupby("source", sort=False).cumcount() < cfg.max_images_per_source].reset_index(drop=True)
+    _check_split(df, cfg)
+    ckpt_dir = cfg.resolved_checkpoint_dir()  # made only once the data is known to be usable
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
     fingerprint = split_fingerprint(df)
     for src, g in df.groupby("source", sort=True):
         tr, va = g[~g["val"]], g[g["val"]]
@@ -311,6 +315,23 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print,
     return Path(cfg.out)
 
 
+def _check_split(df: pd.DataFrame, cfg: TrainConfig) -> None:
+    """Every source needs training and validation images: an empty validation side used to
+    train for hours and then crash in ``pick_threshold``, an empty training side in the
+    learning-rate schedule. Raises a one-line ``ValueError`` naming the source."""
+    for src, g in df.groupby("source", sort=False):
+        n_pat, n_val = g["patient"].nunique(), int(g["val"].sum())
+        frac = float(g["val_fraction"].iloc[0])
+        if n_val == 0:
+            raise ValueError(f"{src}: no validation images (--val-fraction {frac:g} of {n_pat} "
+                             f"patient(s) holds out none{', after --max-images' if cfg.max_images_per_source else ''}); "
+                             f"raise --val-fraction or add data")
+        if n_val == len(g):
+            raise ValueError(f"{src}: no training images (--val-fraction {frac:g} of {n_pat} "
+                             f"patient(s) holds out all{', after --max-images' if cfg.max_images_per_source else ''}); "
+                             f"lower --val-fraction or add data")
+
+
 def _config_key(cfg: TrainConfig) -> str:
     d = asdict(cfg)
     for k in ("log_every", "device", "threads", "checkpoint_dir", "cache_dir", "out"):
@@ -321,10 +342,13 @@ def _config_key(cfg: TrainConfig) -> str:
 def _metadata(cfg: TrainConfig, size: int, mean, std, threshold: float, history: list[dict],
               fingerprint: str, df: pd.DataFrame, seconds: float, device: torch.device,
               prior: dict | None = None) -> dict:
+    # The folder as given by --data (load_labels names a source after its folder): guessing it
+    # from an image path was wrong for nested or absolute ``file`` entries, and `evaluate
+    # classifier` / `faithfulness.rdr_validation_table` read labels.csv from this folder.
+    folders = {Path(d).name: str(d) for d in cfg.data}
     sources = []
     for src, g in df.groupby("source", sort=True):
-        folder = str(Path(g["path"].iloc[0]).parent.parent) if "/" in g["file"].iloc[0] else str(
-            Path(g["path"].iloc[0]).parent)
+        folder = folders[src]
         sources.append({"source": src, "folder": folder,
                         "val_fraction": float(g["val_fraction"].iloc[0]),
                         "train_images": int((~g["val"]).sum()), "val_images": int(g["val"].sum()),

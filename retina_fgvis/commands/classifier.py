@@ -58,14 +58,14 @@ def register(app: typer.Typer, evaluate_app: typer.Typer) -> None:
         val_fraction: list[float] = typer.Option([0.2], "--val-fraction", help="Patient share held out for validation: one value, or one per --data."),
         arch: str = typer.Option("tf_efficientnet_lite0", help="timm name, 'torchvision:<name>' or 'tiny'."),
         stages: str = typer.Option("384:2:5e-4,512:1:1e-4", help="Progressive resizing: size:epochs:peak_lr,..."),
-        batch_size: int = typer.Option(16),
+        batch_size: int = typer.Option(16, min=1),
         seed: int = typer.Option(0, help="Split + training seed."),
-        min_sensitivity: float = typer.Option(0.85, help="Operating point: highest threshold with validation sensitivity >= this."),
+        min_sensitivity: float = typer.Option(0.85, min=0.0, max=1.0, help="Operating point: highest threshold with validation sensitivity >= this."),
         checkpoint_dir: Optional[Path] = typer.Option(None, help="Per-epoch checkpoints + resume state (default: runs/<out stem>/)."),
         cache_dir: Optional[Path] = typer.Option(None, help="Preprocessed image cache (default: <checkpoint-dir>/cache)."),
         device: str = typer.Option("auto", help="auto | cpu | cuda"),
-        threads: int = typer.Option(2, help="CPU threads for torch."),
-        max_images: Optional[int] = typer.Option(None, help="Use at most N images per source (smoke runs)."),
+        threads: int = typer.Option(2, min=1, help="CPU threads for torch."),
+        max_images: Optional[int] = typer.Option(None, min=1, help="Use at most N images per source (smoke runs)."),
         no_pretrained: bool = typer.Option(False, "--no-pretrained", help="Random init even for lite0."),
         freeze_early: int = typer.Option(2, help="Freeze the stem + this many early blocks (0 = train all)."),
         rotate: float = typer.Option(180.0, help="Augmentation: random rotation range +-degrees."),
@@ -73,9 +73,33 @@ def register(app: typer.Typer, evaluate_app: typer.Typer) -> None:
         delete_prob: float = typer.Option(0.0, min=0.0, max=1.0, help="Deletion-aware augmentation: share of samples with a random smooth deletion (label kept)."),
         blank_prob: float = typer.Option(0.0, min=0.0, max=1.0, help="Share of samples replaced by a fully deleted eye labelled non-referable."),
         log_file: Optional[Path] = typer.Option(None, help="Append log lines here as well."),
+        overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out checkpoint."),
     ) -> None:
-        """Train the referable-DR classifier (resumes automatically from --checkpoint-dir)."""
+        """Train the referable-DR classifier (resumes automatically from --checkpoint-dir).
+
+        An existing --out is never replaced without --overwrite: --out defaults to the shipped
+        weights, and a forgotten --out on a smoke run used to replace the shipped model with a toy.
+        Resuming an interrupted run whose final --out was not written yet needs no flag.
+        """
         from retina_fgvis.classifier.train import TrainConfig, train
+        from retina_fgvis.commands.checks import output_file, output_folder, resolve_device
+
+        for v in val_fraction:
+            if not 0.0 < v < 1.0:
+                raise typer.BadParameter(f"{v:g} is not between 0 and 1 (exclusive): the patient share "
+                                         f"held out for validation", param_hint="--val-fraction")
+        if len(val_fraction) not in (1, len(data)):
+            raise typer.BadParameter(f"{len(val_fraction)} values for {len(data)} --data folders: give one, "
+                                     f"or one per --data folder", param_hint="--val-fraction")
+        device = resolve_device(device)
+        output_file(out, "--out")
+        if out.exists() and not overwrite:
+            raise typer.BadParameter(f"{out}: exists; pass --overwrite to replace it", param_hint="--out")
+        output_folder(checkpoint_dir if checkpoint_dir else Path("runs") / out.stem, "--checkpoint-dir")
+        if cache_dir:
+            output_folder(cache_dir, "--cache-dir")
+        if log_file:
+            output_file(log_file, "--log-file")
 
         cfg = TrainConfig(data=[str(d) for d in data], out=str(out), val_fractions=list(val_fraction),
                           seed=seed, arch=arch, pretrained=not no_pretrained, stages=stages,
@@ -107,10 +131,14 @@ def register(app: typer.Typer, evaluate_app: typer.Typer) -> None:
         import torch
 
         from retina_fgvis.classifier.model import WeightsError, load_classifier
+        from retina_fgvis.commands.checks import output_file, resolve_device
         from retina_fgvis.fundus.intake import ImageRejected, read_checked_fundus
         from retina_fgvis.fundus.io import FundusReadError
         from retina_fgvis.fundus.preprocess import NoFundusError
 
+        device = resolve_device(device)
+        if csv:
+            output_file(csv, "--csv")
         torch.set_num_threads(2)
         try:
             clf = load_classifier(weights, device=device)
@@ -150,13 +178,17 @@ def register(app: typer.Typer, evaluate_app: typer.Typer) -> None:
         data: list[Path] = typer.Option([], "--data", help="Override a training-data folder recorded in the metadata (matched by folder name), or add an external folder."),
         external: bool = typer.Option(False, help="Score ALL images of --data folders that are not in the metadata (external test sets)."),
         out: Optional[Path] = typer.Option(None, help="Write metrics.json, predictions.csv, metrics.md here."),
-        n_boot: int = typer.Option(2000, help="Bootstrap resamples (patient level) for the AUC CI."),
-        batch_size: int = typer.Option(16),
+        n_boot: int = typer.Option(2000, min=1, help="Bootstrap resamples (patient level) for the AUC CI."),
+        batch_size: int = typer.Option(16, min=1),
         device: str = typer.Option("cpu"),
-        threads: int = typer.Option(2),
+        threads: int = typer.Option(2, min=1),
     ) -> None:
         """ROC AUC (95 % patient-bootstrap CI), sensitivity/specificity at the shipped threshold,
-        per source, on the patient-wise held-out split recorded in the checkpoint."""
+        per source, on the patient-wise held-out split recorded in the checkpoint.
+
+        An image that cannot be read becomes a warning line and an error row in predictions.csv
+        and the run goes on: the metrics cover the readable images and report how many were not
+        (one broken file should not cost an hour-long evaluation)."""
         import numpy as np
         import pandas as pd
         import torch
@@ -164,9 +196,13 @@ def register(app: typer.Typer, evaluate_app: typer.Typer) -> None:
         from retina_fgvis.classifier.data import build_split, load_labels, split_fingerprint
         from retina_fgvis.classifier.metrics import summarise
         from retina_fgvis.classifier.model import WeightsError, load_classifier
-        from retina_fgvis.fundus.io import read_fundus
+        from retina_fgvis.commands.checks import output_folder, resolve_device
+        from retina_fgvis.fundus.io import FundusReadError, read_fundus
         from retina_fgvis.fundus.preprocess import NoFundusError
 
+        device = resolve_device(device)
+        if out:
+            output_folder(out, "--out")
         torch.set_num_threads(threads)
         try:
             clf = load_classifier(weights, device=device)
@@ -185,7 +221,11 @@ def register(app: typer.Typer, evaluate_app: typer.Typer) -> None:
                     typer.echo(f"error: {f}: labels.csv not found (pass --data <folder> to point at "
                                f"the data)", err=True)
                     raise typer.Exit(2)
-            df = build_split(folders, fracs, int(meta.get("split_seed", 0)))
+            try:
+                df = build_split(folders, fracs, int(meta.get("split_seed", 0)))
+            except (FileNotFoundError, ValueError) as exc:
+                typer.echo(f"error: {exc}", err=True)
+                raise typer.Exit(2)
             if meta.get("max_images_per_source"):
                 df = df[df.groupby("source", sort=False).cumcount()
                         < int(meta["max_images_per_source"])].reset_index(drop=True)
@@ -198,8 +238,11 @@ def register(app: typer.Typer, evaluate_app: typer.Typer) -> None:
             parts.append(df[df["val"]])
         if external or overrides:
             for name, folder in overrides.items():
-                ext = load_labels(folder)
-                parts.append(ext)
+                try:
+                    parts.append(load_labels(folder))
+                except (FileNotFoundError, ValueError) as exc:
+                    typer.echo(f"error: {exc}", err=True)
+                    raise typer.Exit(2)
         if not parts:
             typer.echo("error: nothing to evaluate (no training_data in metadata and no --data)", err=True)
             raise typer.Exit(2)
@@ -207,6 +250,7 @@ def register(app: typer.Typer, evaluate_app: typer.Typer) -> None:
         progress = _rich_progress_factory()
         probs = np.full(len(ev), np.nan)
         errors = [""] * len(ev)
+        unreadable = np.zeros(len(ev), bool)
         t0 = time.time()
         batch, where = [], []
 
@@ -223,15 +267,27 @@ def register(app: typer.Typer, evaluate_app: typer.Typer) -> None:
                 where.append(i)
             except NoFundusError as exc:
                 errors[i] = str(exc)
+            except FundusReadError as exc:  # "<file>: <reason>"
+                errors[i] = str(exc)
+                unreadable[i] = True
+                typer.echo(f"warning: {exc} (skipped)", err=True)
             if len(batch) >= batch_size:
                 flush()
         flush()
         secs = time.time() - t0
         ev = ev.assign(p_referable=probs, error=errors)
         ok = ev[~np.isnan(probs)]
+        n_unreadable = int(unreadable.sum())
+        if ok.empty:
+            typer.echo(f"error: none of the {len(ev)} images could be scored "
+                       f"({n_unreadable} unreadable, {len(ev) - n_unreadable} without a detectable FOV)",
+                       err=True)
+            raise typer.Exit(1)
         results = {"weights": str(clf.path), "sha256": clf.sha256, "threshold": clf.threshold,
                    "input_size": clf.input_size, "n_boot": n_boot, "seconds": secs,
-                   "n_unreadable_fov": int(np.isnan(probs).sum()), "sources": {}}
+                   "n_images": len(ev), "n_scored": len(ok), "n_unreadable": n_unreadable,
+                   "n_unreadable_fov": int(np.isnan(probs).sum()) - n_unreadable,
+                   "notice": RESEARCH, "sources": {}}
         for src, g in ok.groupby("source", sort=True):
             results["sources"][src] = summarise(g["rdr"].to_numpy(), g["p_referable"].to_numpy(),
                                                 g["patient"].to_numpy(), clf.threshold, n_boot=n_boot)
@@ -250,6 +306,9 @@ def register(app: typer.Typer, evaluate_app: typer.Typer) -> None:
         if results["n_unreadable_fov"]:
             lines.append(f"\n{results['n_unreadable_fov']} image(s) without a detectable FOV were "
                          f"skipped (listed in predictions.csv).")
+        if n_unreadable:
+            lines.append(f"\n{n_unreadable} image(s) could not be read and were skipped (listed "
+                         f"with the reason in predictions.csv); the metrics cover the other {len(ok)}.")
         text = "\n".join(lines)
         typer.echo(text)
         typer.echo(f"({len(ev)} images in {secs:.0f} s)")

@@ -1,0 +1,309 @@
+"""Input handling of `train`, `predict`, `evaluate classifier`: every bad option, data folder,
+image or weights file ends in one line naming the problem (exit 2), never a traceback, and
+nothing is overwritten or half-written. Tiny synthetic data, ``--arch tiny``, 64 px."""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+from retina_fgvis.classifier.data import build_cache, load_labels
+from retina_fgvis.classifier.model import WeightsError, load_classifier
+from retina_fgvis.classifier.train import TrainConfig, train
+from retina_fgvis.cli import app
+from retina_fgvis.fundus.io import FundusReadError
+from tests._fundus_synth import synthetic_fundus
+
+torch.set_num_threads(1)
+
+TINY = ["--arch", "tiny", "--stages", "64:1:3e-3", "--threads", "1"]
+
+
+def _flat(text: str) -> str:
+    """CLI output on one line: typer draws usage errors in a wrapped box."""
+    return re.sub(r"\s+", " ", re.sub(r"[│╭╮╰╯─]+", " ", text)).strip()
+
+
+def _invoke(args: list[str]):
+    r = CliRunner().invoke(app, args)
+    assert "Traceback" not in r.output
+    assert r.exception is None or isinstance(r.exception, SystemExit), repr(r.exception)
+    return r
+
+
+def _source(root: Path, name: str, n_patients: int = 4, seed: int = 0, nested: bool = True,
+            absolute: bool = False) -> Path:
+    """A data folder whose labels.csv lists nested (``imgs/<pid>/x.png``) or absolute paths: the
+    layouts the old metadata code guessed the folder from wrongly."""
+    folder = root / name
+    folder.mkdir(parents=True)
+    rows = []
+    for pid in range(n_patients):
+        for eye in ("left", "right"):
+            rdr = (pid + (eye == "left")) % 2
+            img = synthetic_fundus(72, 72, r=32, lesions=12 if rdr else 0, seed=seed * 100 + 2 * pid + rdr)
+            rel = Path("imgs") / str(pid) / f"{eye}.png" if nested else Path(f"{pid}_{eye}.png")
+            (folder / rel).parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(img).save(folder / rel)
+            rows.append({"file": str(folder / rel) if absolute else str(rel), "rdr": rdr, "patient": pid})
+    pd.DataFrame(rows).to_csv(folder / "labels.csv", index=False)
+    return folder
+
+
+def _add_junk(folder: Path, name: str = "junk.png", patient: str = "99", rdr: int = 1) -> Path:
+    junk = folder / name
+    junk.write_bytes(b"this is not an image")
+    with open(folder / "labels.csv", "a") as fh:
+        fh.write(f"{name},{rdr},{patient}\n")
+    return junk
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> tuple[Path, Path]:
+    """(checkpoint, data folder): one tiny model trained on a nested-layout folder."""
+    root = tmp_path_factory.mktemp("trained")
+    data = _source(root, "srcN", n_patients=4, nested=True)
+    out = root / "w" / "tiny.pt"
+    train(TrainConfig(data=[str(data)], out=str(out), val_fractions=[0.5], arch="tiny",
+                      stages="64:1:3e-3", batch_size=8, threads=1, log_every=0,
+                      checkpoint_dir=str(root / "ck")), log=lambda _m: None)
+    return out, data
+
+
+# --------------------------------------------------------------------------- 1. unreadable images
+
+
+def test_train_unreadable_image_is_one_line_and_leaves_no_cache(tmp_path: Path) -> None:
+    data = _source(tmp_path, "srcJ", n_patients=3)
+    junk = _add_junk(data)
+    ck = tmp_path / "ck"
+    r = _invoke(["train", "--data", str(data), "--val-fraction", "0.5", "--out", str(tmp_path / "o.pt"),
+                 "--checkpoint-dir", str(ck), *TINY])
+    assert r.exit_code == 2
+    assert f"error: {junk}: cannot decode image" in r.output
+    assert not (tmp_path / "o.pt").exists()
+    assert not [p for p in (ck / "cache").iterdir()]  # no half-built cache a later run could trust
+
+
+def test_build_cache_raises_the_read_error_and_rebuilds_a_stale_cache(tmp_path: Path) -> None:
+    data = _source(tmp_path, "srcC", n_patients=1)
+    good = load_labels(data)["path"].tolist()
+    with pytest.raises(FundusReadError, match="missing.png: file not found"):
+        build_cache(good + [str(data / "missing.png")], 32, tmp_path / "cache")
+    assert not list((tmp_path / "cache").iterdir())
+    cache = build_cache(good, 32, tmp_path / "cache")
+    assert cache.images.shape == (2, 32, 32, 3) and cache.images.any()
+    # a cache whose image file was cut short (disk full, copied half) is rebuilt, not trusted
+    img_f = next((tmp_path / "cache").glob("*.img.u8"))
+    img_f.write_bytes(img_f.read_bytes()[:100])
+    again = build_cache(good, 32, tmp_path / "cache")
+    assert np.array_equal(np.asarray(again.images), np.asarray(cache.images))
+
+
+# --------------------------------------------------------------------------- 2. labels.csv
+
+
+@pytest.mark.parametrize("text, message", [
+    ("", "labels.csv: empty file"),
+    ("file,rdr\na.png,1\n", "labels.csv: missing column 'patient'"),
+    ("file,rdr,patient\n", "labels.csv: no images listed"),
+    ("file,rdr,patient\na.png,1,1\nb.png,yes,2\n", "labels.csv: column 'rdr' must be 0 or 1 (line 3: 'yes'"),
+    ("file,rdr,patient\na.png,2,1\n", "labels.csv: column 'rdr' must be 0 or 1 (line 2: '2'"),
+    ("file,rdr,patient\na.png,,1\n", "labels.csv: column 'rdr' must be 0 or 1 (line 2: empty"),
+    ("file,rdr,patient\na.png,1,\n", "labels.csv: column 'patient' is empty (line 2"),
+])
+def test_bad_labels_csv_names_the_file_and_the_problem(tmp_path: Path, text: str, message: str) -> None:
+    folder = tmp_path / "src"
+    folder.mkdir()
+    (folder / "labels.csv").write_text(text)
+    with pytest.raises(ValueError) as e:
+        load_labels(folder)
+    assert str(e.value).startswith(f"{folder / 'labels.csv'}: ") and message in str(e.value)
+    assert "\n" not in str(e.value)
+    r = _invoke(["train", "--data", str(folder), "--out", str(tmp_path / "o.pt"), *TINY])
+    assert r.exit_code == 2 and r.output.strip().splitlines()[-1] == f"error: {e.value}"
+
+
+# --------------------------------------------------------------------------- 3. numeric options
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--batch-size", "0"], "Invalid value for '--batch-size'"),
+    (["--val-fraction", "0"], "Invalid value for --val-fraction: 0 is not between 0 and 1"),
+    (["--val-fraction", "1.5"], "Invalid value for --val-fraction: 1.5 is not between 0 and 1"),
+    (["--val-fraction", "-0.2"], "Invalid value for --val-fraction: -0.2 is not between 0 and 1"),
+    (["--val-fraction", "0.2", "--val-fraction", "0.3"], "Invalid value for --val-fraction: 2 values for 1 --data"),
+    (["--max-images", "0"], "Invalid value for '--max-images'"),
+    (["--max-images", "-1"], "Invalid value for '--max-images'"),
+    (["--min-sensitivity", "2"], "Invalid value for '--min-sensitivity'"),
+    (["--threads", "0"], "Invalid value for '--threads'"),
+])
+def test_train_refuses_bad_numbers_naming_the_option(tmp_path: Path, args: list[str], message: str) -> None:
+    r = _invoke(["train", "--data", str(tmp_path), "--out", str(tmp_path / "o.pt"), "--arch", "tiny", *args])
+    assert r.exit_code == 2 and message in _flat(r.output)
+    assert not (tmp_path / "o.pt").exists() and not Path("runs/o").exists()
+
+
+def test_train_refuses_a_split_without_validation_images(tmp_path: Path) -> None:
+    data = _source(tmp_path, "srcV", n_patients=3)
+    r = _invoke(["train", "--data", str(data), "--val-fraction", "0.01", "--out", str(tmp_path / "o.pt"),
+                 "--checkpoint-dir", str(tmp_path / "ck"), *TINY])
+    assert r.exit_code == 2
+    assert r.output.strip().splitlines()[-1] == ("error: srcV: no validation images (--val-fraction 0.01 "
+                                                 "of 3 patient(s) holds out none); raise --val-fraction or add data")
+    assert not (tmp_path / "ck").exists()
+
+
+# --------------------------------------------------------------------------- 4. overwrite
+
+
+def test_train_never_overwrites_out_without_overwrite_but_resumes(tmp_path: Path) -> None:
+    data = _source(tmp_path, "srcO", n_patients=3)
+    out, ck = tmp_path / "o.pt", tmp_path / "ck"
+    base = ["train", "--data", str(data), "--val-fraction", "0.5", "--out", str(out), "--checkpoint-dir", str(ck), *TINY]
+    assert _invoke(base).exit_code == 0
+    before = out.read_bytes()
+    r = _invoke(base)
+    assert r.exit_code == 2
+    assert f"Invalid value for --out: {out}: exists; pass --overwrite to replace it" in _flat(r.output)
+    assert out.read_bytes() == before
+    r = _invoke(base + ["--overwrite"])
+    assert r.exit_code == 0 and "resumed" in r.output
+    # an interrupted run (final file not written yet) resumes without the flag
+    out.unlink()
+    r = _invoke(base)
+    assert r.exit_code == 0 and "resumed" in r.output and out.exists()
+
+
+# --------------------------------------------------------------------------- 5. metadata folder
+
+
+@pytest.mark.parametrize("absolute", [False, True])
+def test_metadata_records_the_data_folder_as_given(tmp_path: Path, absolute: bool) -> None:
+    data = _source(tmp_path, "srcM", n_patients=3, nested=True, absolute=absolute)
+    out = tmp_path / "m.pt"
+    r = _invoke(["train", "--data", str(data), "--val-fraction", "0.5", "--out", str(out),
+                 "--checkpoint-dir", str(tmp_path / "ck"), *TINY])
+    assert r.exit_code == 0, r.output
+    rec = load_classifier(out).metadata["training_data"]
+    assert [s["folder"] for s in rec] == [str(data)]
+    r = _invoke(["evaluate", "classifier", "--weights", str(out), "--n-boot", "5"])
+    assert r.exit_code == 0, r.output
+    assert "| srcM |" in r.output
+
+
+# --------------------------------------------------------------------------- 6. evaluate: bad images / data
+
+
+def test_evaluate_scores_around_an_unreadable_image(tmp_path: Path, trained) -> None:
+    weights, _ = trained
+    ext = _source(tmp_path, "extE", n_patients=2, seed=7)
+    junk = _add_junk(ext)
+    out = tmp_path / "ev"
+    r = _invoke(["evaluate", "classifier", "--weights", str(weights), "--data", str(ext), "--external",
+                 "--n-boot", "5", "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    assert f"warning: {junk}: cannot decode image" in r.output
+    pred = pd.read_csv(out / "predictions.csv")
+    row = pred[pred["file"] == "junk.png"].iloc[0]
+    assert np.isnan(row["p_referable"]) and row["error"].startswith(f"{junk}: cannot decode image")
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["n_unreadable"] == 1 and m["sources"]["extE"]["n"] == 4
+    assert "1 image(s) could not be read" in (out / "metrics.md").read_text()
+
+
+@pytest.mark.parametrize("labels, message", [
+    (None, "labels.csv: labels.csv not found"),
+    ("file,rdr\na.png,1\n", "labels.csv: missing column 'patient'"),
+    ("file,rdr,patient\na.png,yes,1\n", "labels.csv: column 'rdr' must be 0 or 1 (line 2: 'yes'"),
+])
+def test_evaluate_bad_data_folder_is_one_line(tmp_path: Path, trained, labels: str | None, message: str) -> None:
+    weights, _ = trained
+    folder = tmp_path / "extB"
+    if labels is not None:
+        folder.mkdir()
+        (folder / "labels.csv").write_text(labels)
+    r = _invoke(["evaluate", "classifier", "--weights", str(weights), "--data", str(folder), "--external"])
+    assert r.exit_code == 2
+    last = r.output.strip().splitlines()[-1]
+    assert last.startswith(f"error: {folder / 'labels.csv'}: ") and message in last
+
+
+# --------------------------------------------------------------------------- 7. n-boot, notice
+
+
+def test_evaluate_requires_a_bootstrap_and_writes_the_notice(tmp_path: Path, trained) -> None:
+    weights, _ = trained
+    for n in ("0", "-5"):
+        r = _invoke(["evaluate", "classifier", "--weights", str(weights), "--n-boot", n])
+        assert r.exit_code == 2 and "Invalid value for '--n-boot'" in _flat(r.output)
+    r = _invoke(["evaluate", "classifier", "--weights", str(weights), "--n-boot", "5", "--out", str(tmp_path / "ev")])
+    assert r.exit_code == 0, r.output
+    m = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    assert m["notice"] == "Research use only, not a diagnosis."
+
+
+# --------------------------------------------------------------------------- 8. device, outputs
+
+
+def test_bogus_device_is_refused_by_every_classifier_command(tmp_path: Path, trained) -> None:
+    weights, data = trained
+    img = str(next(data.rglob("*.png")))
+    for args in (["train", "--data", str(data), "--out", str(tmp_path / "o.pt"), *TINY],
+                 ["predict", img, "--weights", str(weights)],
+                 ["evaluate", "classifier", "--weights", str(weights)]):
+        r = _invoke(args + ["--device", "bogus"])
+        assert r.exit_code == 2
+        assert "Invalid value for --device: 'bogus' is not a device" in _flat(r.output)
+    assert not (tmp_path / "o.pt").exists()
+
+
+def test_outputs_in_the_way_are_refused_before_any_work(tmp_path: Path, trained) -> None:
+    weights, data = trained
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    train = ["train", "--data", str(data), *TINY]
+    cases = [
+        (train + ["--out", str(afile / "o.pt")], f"Invalid value for --out: {afile}: exists and is not a folder"),
+        (train + ["--out", str(tmp_path)], f"Invalid value for --out: {tmp_path}: is a folder"),
+        (train + ["--out", str(tmp_path / "o.pt"), "--checkpoint-dir", str(afile)],
+         f"Invalid value for --checkpoint-dir: {afile}: exists and is not a folder"),
+        (["evaluate", "classifier", "--weights", str(weights), "--out", str(afile)],
+         f"Invalid value for --out: {afile}: exists and is not a folder"),
+        (["evaluate", "classifier", "--weights", str(weights), "--out", str(afile / "sub")],
+         f"Invalid value for --out: {afile}: exists and is not a folder"),
+    ]
+    for args, message in cases:
+        r = _invoke(args)
+        assert r.exit_code == 2 and message in _flat(r.output), r.output
+        assert "| pooled |" not in r.output and "cache:" not in r.output  # refused before any work
+    assert afile.read_text() == "x" and not (tmp_path / "o.pt").exists()
+
+
+# --------------------------------------------------------------------------- 9. weights error text
+
+
+def test_a_non_checkpoint_file_gets_a_short_readable_reason(tmp_path: Path) -> None:
+    text = tmp_path / "bad.pt"
+    text.write_text("notackpt\n")
+    with pytest.raises(WeightsError) as e:
+        load_classifier(text)
+    assert str(e.value) == (f"{text}: not a retina-fgvis checkpoint (torch.load could not read it: "
+                            f"Unsupported operand 110)")
+    empty = tmp_path / "empty.pt"
+    empty.write_bytes(b"")
+    with pytest.raises(WeightsError, match=r"empty.pt: not a retina-fgvis checkpoint \(empty file\)$"):
+        load_classifier(empty)
+    with pytest.raises(WeightsError, match="is a folder, not a weights file"):
+        load_classifier(tmp_path)
+    r = _invoke(["predict", str(text), "--weights", str(text)])
+    assert r.exit_code == 2
+    last = r.output.strip().splitlines()[-1]
+    assert last.startswith(f"error: {text}: not a retina-fgvis checkpoint") and "PyTorch 2.6" not in last
