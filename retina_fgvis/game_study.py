@@ -223,6 +223,24 @@ def load_images(dataset: Any, limit: int | None = None) -> list[StudyImage]:
     return images
 
 
+def write_csv(path: Path, df: pd.DataFrame) -> None:
+    """A study table with the research-use notice as its first line, as every DiaretDB1 CSV has
+    (``evaluation_diaretdb1.CSV_NOTICE``): the per-image rows name DiaretDB1 images and the
+    classifier's p(referable), and a file copied out of its folder must still say what it is."""
+    from retina_fgvis.evaluation_diaretdb1 import CSV_NOTICE
+    from retina_fgvis.report.files import atomic_write_text
+
+    atomic_write_text(path, CSV_NOTICE + "\n" + df.to_csv(index=False))
+
+
+def read_csv(path: Path) -> pd.DataFrame:
+    """A table :func:`write_csv` wrote; also one from before the notice line (the recorded studies
+    in evaluation/game-study/ have none), so `--summarise-only` reads both."""
+    with open(path, encoding="utf-8") as fh:
+        first = fh.readline()
+    return pd.read_csv(path, skiprows=1 if first.startswith("#") else 0)
+
+
 def write_json(path: Path, obj: Any) -> None:
     from retina_fgvis.report.files import atomic_write_text
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from typer.testing import CliRunner
 
 from _synth_diaretdb1 import make_layout
 from retina_fgvis.datasets.diaretdb1 import DiaretDB1
@@ -181,3 +182,44 @@ def test_threshold_sweep_and_suggestion():
     # best .9 at .3; .5 is within 0.01 and flags less -> .5; .7 (0.5) is not
     assert suggest_threshold(froc) == 0.5
     assert suggest_threshold(froc, tolerance=0.0) == 0.3
+
+
+@pytest.fixture()
+def wide_errors(monkeypatch):
+    """Typer's usage-error panel as wide as the message: a long tmp path is not wrapped mid-text."""
+    monkeypatch.setattr("typer.rich_utils.MAX_WIDTH", 400)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--threshold", "-1"], "Invalid value for --threshold: must be in (0, 1]"),
+    (["--threshold", "5"], "Invalid value for --threshold: must be in (0, 1]"),
+    (["--threshold", "0"], "Invalid value for --threshold: must be in (0, 1]"),
+    (["--froc-thresholds", "0.1,-3"], "Invalid value for --froc-thresholds: must be in (0, 1]"),
+    (["--froc-thresholds", "1.5"], "Invalid value for --froc-thresholds: must be in (0, 1]"),
+    (["--fgvis-setting", "lr=-1"], "Invalid value for --fgvis-setting: lr must be a number > 0, got -1"),
+    (["--fgvis-setting", "lr=0"], "Invalid value for --fgvis-setting: lr must be a number > 0, got 0"),
+    (["--fgvis-setting", "foo=1"], "Invalid value for --fgvis-setting: unknown setting(s) foo (known: optimizer"),
+    (["--fgvis-setting", "goal=bogus"], "Invalid value for --fgvis-setting: unknown goal 'bogus'"),
+    (["--max-iterations", "0"], "Invalid value for '--max-iterations'"),
+])
+def test_cli_refuses_levels_and_game_settings_that_cannot_work(tmp_path, wide_errors, args, message):
+    """Importance lives in [0, 1] and a pixel is flagged at or above the level: -1 or 0 flags every
+    FOV pixel, 5 none, and these ran silently; lr <= 0 runs a game that adds evidence; a zero
+    iteration cap was blamed on --fgvis-setting. All are refused before the data set is read."""
+    r = CliRunner().invoke(_diaretdb1_app(), ["evaluate", "diaretdb1", "--data-dir", str(tmp_path / "nope"),
+                                              "--out", str(tmp_path / "o"), *args])
+    assert r.exit_code == 2, r.output
+    assert message in r.output, r.output
+    assert "--fgvis-setting" not in r.output or "--fgvis-setting" in args
+    assert not (tmp_path / "o").exists()
+
+
+def _diaretdb1_app():
+    import typer
+
+    from retina_fgvis.commands import diaretdb1 as cmd
+
+    app, ev = typer.Typer(), typer.Typer()
+    app.add_typer(ev, name="evaluate")
+    cmd.register(app, ev)
+    return app

@@ -380,3 +380,52 @@ def test_reports_show_paths_below_the_working_directory_relative(tmp_path, monke
     assert F.shown_path(tmp_path / "weights" / "w.pt") == "weights/w.pt"
     outside = tmp_path.parent / "elsewhere.pt"
     assert F.shown_path(outside) == str(outside)
+
+
+@pytest.fixture()
+def wide_errors(monkeypatch):
+    """Typer's usage-error panel as wide as the message: a long tmp path is not wrapped mid-text."""
+    monkeypatch.setattr("typer.rich_utils.MAX_WIDTH", 400)
+
+
+@pytest.mark.parametrize("command, methods", [("faithfulness", "fgvis"), ("faithfulness", "random"),
+                                              ("defense", None)])
+@pytest.mark.parametrize("setting, message", [("foo=1", "unknown setting(s) foo (known: optimizer"),
+                                              ("lr=-1", "lr must be a number > 0, got -1"),
+                                              ("goal=bogus", "unknown goal 'bogus'")])
+def test_fgvis_settings_are_checked_upfront_whatever_the_methods(tiny_setup, wide_errors, command, methods,
+                                                                 setting, message):
+    """An unknown key ended in a TypeError once the game ran, and was accepted silently when no
+    FGVis method ran (and by `defense`): now a usage error before any model or image is loaded."""
+    app, folder, out = tiny_setup
+    extra = ["--methods", methods] if methods else []
+    res = _evaluate(app, command, folder, out, *extra, "--device", "cpu", "--fgvis-setting", setting)
+    assert res.exit_code == 2, res.output
+    assert f"Invalid value for --fgvis-setting: {message}" in res.output
+    assert not out.exists()
+
+
+def test_defense_with_no_readable_image_says_so(tmp_path, monkeypatch):
+    """Every image skipped as unreadable: the error names that, not the selection rule."""
+    monkeypatch.setattr(F, "load_eval_model", _tiny_rdr_model)
+    from retina_fgvis.cli import app
+
+    folder = tmp_path / "bad"
+    folder.mkdir()
+    (folder / "a.png").write_text("not an image")
+    res = CliRunner().invoke(app, ["evaluate", "defense", "--model", "rdr", "--images", str(folder), "--limit", "1",
+                                   "--device", "cpu", "--out", str(tmp_path / "out")])
+    assert res.exit_code == 2, res.output
+    lines = res.output.strip().splitlines()
+    assert lines[-1] == "error: no usable images" and lines[0].startswith("skipped"), res.output
+    assert "selection rule" not in res.output and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("command", ["faithfulness", "defense"])
+def test_imagenet_folder_with_an_unreadable_image_is_one_line(tiny_setup, command):
+    app, folder, out = tiny_setup
+    (folder / "broken.png").write_text("not an image")
+    res = _evaluate(app, command, folder, out, "--device", "cpu")
+    assert res.exit_code == 2, res.output
+    lines = res.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: cannot identify image file") and "broken.png" in lines[0]

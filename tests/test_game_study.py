@@ -48,8 +48,9 @@ def test_study_cli_seeds_the_diaretdb1_cache(tmp_path, monkeypatch) -> None:
     """The study's default-game maps are reused by `evaluate diaretdb1` (no second game)."""
     from typer.testing import CliRunner
 
+    from retina_fgvis import game_study as gs
     from retina_fgvis.cli import app
-    from retina_fgvis.evaluation_diaretdb1 import read_csv
+    from retina_fgvis.evaluation_diaretdb1 import CSV_NOTICE, read_csv
 
     root, weights = _tiny_layout_and_weights(
         tmp_path, {"image001": {"H": [(20, 20, 26, 26, 189)]}, "image002": {"HE": [(30, 40, 34, 44, 252)]}})
@@ -59,7 +60,9 @@ def test_study_cli_seeds_the_diaretdb1_cache(tmp_path, monkeypatch) -> None:
                                  "--weights", str(weights), "--setting", "sgdn-logodds-lr0.3",
                                  "--seed-diaretdb1", str(ev)])
     assert r.exit_code == 0, r.output
-    table = __import__("pandas").read_csv(study / "summary.csv")
+    for name in ("per_image.csv", "summary.csv", "curves.csv"):  # the notice DiaretDB1's tables carry
+        assert (study / name).read_text().splitlines()[0] == CSV_NOTICE
+    table = gs.read_csv(study / "summary.csv")
     assert set(table.defense) == {True, False} and (table.images == 2).all()
     assert "Classifier: `tiny.pt` (sha256" in (study / "summary.md").read_text()
     # re-summarising runs no game and rebuilds the same table from per_image.csv
@@ -67,7 +70,7 @@ def test_study_cli_seeds_the_diaretdb1_cache(tmp_path, monkeypatch) -> None:
     r = CliRunner().invoke(app, ["evaluate", "game-study", "--data-dir", str(root), "--out", str(study),
                                  "--weights", str(weights), "--summarise-only"])
     assert r.exit_code == 0, r.output
-    again = __import__("pandas").read_csv(study / "summary.csv")
+    again = gs.read_csv(study / "summary.csv")
     assert again.equals(table) and "enrichment_goal_reached" in again.columns
     assert (study / "enrichment_vs_iterations_sgdn-logodds-lr0.3.png").is_file()
     r = CliRunner().invoke(app, ["evaluate", "diaretdb1", "--data-dir", str(root), "--split", "train",
@@ -90,6 +93,89 @@ def test_background_reference_setting_runs_and_never_seeds_the_cache(tmp_path) -
                                  "--weights", str(weights), "--setting", "sgdn-logodds-lr0.3-blurref",
                                  "--undefended", "", "--seed-diaretdb1", str(ev), "--max-iterations", "5"])
     assert r.exit_code == 0, r.output
-    rows = __import__("pandas").read_csv(study / "per_image.csv")
+    from retina_fgvis.game_study import read_csv
+
+    rows = read_csv(study / "per_image.csv")
     assert list(rows.setting) == ["sgdn-logodds-lr0.3-blurref"] and rows.p_before.notna().all()
     assert not any(p.is_file() for p in ev.rglob("*"))
+
+
+def test_study_tables_from_before_the_notice_still_read(tmp_path) -> None:
+    """The recorded studies in evaluation/game-study/ have no notice line: --summarise-only reads both."""
+    import pandas as pd
+
+    from retina_fgvis import game_study as gs
+
+    df = pd.DataFrame({"setting": ["a"], "defense": [True], "image": ["image001"], "enrichment": [2.5]})
+    (tmp_path / "old.csv").write_text(df.to_csv(index=False))
+    gs.write_csv(tmp_path / "new.csv", df)
+    assert gs.read_csv(tmp_path / "old.csv").equals(df) and gs.read_csv(tmp_path / "new.csv").equals(df)
+
+
+@pytest.fixture()
+def wide_errors(monkeypatch):
+    """Typer's usage-error panel as wide as the message: a long tmp path is not wrapped mid-text."""
+    monkeypatch.setattr("typer.rich_utils.MAX_WIDTH", 400)
+
+
+def _study(*args: str):
+    from typer.testing import CliRunner
+
+    from retina_fgvis.cli import app
+
+    return CliRunner().invoke(app, ["evaluate", "game-study", *args])
+
+
+def _one_error_line(result, exit_code: int = 2) -> str:
+    """The command's single `error: ...` line (stderr is mixed into output), and no traceback."""
+    assert result.exit_code == exit_code, result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.output
+    return lines[0]
+
+
+def test_study_refuses_data_set_and_weights_problems_in_one_line(tmp_path) -> None:
+    """Layout, split, an unreadable image and a weights file that is not one: `error: ...`, exit 2,
+    nothing written (these were tracebacks, a corrupt image after OUT was made)."""
+    root, weights = _tiny_layout_and_weights(tmp_path, {"image001": {"H": [(20, 20, 26, 26, 189)]}})
+    out = tmp_path / "study"
+    base = ["--out", str(out), "--weights", str(weights), "--device", "cpu"]
+    assert "folder does not exist" in _one_error_line(_study("--data-dir", str(tmp_path / "nope"), *base))
+    assert "not a DiaretDB1 folder" in _one_error_line(_study("--data-dir", str(tmp_path), *base))
+    assert "unknown split 'bogus'" in _one_error_line(_study("--data-dir", str(root), "--split", "bogus", *base))
+    assert "split 'test' lists no images" in _one_error_line(_study("--data-dir", str(root), "--split", "test", *base))
+    bad = tmp_path / "bad.pt"
+    bad.write_text("not a checkpoint")
+    line = _one_error_line(_study("--data-dir", str(root), "--out", str(out), "--weights", str(bad)))
+    assert line.startswith(f"error: {bad}")
+    image = root / "diaretdb1_v_1_1" / "resources" / "images" / "ddb1_fundusimages" / "image001.png"
+    image.write_bytes(b"not a png")
+    line = _one_error_line(_study("--data-dir", str(root), "--limit", "1", *base))
+    assert "image001.png" in line and "cannot read image" in line
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("option", ["--limit", "--batch-size", "--max-iterations"])
+@pytest.mark.parametrize("value", ["0", "-1"])
+def test_study_counts_below_one_are_refused_naming_the_option(tmp_path, wide_errors, option, value) -> None:
+    """--limit 0 ran no image and crashed (KeyError) leaving files behind; --batch-size 0 was a
+    ValueError; --max-iterations 0 was silently ignored."""
+    out = tmp_path / "study"
+    r = _study("--data-dir", str(tmp_path), "--out", str(out), option, value)
+    assert r.exit_code == 2 and f"Invalid value for '{option}'" in r.output and "Traceback" not in r.output
+    assert not out.exists()
+
+
+def test_study_refuses_a_bad_out_device_or_summary_source(tmp_path, wide_errors) -> None:
+    a_file = tmp_path / "afile"
+    a_file.write_text("x")
+    for out in (a_file, a_file / "sub"):
+        r = _study("--data-dir", str(tmp_path), "--out", str(out))
+        assert r.exit_code == 2 and f"Invalid value for --out: {a_file}: exists and is not a folder" in r.output, \
+            r.output
+    r = _study("--data-dir", str(tmp_path), "--out", str(tmp_path / "o"), "--device", "bogus")
+    assert r.exit_code == 2 and "'bogus' is not a device" in r.output, r.output
+    r = _study("--data-dir", str(tmp_path), "--out", str(tmp_path), "--summarise-only")
+    line = _one_error_line(r)
+    assert f"{tmp_path / 'per_image.csv'} does not exist" in line and "run the study first" in line

@@ -7,14 +7,16 @@ from typing import List, Optional
 
 import typer
 
+from retina_fgvis.commands.checks import output_file, resolve_device
+
 
 def register(app: typer.Typer, evaluate_app: typer.Typer) -> None:
     @app.command("bench")
     def bench_cmd(
-        batch: Optional[List[int]] = typer.Option(None, "--batch", help="Batch sizes (default CPU 1 4 16, GPU 1 16 64)."),
+        batch: Optional[List[int]] = typer.Option(None, "--batch", min=1, help="Batch sizes (default CPU 1 4 16, GPU 1 16 64)."),
         weights: Optional[Path] = typer.Option(None, help="Classifier weights (default: shipped)."),
         device: str = typer.Option("auto", help="auto | cpu | cuda"),
-        repeats: int = typer.Option(3, help="Interleaved rounds; the median is reported."),
+        repeats: int = typer.Option(3, min=1, help="Interleaved rounds; the median is reported."),
         autocast: bool = typer.Option(False, help="bf16 autocast (CUDA only)."),
         channels_last: bool = typer.Option(False, help="NHWC model and inputs (CUDA only)."),
         throughput_images: List[Path] = typer.Option(
@@ -25,7 +27,7 @@ def register(app: typer.Typer, evaluate_app: typer.Typer) -> None:
         import torch
 
         from retina_fgvis.bench import bench_iterations, hardware, peak_memory_mb
-        from retina_fgvis.classifier.model import load_classifier
+        from retina_fgvis.classifier.model import WeightsError, load_classifier
         from retina_fgvis.fgvis.presets import fundus_fgvis
         from retina_fgvis.fundus.io import read_fundus
         from retina_fgvis.fundus.preprocess import stack_prepared
@@ -33,8 +35,16 @@ def register(app: typer.Typer, evaluate_app: typer.Typer) -> None:
         from retina_fgvis.runtime import allocator_mode
         from retina_fgvis.report.files import atomic_write_text
 
-        dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
-        clf = load_classifier(weights, device=str(dev))
+        # checked before anything runs: a benchmark takes minutes, and its table used to be lost
+        # to an --out in the way only when it was written
+        dev = torch.device(resolve_device(device))
+        if out is not None:
+            output_file(out)
+        try:
+            clf = load_classifier(weights, device=str(dev))
+        except WeightsError as exc:
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(2) from None
         nhwc = channels_last and dev.type == "cuda"
         if nhwc:
             clf.model.to(memory_format=torch.channels_last)

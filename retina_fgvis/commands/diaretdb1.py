@@ -10,7 +10,24 @@ from typing import Optional
 
 import typer
 
-from retina_fgvis.commands.fgvis_options import parse_fgvis_settings
+from retina_fgvis.commands.checks import output_folder, resolve_device
+from retina_fgvis.commands.fgvis_options import check_fgvis_settings, parse_fgvis_settings
+
+
+def _importance_level(value: float, what: str) -> float:
+    """An importance threshold in (0, 1].
+
+    Why this range: the importance map is the channel mean of ``1 - m`` with the mask ``m`` in
+    [0, 1], and a pixel is flagged when its importance is *at or above* the level. Above 1 nothing
+    can be flagged; at or below 0 every FOV pixel is, kept ones included (the area cap then picks
+    among ties): both give a meaningless table without any error.
+    """
+    import math
+
+    if not (math.isfinite(value) and 0.0 < value <= 1.0):
+        raise typer.BadParameter(f"must be in (0, 1] (importance = removed share of a pixel), got {value:g}",
+                                 param_hint=what)
+    return value
 
 
 def _parse_floats(text: str, what: str) -> tuple[float, ...]:
@@ -42,7 +59,7 @@ def register(app: typer.Typer, evaluate_app: typer.Typer) -> None:
                                       "(union) or best single proposal (pair)."),
         froc_thresholds: str = typer.Option("0.05,0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9", "--froc-thresholds",
                                             help="Importance levels swept for the FROC."),
-        max_iterations: Optional[int] = typer.Option(None, "--max-iterations",
+        max_iterations: Optional[int] = typer.Option(None, "--max-iterations", min=1,
                                                      help="FGVis iterations per image (default: engine's)."),
         fgvis_setting: list[str] = typer.Option([], "--fgvis-setting",
                                                 help="FGVis setting override KEY=VALUE (repeatable; VALUE "
@@ -59,18 +76,26 @@ def register(app: typer.Typer, evaluate_app: typer.Typer) -> None:
         from retina_fgvis.lesions import RegionSettings
         from retina_fgvis.metrics.detection import AGGREGATIONS, OVERLAP_MODES
 
+        dev = resolve_device(device)
+        output_folder(out)
         if mode not in OVERLAP_MODES:
             raise typer.BadParameter(f"--mode must be one of {', '.join(OVERLAP_MODES)}")
         if aggregate not in AGGREGATIONS:
             raise typer.BadParameter(f"--aggregate must be one of {', '.join(AGGREGATIONS)}")
+        _importance_level(threshold, "--threshold")
         try:
             regions = RegionSettings(threshold=threshold, max_fov_fraction=max_fov_fraction,
                                      min_area=min_area, closing_radius=closing_radius)
         except ValueError as exc:
             raise typer.BadParameter(str(exc)) from None
+        froc_levels = tuple(_importance_level(t, "--froc-thresholds")
+                            for t in _parse_floats(froc_thresholds, "--froc-thresholds"))
         settings = EvalSettings(regions=regions, default_mode=mode, aggregate=aggregate,
-                                froc_thresholds=_parse_floats(froc_thresholds, "--froc-thresholds"),
-                                overlays=overlays)
+                                froc_thresholds=froc_levels, overlays=overlays)
+        # the game's settings are checked before the data set and the weights are read
+        fgvis_overrides = check_fgvis_settings(parse_fgvis_settings(fgvis_setting))
+        if max_iterations is not None:
+            fgvis_overrides["max_iterations"] = int(max_iterations)
         try:
             dataset = DiaretDB1(data_dir, split)
         except DiaretDB1Error as exc:
@@ -80,13 +105,10 @@ def register(app: typer.Typer, evaluate_app: typer.Typer) -> None:
         from retina_fgvis.classifier.model import WeightsError, load_classifier
 
         try:
-            classifier = load_classifier(weights, device=device)
+            classifier = load_classifier(weights, device=dev)
         except WeightsError as exc:
             typer.echo(f"error: {exc}", err=True)
             raise typer.Exit(2)
-        fgvis_overrides = parse_fgvis_settings(fgvis_setting)
-        if max_iterations is not None:
-            fgvis_overrides["max_iterations"] = int(max_iterations)
         try:
             explainer = FGVisExplainer(classifier, target=1, game="deletion", defense=True, **fgvis_overrides)
         except (TypeError, ValueError) as exc:

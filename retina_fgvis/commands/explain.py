@@ -12,6 +12,8 @@ from typing import List, Optional
 
 import typer
 
+from retina_fgvis.commands.checks import output_folder, resolve_device
+
 GAME_CHOICES = ("deletion", "preservation", "generation", "repression")
 
 
@@ -24,7 +26,7 @@ def register(app: typer.Typer, evaluate_app: typer.Typer) -> None:
         defense: bool = typer.Option(True, "--defense/--no-defense", help="Eq. 6 gradient clipping."),
         weights: Optional[Path] = typer.Option(None, help="Classifier weights (default: shipped)."),
         device: str = typer.Option("auto", help="auto | cpu | cuda"),
-        iterations: Optional[int] = typer.Option(None, help="Iteration cap (default: engine default)."),
+        iterations: Optional[int] = typer.Option(None, min=1, help="Iteration cap (default: engine default)."),
         prune: bool = typer.Option(True, "--prune/--no-prune", help="Undo faint changes the goal does not need (default)."),
         min_side: Optional[int] = typer.Option(None, "--min-side", min=1, help="Refuse images whose shorter side is below this many pixels (default: half the classifier's input size)."),
     ) -> None:
@@ -41,7 +43,8 @@ def register(app: typer.Typer, evaluate_app: typer.Typer) -> None:
 
         if game not in GAME_CHOICES:
             raise typer.BadParameter(f"--game must be one of {', '.join(GAME_CHOICES)}")
-        dev = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+        dev = resolve_device(device)
+        output_folder(out)
         try:
             clf = load_classifier(weights, device=dev)
         except WeightsError as err:

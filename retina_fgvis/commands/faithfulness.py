@@ -16,7 +16,8 @@ from typing import Any, Optional
 
 import typer
 
-from retina_fgvis.commands.fgvis_options import parse_fgvis_settings
+from retina_fgvis.commands.checks import output_folder, resolve_device
+from retina_fgvis.commands.fgvis_options import check_fgvis_settings, parse_fgvis_settings
 from retina_fgvis.report.files import atomic_write_bytes, atomic_write_text
 
 MODEL_HELP = "Model to evaluate: 'rdr' (the referable-DR classifier) or 'imagenet' (EfficientNet-Lite0)."
@@ -27,16 +28,6 @@ IMAGES_HELP = ("Folder of images. Default: rdr -> held-out validation images of 
 
 def _echo(msg: str) -> None:
     typer.echo(msg, err=True)
-
-
-def _device(name: str) -> str:
-    import torch
-
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise typer.BadParameter("CUDA is not available on this machine", param_hint="--device")
-    return name
 
 
 def _fail(msg: str) -> None:
@@ -120,6 +111,8 @@ def _faithfulness_images(em, images: Optional[Path], data_root: Optional[Path], 
 
 
 PROGRESS_DIR = "progress"
+#: when every image was skipped as unreadable (each skip is reported above this line)
+NO_USABLE_IMAGES = "no usable images"
 
 
 def _method_folder(progress_dir: Path, em, method: str, options: dict[str, Any], insertion: bool,
@@ -233,21 +226,24 @@ def faithfulness_command(
                                  param_hint="--methods")
     if substrate not in F.SUBSTRATES:
         raise typer.BadParameter(f"use one of {', '.join(F.SUBSTRATES)}", param_hint="--substrate")
-    dev = _device(device)
+    dev = resolve_device(device)
+    output_folder(out)
+    # checked whatever the methods: an unknown key used to fail only when an FGVis method ran
+    # (after the baselines) and to be accepted silently when none did
+    fgvis_options = check_fgvis_settings({**F.FAITHFULNESS_FGVIS_SETTINGS, **parse_fgvis_settings(fgvis_setting)})
+    if fgvis_max_iterations is not None:
+        fgvis_options["max_iterations"] = fgvis_max_iterations
     em = _load(model, weights, dev)
     try:
         imgs, image_desc = _faithfulness_images(em, images, data_root, limit, seed)
-    except (ValueError, FileNotFoundError) as exc:
+    except (ValueError, OSError) as exc:  # OSError: an image PIL cannot identify (imagenet)
         _fail(str(exc))
     if not imgs:
-        _fail("no usable images")
+        _fail(NO_USABLE_IMAGES)
     options: dict[str, dict[str, Any]] = {
         "rise": {"n_masks": rise_masks},
         "lime": {"n_samples": lime_samples, "mean": em.mean, "std": em.std},  # SLIC on true colours
     }
-    fgvis_options = {**F.FAITHFULNESS_FGVIS_SETTINGS, **parse_fgvis_settings(fgvis_setting)}
-    if fgvis_max_iterations:
-        fgvis_options["max_iterations"] = fgvis_max_iterations
     for m in FGVIS_METHODS:  # the defended and the undefended game play with the same settings
         options[m] = dict(fgvis_options)
     cmd = _command("faithfulness", model=model, images=images, limit=limit, methods=",".join(chosen),
@@ -308,6 +304,8 @@ def _defense_cases(em, images: Optional[Path], data_root: Optional[Path], limit:
     if em.kind == "imagenet" or images is not None:
         imgs = (F.imagenet_images(em, images) if em.kind == "imagenet"
                 else F.rdr_images(em, images, on_error=_echo))
+        if not imgs:  # every file was skipped: say so, not that the selection rule excluded them
+            raise ValueError(NO_USABLE_IMAGES)
         cases, zc, zp, notes = F.defense_cases(em, imgs, min_confidence=min_confidence,
                                                max_p_target=max_p_referable)
         cases = cases[:limit] if limit else cases
@@ -328,6 +326,8 @@ def _defense_cases(em, images: Optional[Path], data_root: Optional[Path], limit:
         seen += len(imgs)
         got, zc, zp, notes = F.defense_cases(em, imgs, max_p_target=max_p_referable)
         cases.extend(got)
+    if not seen:
+        raise ValueError(NO_USABLE_IMAGES)
     cases = cases[:want]
     notes = [n for n in notes if "did not meet" not in n]
     desc = (f"{len(cases)} held-out validation eyes graded non-referable with p(referable) <= "
@@ -362,18 +362,19 @@ def defense_command(
 
     if model not in ("rdr", "imagenet"):
         raise typer.BadParameter("use rdr or imagenet", param_hint="--model")
-    dev = _device(device)
+    dev = resolve_device(device)
+    output_folder(out)
+    settings = check_fgvis_settings({**F.DEFENSE_FGVIS_SETTINGS, **parse_fgvis_settings(fgvis_setting)})
+    if max_iterations is not None:
+        settings["max_iterations"] = max_iterations
     em = _load(model, weights, dev)
     try:
         cases, zc, zp, notes, desc = _defense_cases(em, images, data_root, limit, seed, min_confidence,
                                                     max_p_referable)
-    except (ValueError, FileNotFoundError) as exc:
+    except (ValueError, OSError) as exc:  # OSError: an image PIL cannot identify (imagenet)
         _fail(str(exc))
     if not cases:
         _fail("no image meets the selection rule (see --min-confidence / --max-p-referable)")
-    settings = {**F.DEFENSE_FGVIS_SETTINGS, **parse_fgvis_settings(fgvis_setting)}
-    if max_iterations:
-        settings["max_iterations"] = max_iterations
     cmd = _command("defense", model=model, images=images, limit=limit, weights=weights, data_root=data_root,
                    device=device, batch_size=batch_size,
                    min_confidence=min_confidence if min_confidence else None,

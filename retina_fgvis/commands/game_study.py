@@ -3,9 +3,17 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any, List, Optional
+from typing import Any, List, NoReturn, Optional
 
 import typer
+
+from retina_fgvis.commands.checks import output_folder, resolve_device
+
+
+def _fail(msg: str) -> NoReturn:
+    """One line and exit code 2, as `evaluate diaretdb1` reports a data set or weights problem."""
+    typer.echo(f"error: {msg}", err=True)
+    raise typer.Exit(2)
 
 
 def register(app: typer.Typer, evaluate_app: typer.Typer) -> None:
@@ -18,9 +26,9 @@ def register(app: typer.Typer, evaluate_app: typer.Typer) -> None:
         undefended: Optional[List[str]] = typer.Option(
             None, "--undefended", help="Settings also run without the defence (default: the first; '' = none)."),
         weights: Optional[Path] = typer.Option(None, help="Classifier weights (default: shipped)."),
-        limit: Optional[int] = typer.Option(None, help="Only the first N images (quick check)."),
-        max_iterations: Optional[int] = typer.Option(None, help="Override the iteration cap."),
-        batch_size: int = typer.Option(4, help="Images per batched game."),
+        limit: Optional[int] = typer.Option(None, min=1, help="Only the first N images (quick check)."),
+        max_iterations: Optional[int] = typer.Option(None, min=1, help="Override the iteration cap."),
+        batch_size: int = typer.Option(4, min=1, help="Images per batched game."),
         device: str = typer.Option("auto", help="auto | cpu | cuda"),
         seed_diaretdb1: Optional[Path] = typer.Option(
             None, help="An `evaluate diaretdb1` --out folder: the default game's maps are cached there."),
@@ -30,15 +38,16 @@ def register(app: typer.Typer, evaluate_app: typer.Typer) -> None:
     ) -> None:
         """Compare optimiser / step rule / λ schedule / goal settings of the deletion game."""
         import pandas as pd
-        import torch
 
         from retina_fgvis import game_study as gs
-        from retina_fgvis.classifier.model import load_classifier
-        from retina_fgvis.datasets.diaretdb1 import DiaretDB1
-        from retina_fgvis.report.files import atomic_write_text
+        from retina_fgvis.classifier.model import WeightsError, load_classifier
+        from retina_fgvis.datasets.diaretdb1 import DiaretDB1, DiaretDB1Error
 
-        dev = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
-        clf = load_classifier(weights, device=dev)
+        # every option is checked before the weights, the data set or a game costs anything
+        dev = resolve_device(device)
+        output_folder(out)
+        if seed_diaretdb1 is not None:
+            output_folder(seed_diaretdb1, "--seed-diaretdb1")
         names = list(settings or gs.RECORDED)
         unknown = [n for n in names if n not in gs.CANDIDATES]
         if unknown:
@@ -46,18 +55,34 @@ def register(app: typer.Typer, evaluate_app: typer.Typer) -> None:
         plain = [n for n in undefended if n] if undefended is not None else names[:1]  # "" = none
         if set(plain) - set(names):
             raise typer.BadParameter(f"--undefended {sorted(set(plain) - set(names))} not among the --setting names")
+        if summarise_only and not (out / "per_image.csv").is_file():
+            _fail(f"{out / 'per_image.csv'} does not exist: --summarise-only rebuilds the summary of an earlier "
+                  "study in --out; run the study first")
+        try:
+            clf = load_classifier(weights, device=dev)
+        except WeightsError as exc:
+            _fail(str(exc))
         if summarise_only:
-            rows_df = pd.read_csv(out / "per_image.csv")
             try:
-                curve_df = pd.read_csv(out / "curves.csv")
-            except pd.errors.EmptyDataError:  # no check was ever reached (every goal met at the start)
+                rows_df = gs.read_csv(out / "per_image.csv")
+            except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError) as exc:
+                _fail(f"{out / 'per_image.csv'}: not a game-study table ({type(exc).__name__})")
+            if not {"setting", "defense", "image", "enrichment"} <= set(rows_df.columns):
+                _fail(f"{out / 'per_image.csv'}: not a game-study table (no setting/defense/image/enrichment "
+                      "columns)")
+            try:
+                curve_df = gs.read_csv(out / "curves.csv")
+            except (pd.errors.EmptyDataError, FileNotFoundError):  # no check was ever reached (every goal met)
                 curve_df = pd.DataFrame()
             plain = sorted(set(rows_df.setting[~rows_df.defense.astype(bool)]))
             header = f"{rows_df.image.nunique()} images; run time: see study.log"
             _write_summary(out, rows_df, curve_df, plain, split, header, clf, dev)
             typer.echo(f"re-summarised -> {out / 'summary.md'}")
             return
-        images = gs.load_images(DiaretDB1(data_dir, split=split), limit=limit)
+        try:  # the layout, the split and every image are read here, before OUT is made
+            images = gs.load_images(DiaretDB1(data_dir, split=split), limit=limit)
+        except DiaretDB1Error as exc:
+            _fail(str(exc))
         out.mkdir(parents=True, exist_ok=True)
         log_file = (out / "study.log").open("a")
 
@@ -71,7 +96,7 @@ def register(app: typer.Typer, evaluate_app: typer.Typer) -> None:
         for name in names:
             for defense in ([True, False] if name in plain else [True]):
                 overrides = dict(gs.CANDIDATES[name])
-                if max_iterations:
+                if max_iterations is not None:
                     overrides["max_iterations"] = max_iterations
                 seed = (gs.diaretdb1_seed_cache(clf, overrides, seed_diaretdb1)
                         if seed_diaretdb1 is not None and defense else None)
@@ -80,8 +105,8 @@ def register(app: typer.Typer, evaluate_app: typer.Typer) -> None:
                 rows += r
                 curves += c
                 per_image = pd.DataFrame(rows)
-                atomic_write_text(out / "per_image.csv", per_image.to_csv(index=False))
-                atomic_write_text(out / "curves.csv", pd.DataFrame(curves).to_csv(index=False))
+                gs.write_csv(out / "per_image.csv", per_image)
+                gs.write_csv(out / "curves.csv", pd.DataFrame(curves))
         elapsed = time.perf_counter() - start
         _write_summary(out, pd.DataFrame(rows), pd.DataFrame(curves), plain, split,
                        f"{len(images)} images, total {elapsed / 60:.1f} min", clf, dev)
@@ -95,7 +120,7 @@ def _write_summary(out: Path, rows: Any, curves: Any, plain: list[str], split: s
     from retina_fgvis.report.files import atomic_write_text, shown_path
 
     table = gs.aggregate(rows)
-    atomic_write_text(out / "summary.csv", table.to_csv(index=False))
+    gs.write_csv(out / "summary.csv", table)
     for name in plain:
         gs.plot_curves(curves, name, out / f"enrichment_vs_iterations_{name}.png")
     md = [
