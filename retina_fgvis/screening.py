@@ -43,7 +43,8 @@ from typing import Any
 
 import numpy as np
 
-from retina_fgvis.fundus.intake import DEFAULT_MAX_PIXELS, ImageRejected, is_greyscale, read_checked_fundus
+from retina_fgvis.fundus.intake import (DEFAULT_MAX_PIXELS, ImageRejected, check_fundus_pixels, is_greyscale,
+                                        read_fundus_file)
 from retina_fgvis.report.files import (
     atomic_write_bytes,
     atomic_write_image,
@@ -153,7 +154,9 @@ def discover_inputs(
                     else:
                         skipped.append(p)
         else:
-            root = Path(os.path.abspath(root))  # a linked file keeps its own name and folder
+            # the folder resolved as folder inputs are (one file, one key), the file keeping its own
+            # name (a linked file is screened under the link's name)
+            root = Path(os.path.abspath(root)).parent.resolve() / root.name
             roots.append(root.parent)
             found[root] = root.suffix.lower() in DICOM_SUFFIXES or (root.is_file() and is_dicom(root))
     if not found:
@@ -630,8 +633,7 @@ class Screener:
         rec = self._base_record(item)
         t0 = time.perf_counter()
         try:
-            fundus = read_checked_fundus(item.path, is_dicom=item.is_dicom, max_pixels=self.settings.max_pixels,
-                                         min_side=self.min_side)
+            fundus = read_fundus_file(item.path, is_dicom=item.is_dicom, max_pixels=self.settings.max_pixels)
             if item.is_dicom:
                 if fundus.patient_id:
                     rec.patient = fundus.patient_id
@@ -642,6 +644,9 @@ class Screener:
                 rec.study_date = fundus.study_date
             rgb = fundus.rgb
             rec.height, rec.width = int(rgb.shape[0]), int(rgb.shape[1])
+            # after the header's patient/eye and the size are in the record: a refused image's row
+            # still groups with its patient
+            check_fundus_pixels(rgb, max_pixels=self.settings.max_pixels, min_side=self.min_side)
             prepared = self.classifier.prepare(rgb)
             rec.timings["read"] = round(time.perf_counter() - t0, 4)
             return _Prepared(item, rec, rgb, prepared)

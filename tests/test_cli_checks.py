@@ -44,22 +44,29 @@ def test_user_errors_become_one_line_and_bugs_keep_their_traceback(tmp_path: Pat
 
     assert user_error_line(WeightsError(tmp_path / "w.pt", "not a readable weights file")) == \
         f"{tmp_path / 'w.pt'}: not a readable weights file"
-    try:
-        (tmp_path / "afile").write_text("x")
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(FileExistsError) as info:
         (tmp_path / "afile").mkdir()
-    except FileExistsError as exc:
-        assert user_error_line(exc) == f"{tmp_path / 'afile'}: File exists"
+    assert user_error_line(info.value) == f"{tmp_path / 'afile'}: File exists"
     assert user_error_line(KeyError("setting")) is None
     assert user_error_line(ZeroDivisionError()) is None
 
 
-def test_the_installed_entry_point_prints_one_line_for_a_bad_weights_file(tmp_path: Path) -> None:
-    bad = tmp_path / "bad.pt"
-    bad.write_text("not a checkpoint")
+def test_the_entry_points_safety_net_turns_a_file_error_no_command_checks_into_one_line(tmp_path: Path) -> None:
+    """`explain --out` under a broken symbolic link passes the upfront check (nothing exists there)
+    and fails in mkdir: only main()'s net stands between the user and a traceback."""
+    (tmp_path / "gone").symlink_to(tmp_path / "nowhere")
+    out = tmp_path / "gone"
     image = Path(__file__).resolve().parents[1] / "data" / "samples" / "SYNA_left.png"
-    proc = subprocess.run([sys.executable, "-c", "from retina_fgvis.cli import main; main()", "bench", "--device",
-                           "cpu", "--batch", "1", "--repeats", "1", "--weights", str(bad), "--images", str(image)],
+    proc = subprocess.run([sys.executable, "-c", "from retina_fgvis.cli import main; main()", "explain", str(image),
+                           "--out", str(out), "--device", "cpu", "--iterations", "1"],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2, proc.stderr
     assert "Traceback" not in proc.stderr
-    assert proc.stderr.strip().splitlines()[-1].startswith(f"error: {bad}")
+    assert proc.stderr.strip().splitlines()[-1] == f"error: {out}: File exists"
+
+
+def test_devices_the_project_cannot_run_on_are_refused() -> None:
+    for name in ("mps", "meta"):
+        with pytest.raises(typer.BadParameter, match="cpu or cuda only"):
+            resolve_device(name)

@@ -361,3 +361,13 @@ def test_fov_mask_of_the_wrong_shape_is_refused() -> None:
     model, fov, x, _ = _fov_case()
     with pytest.raises(ValueError, match="fov_mask must be"):
         FGVis(model, defense=False, max_iterations=2).attribute(x, 1, fov_mask=fov[0])
+
+
+@pytest.mark.parametrize("lr", [0.0, -0.3, float("nan")])
+def test_a_step_size_that_is_not_positive_is_refused_by_the_engine(lr: float) -> None:
+    """A negative step makes the deletion game add evidence; library callers get the same refusal
+    as the CLI's --fgvis-setting."""
+    from retina_fgvis.fgvis.games import FGVisSettings
+
+    with pytest.raises(ValueError, match="lr must be a number > 0"):
+        FGVisSettings(lr=lr).validate()

@@ -241,6 +241,29 @@ def test_resume_with_a_new_manifest_regroups_without_replaying_the_games(tmp_pat
     assert {r.patient for r in (S.read_record(out, f) for f in ("a_left.png", "b_right.png"))} == {"X1"}
 
 
+def test_a_refused_dicom_keeps_its_header_grouping_and_size(tmp_path):
+    """The pixel checks run after the header is read: a grey-scale DICOM's error row still names
+    its patient and eye (and the image size), as a readable one would."""
+    src = tmp_path / "in"
+    grey = np.repeat(fundus_rgb(1)[..., 1:2], 3, axis=2)
+    write_dicom(src / "scan001.dcm", grey, patient_id="DCM-7", eye="right", compression=None)
+    out = tmp_path / "out"
+    assert _screen([src], out) == 1
+    df = _results(out).set_index("file")
+    assert (df.loc["scan001.dcm", "patient"], df.loc["scan001.dcm", "eye"]) == ("DCM-7", "right")
+    assert "grey-scale" in df.loc["scan001.dcm", "error"]
+    rec = S.read_record(out, "scan001.dcm")
+    assert (rec.height, rec.width) == grey.shape[:2]
+
+
+def test_a_file_named_through_a_linked_folder_is_one_input(tmp_path):
+    real = tmp_path / "real"
+    write_png(real / "P1_left.png", fundus_rgb(1))
+    (tmp_path / "lnk").symlink_to(real)
+    items, _ = S.discover_inputs([tmp_path / "lnk", tmp_path / "lnk" / "P1_left.png"])
+    assert [i.file for i in items] == ["P1_left.png"]
+
+
 def test_exit_codes(tmp_path):
     make_folder(tmp_path / "in", 2)
     assert _screen([tmp_path / "in"], tmp_path / "ok") == 0

@@ -24,6 +24,8 @@ def resolve_device(name: str, option: str = "--device") -> str:
         device = torch.device(name)
     except (RuntimeError, ValueError):
         raise typer.BadParameter(f"'{name}' is not a device (use auto, cpu, cuda or cuda:N)", param_hint=option) from None
+    if device.type not in ("cpu", "cuda"):
+        raise typer.BadParameter(f"'{name}': this project runs on cpu or cuda only", param_hint=option)
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise typer.BadParameter("CUDA is not available on this machine", param_hint=option)

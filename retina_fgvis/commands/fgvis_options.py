@@ -31,11 +31,10 @@ def check_fgvis_settings(settings: dict[str, Any], option: str = "--fgvis-settin
 
     Why here: an unknown key used to surface as a TypeError once the first FGVis method ran
     (after the baselines' hours) or never, when no FGVis method was chosen; a negative step
-    size (``lr``) is not checked by the engine and runs a game that adds evidence. Every
+    size (``lr``) ran a game that adds evidence (``FGVisSettings.validate`` refuses it now). Every
     command that takes ``--fgvis-setting`` checks the same way, whatever methods it runs.
     Returns ``settings`` unchanged.
     """
-    import math
     from dataclasses import fields
 
     from retina_fgvis.fgvis.games import FGVisSettings
@@ -46,11 +45,8 @@ def check_fgvis_settings(settings: dict[str, Any], option: str = "--fgvis-settin
         raise typer.BadParameter(f"unknown setting(s) {', '.join(unknown)} (known: {', '.join(known)})",
                                  param_hint=option)
     try:
-        checked = FGVisSettings(**settings).validate()
-        lr = float(checked.lr)
+        FGVisSettings(**settings).validate()
     except (TypeError, ValueError) as exc:
         raise typer.BadParameter(str(exc).splitlines()[0] if str(exc) else type(exc).__name__,
                                  param_hint=option) from None
-    if not (math.isfinite(lr) and lr > 0):
-        raise typer.BadParameter(f"lr must be a number > 0, got {checked.lr!r}", param_hint=option)
     return settings

@@ -43,18 +43,17 @@ def _dist_env() -> tuple[int, int, int]:
 
 
 def _resolve_device(device: str, local_rank: int, world: int) -> str:
+    """The shared device check (commands/checks.py), then one GPU per torchrun rank for plain ``cuda``."""
     import torch
 
-    device = device.lower()
-    if device not in ("auto", "cpu", "cuda") and not device.startswith("cuda:"):
-        raise _Usage(f"--device must be auto, cpu or cuda (got '{device}')")
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise _Usage("--device cuda: no CUDA device is available (use --device cpu)")
-        if device == "cuda":
-            device = f"cuda:{local_rank % torch.cuda.device_count()}" if world > 1 else "cuda"
+    from retina_fgvis.commands.checks import resolve_device
+
+    try:
+        device = resolve_device(device.lower())
+    except typer.BadParameter as exc:
+        raise _Usage(f"--device: {exc.message}") from None
+    if device == "cuda" and world > 1:
+        device = f"cuda:{local_rank % torch.cuda.device_count()}"
     return device
 
 

@@ -53,6 +53,7 @@ Choices the paper leaves open (the README's method section gives the measurement
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import asdict, dataclass, replace
 from typing import Callable, Iterator, Literal
 
@@ -156,6 +157,8 @@ class FGVisSettings:
             raise ValueError(f"prune_levels must lie in (0, 1), got {self.prune_levels}")
         if self.max_iterations < 1 or self.check_every < 1:
             raise ValueError("max_iterations and check_every must be >= 1")
+        if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"lr must be a number > 0, got {self.lr!r} (a negative step adds evidence)")
         return self
 
 

@@ -80,11 +80,11 @@ def is_greyscale(rgb: np.ndarray, tol: int = 3, share: float = 0.995) -> bool:
     return float((spread <= tol).mean()) >= share
 
 
-def read_checked_fundus(path: str | Path, *, is_dicom: bool | None = None, max_pixels: int = DEFAULT_MAX_PIXELS,
-                        min_side: int = 0) -> Fundus:
-    """Read ``path`` (DICOM when ``is_dicom``; None: by suffix or DICM magic) as 8-bit RGB and
-    check it. Raises :class:`ImageRejected` or ``FundusReadError``, each one line (the size
-    limit is checked from the header before decoding, so a bomb costs nothing)."""
+def read_fundus_file(path: str | Path, *, is_dicom: bool | None = None,
+                     max_pixels: int = DEFAULT_MAX_PIXELS) -> Fundus:
+    """Read ``path`` (DICOM when ``is_dicom``; None: by suffix or DICM magic) as 8-bit RGB, refusing
+    what is not a readable regular file and what is too large from its header, before decoding
+    (a decompression bomb costs nothing). Raises :class:`ImageRejected` or ``FundusReadError``."""
     from retina_fgvis.fundus.dicom import DICOM_SUFFIXES, is_dicom as sniff_dicom, read_dicom
     from retina_fgvis.fundus.io import read_fundus
 
@@ -103,8 +103,14 @@ def read_checked_fundus(path: str | Path, *, is_dicom: bool | None = None, max_p
     if size is not None and size[0] * size[1] > max_pixels:
         raise ImageRejected(f"image too large ({size[0]}x{size[1]} = {size[0] * size[1] / 1e6:.0f} MP; "
                             f"limit {max_pixels / 1e6:.0f} MP)")
-    fundus = read_dicom(path) if is_dicom else read_fundus(path)
-    rgb = fundus.rgb
+    return read_dicom(path) if is_dicom else read_fundus(path)
+
+
+def check_fundus_pixels(rgb: np.ndarray, *, max_pixels: int = DEFAULT_MAX_PIXELS, min_side: int = 0) -> None:
+    """Refuse decoded pixels the classifier must not judge: a thumbnail, an image over the size
+    limit (for formats whose header did not say), a grey-scale or red-free photograph. Separate
+    from reading so that a caller can keep what the file says (a DICOM's patient and eye, the
+    size) for the error row of a refused image."""
     if min(rgb.shape[:2]) < min_side:
         raise ImageRejected(f"image too small ({rgb.shape[1]}x{rgb.shape[0]} px; the shorter side must be "
                             f"at least {min_side} px, --min-side)")
@@ -112,4 +118,11 @@ def read_checked_fundus(path: str | Path, *, is_dicom: bool | None = None, max_p
         raise ImageRejected(f"image too large ({rgb.shape[1]}x{rgb.shape[0]})")
     if is_greyscale(rgb):
         raise ImageRejected("grey-scale image (all colour channels equal): a colour fundus photograph is needed")
+
+
+def read_checked_fundus(path: str | Path, *, is_dicom: bool | None = None, max_pixels: int = DEFAULT_MAX_PIXELS,
+                        min_side: int = 0) -> Fundus:
+    """:func:`read_fundus_file` then :func:`check_fundus_pixels` (``explain``, ``predict``)."""
+    fundus = read_fundus_file(path, is_dicom=is_dicom, max_pixels=max_pixels)
+    check_fundus_pixels(fundus.rgb, max_pixels=max_pixels, min_side=min_side)
     return fundus
