@@ -33,6 +33,7 @@ import pandas as pd
 
 from retina_fgvis.datasets.diaretdb1 import LESION_KIND, LESION_TYPES, DiaretDB1
 from retina_fgvis.report.files import atomic_write_bytes, atomic_write_text
+from retina_fgvis.report.tables import NOTICE_LINE
 from retina_fgvis.lesions import RegionSettings, find_regions, label_regions, regions_table
 from retina_fgvis.metrics.enrichment import lesion_scores
 from retina_fgvis.metrics.detection import (
@@ -49,7 +50,7 @@ __all__ = [
 ]
 
 RESEARCH_ONLY = "Research use only, not a diagnosis"
-CSV_NOTICE = "# Research use only, not a diagnosis. Read with pandas.read_csv(path, skiprows=1)."
+CSV_NOTICE = NOTICE_LINE  # the first line of every table the project writes
 #: Paper Table 3, FGVis rows (image-level sensitivity %, DiaretDB1).
 PAPER_TABLE3: dict[float, dict[str, float]] = {
     0.25: {"H": 100.0, "HE": 94.7, "SE": 90.0, "RSD": 88.4},

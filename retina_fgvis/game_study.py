@@ -224,13 +224,12 @@ def load_images(dataset: Any, limit: int | None = None) -> list[StudyImage]:
 
 
 def write_csv(path: Path, df: pd.DataFrame) -> None:
-    """A study table with the research-use notice as its first line, as every DiaretDB1 CSV has
-    (``evaluation_diaretdb1.CSV_NOTICE``): the per-image rows name DiaretDB1 images and the
+    """A study table with the research-use notice as its first line, as every table of the project
+    has (``report.tables.write_csv``): the per-image rows name DiaretDB1 images and the
     classifier's p(referable), and a file copied out of its folder must still say what it is."""
-    from retina_fgvis.evaluation_diaretdb1 import CSV_NOTICE
-    from retina_fgvis.report.files import atomic_write_text
+    from retina_fgvis.report.tables import write_csv as write_notice_csv
 
-    atomic_write_text(path, CSV_NOTICE + "\n" + df.to_csv(index=False))
+    write_notice_csv(df, path)
 
 
 def read_csv(path: Path) -> pd.DataFrame:
