@@ -44,7 +44,7 @@ from typing import Any
 import numpy as np
 
 from retina_fgvis.fundus.intake import (DEFAULT_MAX_PIXELS, ImageRejected, check_fundus_pixels, is_greyscale,
-                                        read_fundus_file)
+                                        min_side_for, read_fundus_file)
 from retina_fgvis.report.files import (
     atomic_write_bytes,
     atomic_write_image,
@@ -336,8 +336,7 @@ class ScreenSettings:
     engine: dict[str, Any] = field(default_factory=dict)  # extra FGVis settings
     regions: dict[str, Any] = field(default_factory=dict)  # RegionSettings overrides
     max_pixels: int = DEFAULT_MAX_PIXELS
-    #: shortest image side accepted; None: half the classifier's input size (a smaller photograph
-    #: would be enlarged more than 2x: a 40-px thumbnail has no lesions to find, yet gets a p)
+    #: shortest image side accepted; None: the rule of fundus.intake.min_side_for
     min_side: int | None = None
     overlay_max_side: int = 1600
     explain_all: bool = False  # run the game even where its goal already holds (no effect but time)
@@ -570,8 +569,7 @@ class Screener:
         #: optional status hook (text), called while a batch's game runs (progress bars)
         self.on_step: Callable[[str], None] | None = None
         self.threshold = float(getattr(classifier, "threshold", 0.5))
-        input_size = int(getattr(classifier, "input_size", 0) or 0)
-        self.min_side = self.settings.min_side if self.settings.min_side is not None else input_size // 2
+        self.min_side = min_side_for(int(getattr(classifier, "input_size", 0) or 0), self.settings.min_side)
 
     # -- resume ------------------------------------------------------------------------------
     def finished_record(self, item: InputItem) -> ImageRecord | None:

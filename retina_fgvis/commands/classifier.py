@@ -132,7 +132,7 @@ def register(app: typer.Typer, evaluate_app: typer.Typer) -> None:
 
         from retina_fgvis.classifier.model import WeightsError, load_classifier
         from retina_fgvis.commands.checks import output_file, resolve_device
-        from retina_fgvis.fundus.intake import ImageRejected, read_checked_fundus
+        from retina_fgvis.fundus.intake import ImageRejected, min_side_for, read_checked_fundus
         from retina_fgvis.fundus.io import FundusReadError
         from retina_fgvis.fundus.preprocess import NoFundusError
 
@@ -148,7 +148,7 @@ def register(app: typer.Typer, evaluate_app: typer.Typer) -> None:
         rows, failed = [], 0
         for path in images:
             try:
-                rgb = read_checked_fundus(path, min_side=clf.input_size // 2 if min_side is None else min_side).rgb
+                rgb = read_checked_fundus(path, min_side=min_side_for(clf.input_size, min_side)).rgb
                 prep = clf.prepare(rgb)
                 p = float(clf.predict_proba(prep.tensor[None])[0])
                 rows.append({"file": str(path), "p_referable": round(p, 4),

@@ -36,7 +36,7 @@ def register(app: typer.Typer, evaluate_app: typer.Typer) -> None:
         from retina_fgvis.classifier.model import REFERABLE, WeightsError, load_classifier
         from retina_fgvis.explanation_images import explanation_images
         from retina_fgvis.fgvis.presets import fundus_fgvis
-        from retina_fgvis.fundus.intake import ImageRejected, read_checked_fundus
+        from retina_fgvis.fundus.intake import ImageRejected, min_side_for, read_checked_fundus
         from retina_fgvis.fundus.io import FundusReadError
         from retina_fgvis.fundus.preprocess import NoFundusError
         from retina_fgvis.report.files import atomic_write_image, atomic_write_text, sha256_hex
@@ -57,7 +57,7 @@ def register(app: typer.Typer, evaluate_app: typer.Typer) -> None:
         for path in images:
             name = f"image-{sha256_hex(str(path))[:12]}"
             try:
-                fundus = read_checked_fundus(path, min_side=clf.input_size // 2 if min_side is None else min_side)
+                fundus = read_checked_fundus(path, min_side=min_side_for(clf.input_size, min_side))
                 prepared = clf.prepare(fundus.rgb)
             except (FundusReadError, ImageRejected, NoFundusError, OSError, ValueError) as err:
                 failures += 1

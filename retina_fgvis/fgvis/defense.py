@@ -275,25 +275,24 @@ class _BoundsMode(TorchFunctionMode):
         if clamp is not None and not owner._recording:
             return owner._fused_call(name, func, clamp)
         clamp_hi = None if clamp is None else clamp.hi
-        if not owner._recording and _writes_into_a_view(args):
-            # a hook on a view that an op changed in place never fires (the gradient flows through
-            # the base's history): run the op on a copy, defend the copy, write it back
-            src = args[0]
-            work = src.clone()
-            out = func(work, *args[1:], **kwargs)
-            if out is work:
-                src.copy_(owner._on_call(name, out, nonnegative, clamp_hi=clamp_hi))
-                return src
-            return owner._on_call(name, out, nonnegative, clamp_hi=clamp_hi)
-        out = func(*args, **kwargs)
-        return owner._on_call(name, out, nonnegative, clamp_hi=clamp_hi)
+        return _hooked_call(lambda a: func(*a, **kwargs), args,
+                            lambda out: owner._on_call(name, out, nonnegative, clamp_hi=clamp_hi))
 
 
-def _writes_into_a_view(args: tuple[Any, ...]) -> bool:
-    """Whether the call's input is a view that autograd tracks (an in-place call would then
-    change its base's history, not its own)."""
+def _hooked_call(call: Callable[[tuple[Any, ...]], torch.Tensor], args: tuple[Any, ...],
+                 defend: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """``defend(call(args))``, except for a call on a view that autograd tracks: a hook on a view
+    changed in place never fires (the gradient flows through the base's history), so the call
+    runs on a copy, the copy is defended and an in-place result is written back into the view.
+    (The clean pass runs under no_grad and never takes the copy.)"""
     src = args[0] if args else None
-    return isinstance(src, torch.Tensor) and src._is_view() and torch.is_grad_enabled() and src.requires_grad
+    if not (isinstance(src, torch.Tensor) and src._is_view() and torch.is_grad_enabled() and src.requires_grad):
+        return defend(call(args))
+    work = src.clone()
+    out = call((work, *args[1:]))
+    if out is work:
+        return src.copy_(defend(out))
+    return defend(out)
 
 
 def _refuse_checkpointing(op: str, grad_at_start: bool) -> None:
@@ -450,8 +449,7 @@ class ActivationBounds:
         upper, lower, _ = self._next_call(op, tuple(out.shape))
         if not (torch.is_grad_enabled() and out.requires_grad):
             return out
-        self._defend_with_hook(out, upper, lower)
-        return out
+        return self._defend_with_hook(out, upper, lower)
 
     def _record(self, op: str, out: torch.Tensor, nonnegative: bool, clamp_hi: float | None) -> None:
         ref = out.detach()
@@ -497,22 +495,16 @@ class ActivationBounds:
             return run(x)
         grad_upper = upper if grad_upper is None else grad_upper
         if grad_upper.dtype != x.dtype or grad_upper.device != x.device:
-            # e.g. a call whose dtype differs from the clean pass's: the general (hook) path, on a
-            # copy when it would change a view in place (see _BoundsMode)
-            work = x.clone() if clamp.inplace and _writes_into_a_view((x,)) else x
-            out = run(work)
-            self._defend_with_hook(out, upper, lower)
-            if work is not x:
-                return x.copy_(out)
-            return out
+            # e.g. a call whose dtype differs from the clean pass's: the general (hook) path
+            return _hooked_call(lambda a: run(a[0]), (x,), lambda out: self._defend_with_hook(out, upper, lower))
         out = _ClampWithIndicator.apply(x, grad_upper, run, clamp.inplace)
         if self.track_violations:
             self._violations.append((out.detach().gt(upper).sum(), out.numel()))
         return out
 
-    def _defend_with_hook(self, out: torch.Tensor, upper: torch.Tensor, lower: torch.Tensor | None) -> None:
+    def _defend_with_hook(self, out: torch.Tensor, upper: torch.Tensor, lower: torch.Tensor | None) -> torch.Tensor:
         """Multiply the gradient reaching ``out`` by Eq. 6's indicator (a tensor hook; ``out`` is never
-        a view changed in place: :class:`_BoundsMode` hands such calls a copy)."""
+        a view changed in place: :func:`_hooked_call` hands such calls a copy); returns ``out``."""
         # Eq. 6: [b_l <= h(e) <= b_u]; for h >= 0 the lower bound b_l = 0 always holds. Stored as a
         # float 0/1 tensor: the backward is then one multiply, ~3x cheaper on a CPU than a where/
         # masked_fill on a bool mask (which also converts the scalar and the mask per element).
@@ -526,6 +518,7 @@ class ActivationBounds:
         if self.track_violations:
             self._violations.append((keep.numel() - keep.sum(), keep.numel()))
         out.register_hook(_KeepOnly(keep))
+        return out
 
 
 class _KeepOnly:

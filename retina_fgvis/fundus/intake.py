@@ -80,6 +80,13 @@ def is_greyscale(rgb: np.ndarray, tol: int = 3, share: float = 0.995) -> bool:
     return float((spread <= tol).mean()) >= share
 
 
+def min_side_for(input_size: int, override: int | None = None) -> int:
+    """The shortest image side accepted: ``override``, else half the classifier's input size (a
+    smaller photograph would be enlarged more than 2x: a 40-px thumbnail has no lesions to find,
+    yet gets a p). One rule for ``screen``, ``explain`` and ``predict``."""
+    return int(override) if override is not None else int(input_size) // 2
+
+
 def read_fundus_file(path: str | Path, *, is_dicom: bool | None = None,
                      max_pixels: int = DEFAULT_MAX_PIXELS) -> Fundus:
     """Read ``path`` (DICOM when ``is_dicom``; None: by suffix or DICM magic) as 8-bit RGB, refusing
