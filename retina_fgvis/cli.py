@@ -47,14 +47,25 @@ def main() -> None:
 
     keep_freed_memory()  # a CLI process runs games for its whole life: no page faults per iteration
     compile_defence_masks()  # one compiled kernel per defence mask on the CPU (compiled on first use)
+    # the click that typer uses (typer >= 0.20 vendors its own copy as typer._click)
+    click_errors = sys.modules[typer.BadParameter.__module__]
     try:
-        app()
+        code = app(standalone_mode=False)
+    except click_errors.ClickException as exc:
+        # click's plain form: the reason stays on one line (rich's error box wraps long paths
+        # across lines, which breaks copying the path and grepping logs)
+        exc.show()
+        sys.exit(exc.exit_code)
+    except typer.Abort:
+        typer.echo("Aborted!", err=True)
+        sys.exit(1)
     except Exception as exc:  # the safety net under every command's own checks
         line = user_error_line(exc)
         if line is None:
             raise
         typer.echo(f"error: {line}", err=True)
         sys.exit(2)
+    sys.exit(code if isinstance(code, int) else 0)  # typer.Exit(n) comes back as n
 
 
 if __name__ == "__main__":

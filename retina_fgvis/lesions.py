@@ -68,8 +68,9 @@ class RegionSettings:
     reference_fov_diameter: float | None = 1339.0
 
     def __post_init__(self) -> None:
-        if not math.isfinite(self.threshold):
-            raise ValueError("threshold must be finite")
+        # importance = 1 - mask lies in [0, 1]: a level <= 0 flags the whole FOV, one > 1 nothing
+        if not (math.isfinite(self.threshold) and 0.0 < self.threshold <= 1.0):
+            raise ValueError(f"threshold must be in (0, 1], got {self.threshold}")
         if not 0.0 < self.max_fov_fraction <= 1.0:
             raise ValueError("max_fov_fraction must be in (0, 1]")
         if self.closing_radius < 0 or self.min_area < 1 or self.background_margin < 1:

@@ -2,6 +2,7 @@
 CLI (train / predict / evaluate classifier). All synthetic and small (tiny CNN, 64 px)."""
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -240,9 +241,12 @@ def test_one_epoch_training_writes_loadable_checkpoint(tmp_path: Path):
     ck = tmp_path / "w" / "tiny.train"
     assert (ck / "epoch1.pt").exists() and (ck / "latest.pt").exists() and (ck / "resume.ckpt").exists()
     assert any("epoch 1/1" in line for line in logs)
-    # resume: nothing left to do, the final file is rewritten from the resume state
+    # an existing final file is never replaced silently (library callers too) ...
+    with pytest.raises(FileExistsError, match="exists; set overwrite=True"):
+        train(cfg, log=logs.append)
+    # ... resume: nothing left to do, the final file is rewritten from the resume state
     logs.clear()
-    train(cfg, log=logs.append)
+    train(dataclasses.replace(cfg, overwrite=True), log=logs.append)
     assert any("resumed" in line for line in logs)
     assert not any(line.startswith("epoch 1/1") for line in logs)
     # continue training from the checkpoint with a new stage (e.g. a higher resolution)

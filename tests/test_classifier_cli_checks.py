@@ -269,8 +269,13 @@ def test_outputs_in_the_way_are_refused_before_any_work(tmp_path: Path, trained)
     weights, data = trained
     afile = tmp_path / "afile"
     afile.write_text("x")
+    ckdir = tmp_path / "ckdir"  # its default cache folder is taken by a file
+    ckdir.mkdir()
+    (ckdir / "cache").write_text("x")
     train = ["train", "--data", str(data), *TINY]
     cases = [
+        (train + ["--out", str(tmp_path / "o.pt"), "--checkpoint-dir", str(ckdir)],
+         f"Invalid value for --cache-dir: {ckdir / 'cache'}: exists and is not a folder"),
         (train + ["--out", str(afile / "o.pt")], f"Invalid value for --out: {afile}: exists and is not a folder"),
         (train + ["--out", str(tmp_path)], f"Invalid value for --out: {tmp_path}: is a folder"),
         (train + ["--out", str(tmp_path / "o.pt"), "--checkpoint-dir", str(afile)],
@@ -283,7 +288,7 @@ def test_outputs_in_the_way_are_refused_before_any_work(tmp_path: Path, trained)
     for args, message in cases:
         r = _invoke(args)
         assert r.exit_code == 2 and message in _flat(r.output), r.output
-        assert "| pooled |" not in r.output and "cache:" not in r.output  # refused before any work
+        assert "| pooled |" not in r.output and not re.search(r"cache: \d+ images", r.output)  # refused before any work
     assert afile.read_text() == "x" and not (tmp_path / "o.pt").exists()
 
 

@@ -1,6 +1,7 @@
 """Option checks shared by every command, and the CLI's safety net for user errors."""
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -70,3 +71,19 @@ def test_devices_the_project_cannot_run_on_are_refused() -> None:
     for name in ("mps", "meta"):
         with pytest.raises(typer.BadParameter, match="cpu or cuda only"):
             resolve_device(name)
+
+
+def test_usage_errors_keep_the_reason_and_the_path_on_one_line(tmp_path: Path) -> None:
+    """Typer's rich error box wraps a long path over several lines (copying it or grepping a log
+    for it then fails); the entry point prints click's plain form: one line with the whole reason."""
+    existing = tmp_path / ("a-folder-with-a-long-name-" * 3) / "weights-that-already-exist.pt"
+    existing.parent.mkdir(parents=True)
+    existing.write_bytes(b"x")
+    proc = subprocess.run([sys.executable, "-c", "from retina_fgvis.cli import main; main()", "train",
+                           "--data", str(tmp_path), "--out", str(existing)],
+                          capture_output=True, text=True, timeout=120, env={**os.environ, "COLUMNS": "80"})
+    assert proc.returncode == 2, proc.stderr
+    assert f"Error: Invalid value for --out: {existing}: exists; pass --overwrite to replace it" in \
+        proc.stderr.splitlines()
+    assert "╭" not in proc.stderr and "Traceback" not in proc.stderr
+    assert existing.read_bytes() == b"x"

@@ -26,7 +26,7 @@ SPECS = {
     "image003": {"SE": [(0, 0, 5, 5, 252)], "rgb_only": [(28, 10, 31, 13, 0)]},
 }
 SETTINGS = EvalSettings(regions=RegionSettings(min_area=1, max_fov_fraction=1.0, closing_radius=0, reference_fov_diameter=None),
-                        froc_thresholds=(0.5, 1.5))
+                        froc_thresholds=(0.5, 0.95))
 
 
 class FakeExplainer:
@@ -37,7 +37,8 @@ class FakeExplainer:
 
     def __call__(self, rgb, fov):
         self.calls += 1
-        return (np.abs(rgb.astype(int) - np.array([180, 90, 40])).sum(axis=2) > 0).astype(np.float32)
+        # importance 0.9 on every pixel that differs from the background colour, 0 elsewhere
+        return 0.9 * (np.abs(rgb.astype(int) - np.array([180, 90, 40])).sum(axis=2) > 0).astype(np.float32)
 
 
 @pytest.fixture()
@@ -63,10 +64,10 @@ def test_pipeline_golden_and_outputs(dataset, tmp_path):
     assert ll.fp_per_image.iloc[0] == pytest.approx(2 / 3)
     agree = res.type_agreement.set_index("kind")
     assert agree.loc["all", ["n_regions", "agree"]].tolist() == [3, 3]
-    # FROC: threshold 1.5 flags nothing
+    # FROC: threshold 0.95 is above every importance and flags nothing
     froc = read_csv(out / "froc.csv")
     allc = froc[(froc.lesion == "all") & (froc["mode"] == "coverage") & (froc.overlap == 0.25)]
-    assert allc.set_index("threshold").sensitivity.to_dict() == {0.5: 1.0, 1.5: 0.0}
+    assert allc.set_index("threshold").sensitivity.to_dict() == {0.5: 1.0, 0.95: 0.0}
     roc = read_csv(out / "image_roc.csv")
     assert roc[(roc.lesion == "H") & (roc.score == "flagged_fraction")].auc.iloc[0] == 1.0
     for name in ("lesion_level.csv", "froc.png", "per_image.csv", "regions.csv", "type_agreement.csv"):
@@ -85,7 +86,7 @@ def test_rescore_uses_cache(dataset, tmp_path):
     fake = FakeExplainer()
     evaluate_diaretdb1(dataset, fake, out, settings=SETTINGS, limit=2)
     assert fake.calls == 2
-    strict = EvalSettings(regions=SETTINGS.regions.replace(threshold=1.5), froc_thresholds=(0.5,),
+    strict = EvalSettings(regions=SETTINGS.regions.replace(min_area=10**7), froc_thresholds=(0.5,),
                           overlays=False)
     res = evaluate_diaretdb1(dataset, fake, out, settings=strict, limit=2)
     assert fake.calls == 2 and res.n_cached == 2          # the "game" did not run again

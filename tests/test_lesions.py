@@ -80,6 +80,11 @@ def test_bad_inputs():
         find_regions(imp, fov[:-1], rgb, ABS)
     with pytest.raises(ValueError):
         RegionSettings(max_fov_fraction=0)
+    # importance lies in [0, 1]: 0 would flag the whole FOV, 1.5 nothing, NaN silently nothing
+    for bad in (0.0, -0.1, 1.5, float("nan")):
+        with pytest.raises(ValueError, match=r"threshold must be in \(0, 1\]"):
+            RegionSettings(threshold=bad)
+    assert RegionSettings(threshold=1.0).threshold == 1.0
     labels, regions = find_regions(np.zeros_like(imp), fov, rgb, ABS)
     assert regions == [] and labels.max() == 0
 

@@ -37,8 +37,10 @@ def test_cli_applies_it_before_running_a_command(monkeypatch: pytest.MonkeyPatch
     calls: list[str] = []
     monkeypatch.setattr(runtime, "keep_freed_memory", lambda: calls.append("malloc") or "x")
     monkeypatch.setattr(runtime, "compile_defence_masks", lambda: calls.append("compile") or True)
-    monkeypatch.setattr(cli, "app", lambda: calls.append("app"))
-    cli.main()
+    monkeypatch.setattr(cli, "app", lambda **_kw: calls.append("app"))
+    with pytest.raises(SystemExit) as done:
+        cli.main()
+    assert done.value.code == 0
     assert calls == ["malloc", "compile", "app"]
 
 

@@ -82,6 +82,7 @@ class TrainConfig:
     channels_last: bool = True
     delete_prob: float = 0.0  # deletion-aware augmentation (see data.apply_deletion)
     blank_prob: float = 0.0
+    overwrite: bool = False  # replace an existing ``out`` (a forgotten ``out`` must not replace the shipped model)
 
     def resolved_checkpoint_dir(self) -> Path:
         if self.checkpoint_dir:
@@ -162,7 +163,12 @@ def validation_metrics(df_val: pd.DataFrame, p: np.ndarray) -> dict:
 
 def train(cfg: TrainConfig, log: Callable[[str], None] = print,
           progress: Callable[..., Iterable] = _noop_progress) -> Path:
-    """Run (or resume) training; write the final checkpoint to ``cfg.out``; return its path."""
+    """Run (or resume) training; write the final checkpoint to ``cfg.out``; return its path.
+
+    An existing ``cfg.out`` is refused (``FileExistsError``) unless ``cfg.overwrite``: ``out``
+    defaults to nothing, but a copied command line easily names the shipped weights."""
+    if Path(cfg.out).exists() and not cfg.overwrite:
+        raise FileExistsError(f"{cfg.out}: exists; set overwrite=True (CLI: --overwrite) to replace it")
     stages = parse_stages(cfg.stages)
     names = [Path(d).name for d in cfg.data]
     dups = sorted({n for n in names if names.count(n) > 1})
@@ -334,7 +340,7 @@ def _check_split(df: pd.DataFrame, cfg: TrainConfig) -> None:
 
 def _config_key(cfg: TrainConfig) -> str:
     d = asdict(cfg)
-    for k in ("log_every", "device", "threads", "checkpoint_dir", "cache_dir", "out"):
+    for k in ("log_every", "device", "threads", "checkpoint_dir", "cache_dir", "out", "overwrite"):
         d.pop(k, None)
     return json.dumps(d, sort_keys=True)
 

@@ -95,9 +95,10 @@ def register(app: typer.Typer, evaluate_app: typer.Typer) -> None:
         output_file(out, "--out")
         if out.exists() and not overwrite:
             raise typer.BadParameter(f"{out}: exists; pass --overwrite to replace it", param_hint="--out")
-        output_folder(checkpoint_dir if checkpoint_dir else Path("runs") / out.stem, "--checkpoint-dir")
-        if cache_dir:
-            output_folder(cache_dir, "--cache-dir")
+        resolved_checkpoints = checkpoint_dir if checkpoint_dir else Path("runs") / out.stem
+        output_folder(resolved_checkpoints, "--checkpoint-dir")
+        # the cache defaults to a folder inside the checkpoint folder: checked either way
+        output_folder(cache_dir if cache_dir else resolved_checkpoints / "cache", "--cache-dir")
         if log_file:
             output_file(log_file, "--log-file")
 
@@ -109,7 +110,7 @@ def register(app: typer.Typer, evaluate_app: typer.Typer) -> None:
                           threads=threads, max_images_per_source=max_images,
                           freeze_early=freeze_early,
                           init_from=str(init_from) if init_from else None, rotate_deg=rotate,
-                          delete_prob=delete_prob, blank_prob=blank_prob)
+                          delete_prob=delete_prob, blank_prob=blank_prob, overwrite=overwrite)
         log = _log_factory(log_file)
         log(f"train: {json.dumps(cfg.__dict__)}")
         try:

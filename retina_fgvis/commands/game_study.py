@@ -84,33 +84,33 @@ def register(app: typer.Typer, evaluate_app: typer.Typer) -> None:
         except DiaretDB1Error as exc:
             _fail(str(exc))
         out.mkdir(parents=True, exist_ok=True)
-        log_file = (out / "study.log").open("a")
+        with (out / "study.log").open("a", encoding="utf-8") as log_file:  # closed even when a game fails
 
-        def log(msg: str) -> None:
-            typer.echo(msg)
-            log_file.write(msg + "\n")
-            log_file.flush()
+            def log(msg: str) -> None:
+                typer.echo(msg)
+                log_file.write(msg + "\n")
+                log_file.flush()
 
-        rows, curves = [], []
-        start = time.perf_counter()
-        for name in names:
-            for defense in ([True, False] if name in plain else [True]):
-                overrides = dict(gs.CANDIDATES[name])
-                if max_iterations is not None:
-                    overrides["max_iterations"] = max_iterations
-                seed = (gs.diaretdb1_seed_cache(clf, overrides, seed_diaretdb1)
-                        if seed_diaretdb1 is not None and defense else None)
-                r, c = gs.run_setting(clf, images, name, overrides, defense, batch_size=batch_size, log=log,
-                                      seed_cache=seed)
-                rows += r
-                curves += c
-                per_image = pd.DataFrame(rows)
-                gs.write_csv(out / "per_image.csv", per_image)
-                gs.write_csv(out / "curves.csv", pd.DataFrame(curves))
-        elapsed = time.perf_counter() - start
-        _write_summary(out, pd.DataFrame(rows), pd.DataFrame(curves), plain, split,
-                       f"{len(images)} images, total {elapsed / 60:.1f} min", clf, dev)
-        log(f"done in {elapsed / 60:.1f} min -> {out / 'summary.md'}")
+            rows, curves = [], []
+            start = time.perf_counter()
+            for name in names:
+                for defense in ([True, False] if name in plain else [True]):
+                    overrides = dict(gs.CANDIDATES[name])
+                    if max_iterations is not None:
+                        overrides["max_iterations"] = max_iterations
+                    seed = (gs.diaretdb1_seed_cache(clf, overrides, seed_diaretdb1)
+                            if seed_diaretdb1 is not None and defense else None)
+                    r, c = gs.run_setting(clf, images, name, overrides, defense, batch_size=batch_size, log=log,
+                                          seed_cache=seed)
+                    rows += r
+                    curves += c
+                    per_image = pd.DataFrame(rows)
+                    gs.write_csv(out / "per_image.csv", per_image)
+                    gs.write_csv(out / "curves.csv", pd.DataFrame(curves))
+            elapsed = time.perf_counter() - start
+            _write_summary(out, pd.DataFrame(rows), pd.DataFrame(curves), plain, split,
+                           f"{len(images)} images, total {elapsed / 60:.1f} min", clf, dev)
+            log(f"done in {elapsed / 60:.1f} min -> {out / 'summary.md'}")
 
 
 def _write_summary(out: Path, rows: Any, curves: Any, plain: list[str], split: str,
