@@ -31,8 +31,9 @@ def user_error_line(exc: BaseException) -> str | None:
     from retina_fgvis.classifier.model import WeightsError
     from retina_fgvis.datasets.diaretdb1 import DiaretDB1Error
     from retina_fgvis.fundus.io import FundusReadError
+    from retina_fgvis.report.files import NamingKeyError
 
-    if isinstance(exc, (WeightsError, DiaretDB1Error, FundusReadError)):
+    if isinstance(exc, (WeightsError, DiaretDB1Error, FundusReadError, NamingKeyError)):
         return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
     if isinstance(exc, (FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError, PermissionError)):
         where = exc.filename if exc.filename is not None else ""

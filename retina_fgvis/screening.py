@@ -26,7 +26,8 @@ Design (why it looks like this):
 Patient grouping, in order of trust: DICOM header (PatientID / laterality), else the
 ``--manifest`` CSV (columns ``file, patient, eye``), else the file name ``<patient>_<eye>``
 (``eye`` = left/right/OD/OS, separator ``_`` or ``-``; a file named just ``left.png`` takes
-its folder name as the patient), else one patient per file (the relative path without suffix).
+its folder name as the patient), else one patient per file (the relative path without suffix;
+with it where two files differ only in their suffix).
 """
 from __future__ import annotations
 
@@ -35,6 +36,7 @@ import math
 import os
 import re
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -50,6 +52,7 @@ from retina_fgvis.report.files import (
     atomic_write_image,
     atomic_write_text,
     file_sha256,
+    naming_key,
     overlay_file_name,
     patient_dir_name,
     record_name,
@@ -289,6 +292,11 @@ def assign_groups(
         else:
             stem = it.file.rsplit(".", 1)[0] if "." in Path(it.file).name else it.file
             out.append(_replace(it, patient=stem, eye=name_eye, grouping="file"))
+    # one patient per file: two files that differ only in their suffix (scan01.png, scan01.jpg)
+    # are two patients, so they keep their suffix rather than merge into one
+    stems = Counter(it.patient for it in out if it.grouping == "file")
+    out = [_replace(it, patient=it.file) if it.grouping == "file" and stems[it.patient] > 1 else it
+           for it in out]
     unmatched = sorted(set(manifest) - used)
     return out, unmatched
 
@@ -570,6 +578,8 @@ class Screener:
         self.on_step: Callable[[str], None] | None = None
         self.threshold = float(getattr(classifier, "threshold", 0.5))
         self.min_side = min_side_for(int(getattr(classifier, "input_size", 0) or 0), self.settings.min_side)
+        #: key of the patient-folder and overlay names (report.files module doc)
+        self.naming_key = naming_key(self.out)
 
     # -- resume ------------------------------------------------------------------------------
     def finished_record(self, item: InputItem) -> ImageRecord | None:
@@ -598,19 +608,35 @@ class Screener:
         patient = item.patient or item.file
         same_patient = (rec.patient, rec.grouping) == (patient, item.grouping)
         if rec.grouping == "dicom" or (same_patient and (item.is_dicom or rec.eye == item.eye)):
-            return rec
+            return self._renamed(rec, regrouped=False)
         if item.is_dicom:
             return None
-        old_overlay = rec.overlay
         rec.patient, rec.eye, rec.grouping = patient, item.eye, item.grouping
-        rec.patient_dir = patient_dir_name(patient)
+        return self._renamed(rec, regrouped=True)
+
+    def _renamed(self, rec: ImageRecord, regrouped: bool) -> ImageRecord:
+        """``rec`` with its patient folder and overlay under this folder's naming rule (a record
+        of an earlier version, named by the unkeyed hash, moves on ``--resume``); written only
+        when a name changed. Copy first, record next, old copy last: an interruption leaves a
+        valid record (at worst an orphan picture)."""
+        patient_dir = patient_dir_name(rec.patient, self.naming_key)
+        old_overlay = rec.overlay
+        overlay = old_overlay
         if rec.status == "ok" and old_overlay:
-            rec.overlay = f"patients/{rec.patient_dir}/{overlay_file_name(rec.file, rec.eye, Path(old_overlay).suffix)}"
-            if rec.overlay != old_overlay:
-                atomic_write_bytes(self.out / rec.overlay, (self.out / old_overlay).read_bytes())
+            name = overlay_file_name(rec.file, rec.eye, self.naming_key, Path(old_overlay).suffix)
+            overlay = f"patients/{patient_dir}/{name}"
+        if (patient_dir, overlay) == (rec.patient_dir, old_overlay) and not regrouped:
+            return rec
+        rec.patient_dir, rec.overlay = patient_dir, overlay
+        if overlay != old_overlay:
+            atomic_write_bytes(self.out / overlay, (self.out / old_overlay).read_bytes())
         write_record(self.out, rec)
-        if old_overlay and rec.overlay != old_overlay:
+        if old_overlay and overlay != old_overlay:
             (self.out / old_overlay).unlink(missing_ok=True)
+            try:  # the patient's old folder, once empty
+                (self.out / old_overlay).parent.rmdir()
+            except OSError:
+                pass
         return rec
 
     # -- stages ------------------------------------------------------------------------------
@@ -618,7 +644,7 @@ class Screener:
         patient = item.patient or item.file
         rec = ImageRecord(
             file=item.file, patient=patient, eye=item.eye, grouping=item.grouping,
-            patient_dir=patient_dir_name(patient), result_key=self.result_key,
+            patient_dir=patient_dir_name(patient, self.naming_key), result_key=self.result_key,
             threshold=self.threshold,
         )
         rec.input_sha256 = _input_sha256(item.path)
@@ -635,7 +661,7 @@ class Screener:
             if item.is_dicom:
                 if fundus.patient_id:
                     rec.patient = fundus.patient_id
-                    rec.patient_dir = patient_dir_name(fundus.patient_id)
+                    rec.patient_dir = patient_dir_name(fundus.patient_id, self.naming_key)
                     rec.grouping = "dicom"
                 if fundus.eye:
                     rec.eye = fundus.eye
@@ -760,7 +786,7 @@ class Screener:
         t1 = time.perf_counter()
         picture = self.overlay(p.rgb, labels, regions, importance, fov)
         picture = _resize_max_side(np.asarray(picture, dtype=np.uint8), self.settings.overlay_max_side)
-        rel = f"patients/{rec.patient_dir}/{overlay_file_name(rec.file, rec.eye, '.jpg')}"
+        rel = f"patients/{rec.patient_dir}/{overlay_file_name(rec.file, rec.eye, self.naming_key, '.jpg')}"
         atomic_write_image(self.out / rel, picture)
         rec.overlay = rel
         rec.status, rec.error, rec.error_stage = "ok", "", ""
@@ -951,15 +977,46 @@ def collect_records(out: str | Path, items: Iterable[InputItem]) -> list[ImageRe
     """Records of ``items`` (in item order) from ``OUT/records``; missing ones become errors
     (a rank that died leaves holes; the merge must still produce complete tables)."""
     recs = []
+    key = naming_key(out)
     for it in items:
         rec = read_record(out, it.file)
         if rec is None:
             patient = it.patient or it.file
             rec = ImageRecord(file=it.file, patient=patient, eye=it.eye, grouping=it.grouping,
-                              patient_dir=patient_dir_name(patient), status="error",
+                              patient_dir=patient_dir_name(patient, key), status="error",
                               error="not processed (no record; run again with --resume)")
         recs.append(rec)
     return recs
+
+
+def records_of_other_inputs(out: str | Path, items: Iterable[InputItem]) -> list[Path]:
+    """Record files in ``OUT/records`` that belong to none of ``items`` (inputs removed since an
+    earlier run into OUT). They are in no table or report of this run, but their files still
+    name a patient: the screen command says so, and forgets them on request."""
+    wanted = {record_path(out, it.file).name for it in items}
+    return sorted(p for p in records_dir(out).glob("*.json") if p.name not in wanted)
+
+
+def forget_records(out: str | Path, record_files: Iterable[Path]) -> int:
+    """Delete these records and their overlays (and a patient folder left empty); returns how
+    many records went. The overlay goes first: an interruption leaves a record whose overlay is
+    missing, which a later run redoes or forgets, never an overlay no record names."""
+    out = Path(out)
+    n = 0
+    for path in record_files:
+        try:
+            overlay = json.loads(path.read_text(encoding="utf-8")).get("overlay")
+        except (OSError, ValueError, AttributeError):
+            overlay = None
+        if isinstance(overlay, str) and overlay.startswith("patients/") and ".." not in Path(overlay).parts:
+            (out / overlay).unlink(missing_ok=True)
+            try:
+                (out / overlay).parent.rmdir()
+            except OSError:
+                pass
+        path.unlink(missing_ok=True)
+        n += 1
+    return n
 
 
 def merge_outputs(out: str | Path, records: Sequence[ImageRecord], run_info: dict[str, Any],
@@ -1013,24 +1070,18 @@ def versions() -> dict[str, str]:
     return out
 
 
-_TEXT_COLUMNS = {"file", "patient", "eye", "referable", "status", "error", "kind", "overlay"}
-
-
 def read_results_csv(path: str | Path):
-    """Read results.csv / lesions.csv written here: skips the notice line, keeps text columns
-    as text (a patient called "NA" stays "NA"), numbers as numbers (NaN where empty)."""
-    import pandas as pd
+    """Read results.csv / lesions.csv written here: skips the notice line, undoes the formula
+    quotes, keeps text columns as text (a patient called "NA" stays "NA"), numbers as numbers
+    (NaN where empty); see :func:`retina_fgvis.report.tables.read_csv`."""
+    from retina_fgvis.report.tables import read_csv
 
-    df = pd.read_csv(path, skiprows=1, dtype=str, keep_default_na=False)
-    for col in df.columns:
-        if col not in _TEXT_COLUMNS:
-            df[col] = pd.to_numeric(df[col].replace("", None), errors="coerce")
-    return df
+    return read_csv(path)
 
 
 __all__ = [
     "NOTICE", "InputItem", "ImageRecord", "ScreenSettings", "Screener", "ScreenSummary",
     "ScreeningUsageError", "discover_inputs", "load_manifest", "assign_groups", "group_from_name",
-    "collect_records", "merge_outputs", "versions", "read_results_csv",
+    "collect_records", "records_of_other_inputs", "forget_records", "merge_outputs", "versions", "read_results_csv",
     "normalise_eye", "is_greyscale", "plan_chunks", "shard_chunks",
 ]

@@ -160,6 +160,10 @@ def test_metrics():
     assert sens_spec(yy, pp, t)[0] >= 0.85
     s = summarise(yy, pp, np.arange(300) // 2, t, n_boot=100)
     assert s["n_patients"] == 150 and s["sensitivity"] >= 0.85
+    assert s["mean_p_referable"] == pytest.approx(pp[yy == 1].mean())
+    assert s["mean_p_non_referable"] == pytest.approx(pp[yy == 0].mean())
+    one_class = summarise(np.array([0, 0]), np.array([0.2, 0.4]), None, 0.5, n_boot=10)
+    assert one_class["mean_p_non_referable"] == pytest.approx(0.3) and one_class["mean_p_referable"] is None
     assert 0 <= pick_threshold(yy, pp, None) <= 2
 
 

@@ -217,6 +217,10 @@ def test_evaluate_scores_around_an_unreadable_image(tmp_path: Path, trained) -> 
     m = json.loads((out / "metrics.json").read_text())
     assert m["n_unreadable"] == 1 and m["sources"]["extE"]["n"] == 4
     assert "1 image(s) could not be read" in (out / "metrics.md").read_text()
+    ok = pred[pred["error"].isna()]
+    mean_table = (out / "metrics.md").read_text().split("Mean p(referable) by graded class")[1]
+    expected = [f"{ok.loc[ok.rdr == k, 'p_referable'].mean():.3f}" if (ok.rdr == k).any() else "–" for k in (0, 1)]
+    assert f"| extE | {expected[0]} | {expected[1]} |" in mean_table
 
 
 @pytest.mark.parametrize("labels, message", [

@@ -20,9 +20,12 @@ from retina_fgvis import screening as S
 from retina_fgvis.commands.screen import run_screen
 from retina_fgvis.fundus.dicom import write_dicom
 from retina_fgvis.report.files import (
+    NamingKeyError,
+    naming_key,
     overlay_file_name,
     patient_dir_name,
     sanitise_component,
+    sha256_hex,
 )
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -38,6 +41,14 @@ def _screen(inputs, out, explainer=None, **kw) -> int:
 
 def _results(out: Path):
     return S.read_results_csv(out / "results.csv")
+
+
+def _same_key(*outs: Path) -> None:
+    """Give output folders one naming key, as a user does by copying ``.naming-key``: only then
+    are two runs' folder and overlay names (and so their tables and reports) the same."""
+    for out in outs:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / ".naming-key").write_text("ab" * 32 + "\n")
 
 
 # ------------------------------------------------------------------ discovery and grouping
@@ -92,6 +103,17 @@ def test_grouping_priority_dicom_manifest_name_file(tmp_path):
     assert (df.loc["ZZ_left.dcm", "patient"], df.loc["ZZ_left.dcm", "eye"]) == ("DCM-42", "right")
     rec = S.read_record(out, "ZZ_left.dcm")
     assert rec.grouping == "dicom" and rec.study_date is None
+
+
+def test_one_patient_per_file_never_merges_two_files(tmp_path):
+    """The fallback names a patient after its file without the suffix, unless two files differ
+    only in their suffix: then each keeps it (two photographs, two patients)."""
+    src = tmp_path / "in"
+    for name in ("scan01.png", "scan01.jpg", "lone.png"):
+        write_png(src / name, fundus_rgb(len(name)))
+    items, _ = S.assign_groups(S.discover_inputs([src])[0])
+    assert {it.file: (it.patient, it.grouping) for it in items} == {
+        "lone.png": ("lone", "file"), "scan01.jpg": ("scan01.jpg", "file"), "scan01.png": ("scan01.png", "file")}
 
 
 def test_manifest_paths_relative_to_the_manifest_or_absolute(tmp_path):
@@ -225,6 +247,8 @@ def test_resume_with_a_new_manifest_regroups_without_replaying_the_games(tmp_pat
     write_png(src / "a_left.png", fundus_rgb(1))
     write_png(src / "b_right.png", fundus_rgb(2))
     out = tmp_path / "out"
+    fresh = tmp_path / "fresh"
+    _same_key(out, fresh)
     assert _screen([src], out) == 0
     old_overlays = sorted(p.relative_to(out) for p in (out / "patients").rglob("*.jpg"))
     manifest = tmp_path / "m.csv"
@@ -232,7 +256,6 @@ def test_resume_with_a_new_manifest_regroups_without_replaying_the_games(tmp_pat
     ex = FakeExplainer()
     assert _screen([src], out, explainer=ex, resume=True, manifest=manifest) == 0
     assert ex.images == 0  # records reused, only regrouped
-    fresh = tmp_path / "fresh"
     assert _screen([src], fresh, manifest=manifest) == 0
     assert _outputs(out) == _outputs(fresh)
     new_overlays = sorted(p.relative_to(out) for p in (out / "patients").rglob("*.jpg"))
@@ -311,9 +334,111 @@ def test_explain_errors_are_retried_on_resume_input_errors_are_not(tmp_path):
 @pytest.mark.parametrize("pid", ["../../etc/passwd", "Smith^John", "a/b\\c", "x\x00y\n", "..", "",
                                  "Ölçer José", "CON"])
 def test_patient_dir_is_a_hash_never_the_id(pid):
-    d = patient_dir_name(pid)
+    key = bytes(range(32))
+    d = patient_dir_name(pid, key)
     assert d.startswith("p-") and len(d) == 18 and all(c in "p-0123456789abcdef" for c in d)
-    assert patient_dir_name(pid) == d  # deterministic
+    assert patient_dir_name(pid, key) == d  # deterministic under one key
+    assert patient_dir_name(pid, bytes(32)) != d  # another output folder's key: another name
+
+
+def test_folder_names_are_keyed_per_output_folder(tmp_path):
+    """A plain SHA-256 of a hospital number is reversed by trying every number and names one
+    patient alike in every run; the keyed hash is neither (its key stays with the output)."""
+    src = tmp_path / "in"
+    write_png(src / "0482913_left.png", fundus_rgb(1))
+    runs = [tmp_path / "a", tmp_path / "b"]
+    for out in runs:
+        assert _screen([src], out) == 0
+    dirs = [sorted(p.name for p in (out / "patients").iterdir()) for out in runs]
+    assert len(dirs[0]) == len(dirs[1]) == 1 and dirs[0] != dirs[1]  # not linkable across runs
+    plain = "p-" + sha256_hex("0482913")[:16]  # what a dictionary attack on the old rule finds
+    assert plain not in dirs[0] + dirs[1]
+    key_file = runs[0] / ".naming-key"
+    assert key_file.stat().st_mode & 0o777 == 0o600
+    assert naming_key(runs[0]) == bytes.fromhex(key_file.read_text().strip())
+    assert dirs[0] == [patient_dir_name("0482913", naming_key(runs[0]))]
+    ex = FakeExplainer()  # resume keeps the folder's key and so its names
+    assert _screen([src], runs[0], explainer=ex, resume=True) == 0
+    assert ex.images == 0 and sorted(p.name for p in (runs[0] / "patients").iterdir()) == dirs[0]
+    # --overwrite starts a new folder: a new key
+    assert _screen([src], runs[0], overwrite=True) == 0
+    assert sorted(p.name for p in (runs[0] / "patients").iterdir()) != dirs[0]
+
+
+def test_a_damaged_naming_key_is_refused_not_replaced(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / ".naming-key").write_text("not hex\n")
+    with pytest.raises(NamingKeyError, match=r"\.naming-key: not a naming key \(64 hex digits expected\)"):
+        naming_key(out)
+    assert (out / ".naming-key").read_text() == "not hex\n"
+
+
+def test_resume_moves_the_outputs_of_the_unkeyed_naming(tmp_path):
+    """Output folders of earlier versions (plain SHA-256 names) move to keyed names on --resume,
+    without replaying a game; the result equals a fresh run with that key."""
+    src = tmp_path / "in"
+    make_folder(src, 4)
+    out, fresh = tmp_path / "out", tmp_path / "fresh"
+    _same_key(out, fresh)
+    assert _screen([src], out) == 0
+    for rec_path in sorted((out / "records").glob("*.json")):  # rewrite as an earlier version did
+        rec = S.ImageRecord.from_dict(json.loads(rec_path.read_text()))
+        if rec.overlay:
+            legacy = f"patients/p-{sha256_hex(rec.patient)[:16]}/{rec.eye or 'unknown'}-{sha256_hex(rec.file)[:12]}.jpg"
+            (out / legacy).parent.mkdir(parents=True, exist_ok=True)
+            (out / rec.overlay).rename(out / legacy)
+            rec.overlay = legacy
+        rec.patient_dir = f"p-{sha256_hex(rec.patient)[:16]}"
+        S.write_record(out, rec)
+    (out / ".naming-key").write_text("ab" * 32 + "\n")
+    for d in (out / "patients").iterdir():
+        if not any(d.iterdir()):
+            d.rmdir()
+    assert all(d.name.startswith("p-") for d in (out / "patients").iterdir())
+    ex = FakeExplainer()
+    assert _screen([src], out, explainer=ex, resume=True) == 0
+    assert ex.images == 0
+    assert _screen([src], fresh) == 0
+    assert _outputs(out) == _outputs(fresh)  # same names, same overlays, nothing left behind
+    assert sorted(p.relative_to(out) for p in (out / "patients").rglob("*")) == \
+        sorted(p.relative_to(fresh) for p in (fresh / "patients").rglob("*"))
+
+
+def test_records_of_removed_inputs_are_reported_and_forgotten_on_request(tmp_path, capsys):
+    """A file removed from the input (a withdrawn patient) leaves its record and overlay in OUT:
+    --resume says so; --resume --forget-missing deletes them; the rest stays as it was."""
+    src = tmp_path / "in"
+    make_folder(src, 5)
+    out = tmp_path / "out"
+    assert _screen([src], out) == 0
+    gone = src / "P02_right.png"  # patient P02's only image
+    gone_rec = S.read_record(out, gone.name)
+    gone.unlink()
+    capsys.readouterr()
+    assert _screen([src], out, resume=True) == 0
+    err = " ".join(capsys.readouterr().err.split())
+    assert "1 earlier image record(s)" in err and "--resume --forget-missing deletes them" in err
+    assert S.read_record(out, gone.name) is not None and (out / gone_rec.overlay).is_file()
+    assert gone.name not in set(_results(out).file)
+    kept = {p: p.read_bytes() for p in (out / "patients").rglob("*.jpg") if p != out / gone_rec.overlay}
+    assert _screen([src], out, resume=True, forget_missing=True) == 0
+    assert "forgot 1 earlier image record(s)" in " ".join(capsys.readouterr().err.split())
+    assert S.read_record(out, gone.name) is None and not (out / gone_rec.overlay).exists()
+    assert not (out / gone_rec.overlay).parent.exists()  # the patient had one image: folder gone
+    assert {p: p.read_bytes() for p in (out / "patients").rglob("*.jpg")} == kept
+    assert len(list((out / "records").glob("*.json"))) == 4
+    assert _screen([src], out, forget_missing=True) == 2  # only with --resume
+
+
+@pytest.mark.parametrize("umask, mode", [(0o077, 0o600), (0o022, 0o644), (0o002, 0o664)])
+def test_written_files_follow_the_umask(tmp_path, umask, mode):
+    """Outputs hold patient IDs: a site's umask must decide who may read them."""
+    target = tmp_path / "x.txt"
+    code = ("import os, sys; os.umask(int(sys.argv[2], 8)); "
+            "from retina_fgvis.report.files import atomic_write_text; atomic_write_text(sys.argv[1], 'x')")
+    subprocess.run([sys.executable, "-c", code, str(target), oct(umask)[2:]], check=True, timeout=120)
+    assert target.stat().st_mode & 0o777 == mode
 
 
 def test_sanitise_component():
@@ -335,7 +460,7 @@ def test_output_paths_carry_no_names(tmp_path):
     assert not any("Smith" in n or "Doe" in n or "Jane" in n or ".." in n for n in names)
     overlays = sorted(p for p in (out / "patients").rglob("*.jpg"))
     assert len(overlays) == 2 and all(p.resolve().is_relative_to(out.resolve()) for p in overlays)
-    assert overlay_file_name("a/Smith_left.png", "left").startswith("left-")
+    assert overlay_file_name("a/Smith_left.png", "left", naming_key(out)).startswith("left-")
 
 
 # ------------------------------------------------------------------ resume and sharding
@@ -354,6 +479,8 @@ def test_resume_after_crash_gives_identical_outputs(tmp_path, monkeypatch):
     src = tmp_path / "in"
     make_folder(src, 7)
     ref = tmp_path / "ref"
+    out = tmp_path / "out"
+    _same_key(ref, out)
     assert _screen([src], ref, batch_size=3) == 0
 
     # crash in the middle of writing the second batch's records
@@ -367,7 +494,6 @@ def test_resume_after_crash_gives_identical_outputs(tmp_path, monkeypatch):
         return real_write(out, rec)
 
     monkeypatch.setattr(S, "write_record", crashing_write)
-    out = tmp_path / "out"
     assert _screen([src], out, batch_size=3) == 130  # Ctrl-C: exit code 130, a message, no tables
     monkeypatch.setattr(S, "write_record", real_write)
     assert len(list((out / "records").glob("*.json"))) == 4
@@ -408,8 +534,9 @@ def test_kill_9_then_resume(tmp_path):
     src = tmp_path / "in"
     make_folder(src, 6)
     ref = tmp_path / "ref"
-    assert _screen([src], ref) == 0
     out = tmp_path / "out"
+    _same_key(ref, out)
+    assert _screen([src], ref) == 0
     script = tmp_path / "run.py"
     script.write_text(_KILL_SCRIPT)
     env = dict(os.environ, OMP_NUM_THREADS="1")
@@ -439,8 +566,9 @@ def test_two_ranks_then_merge_equals_one_process(tmp_path):
     src = tmp_path / "in"
     make_folder(src, 5)
     ref = tmp_path / "ref"
-    assert _screen([src], ref, batch_size=2) == 0
     out = tmp_path / "out"
+    _same_key(ref, out)
+    assert _screen([src], ref, batch_size=2) == 0
     items, _ = S.discover_inputs([src])
     items, _ = S.assign_groups(items)
     for rank in (0, 1):  # what each torchrun rank does, sequentially
@@ -515,6 +643,7 @@ def test_torchrun_two_processes_equal_one(tmp_path, tiny_weights):
     make_folder(src, 5)
     (src / "bad.png").write_bytes(b"x")
     args = [src, "--weights", tiny_weights, "--device", "cpu", "--iterations", "3", "--batch-size", "2"]
+    _same_key(tmp_path / "one", tmp_path / "two")
     one = _cli(*args, "--out", tmp_path / "one")
     assert one.returncode == 1, one.stderr
     env = dict(os.environ, OMP_NUM_THREADS="1")
@@ -535,6 +664,7 @@ def test_threaded_pipeline_gives_the_same_outputs(tmp_path):
     (src / "bad.png").write_bytes(b"x")
     items, _ = S.assign_groups(S.discover_inputs([src])[0])
     outs = []
+    _same_key(tmp_path / "serial", tmp_path / "threaded")
     for name, threads in (("serial", (0, 0)), ("threaded", (2, 3))):
         out = tmp_path / name
         settings = S.ScreenSettings(batch_size=2, loader_threads=threads[0], post_threads=threads[1])

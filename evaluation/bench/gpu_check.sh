@@ -5,18 +5,28 @@
 # from outside still returns what finished) and the log to $OUT/gpu_check.log.
 #
 #   0. the unit tests that need CUDA (where pytest is installed)
-#   1. deletion metric (paper Table 2) on the RDR model, 60 held-out eyes, time-boxed
-#      (session 4 on an H100: 40 eyes in 2.3 min, RISE's 4000 masks dominate)
+#   1. deletion metric (paper Table 2) on the RDR model, 60 held-out eyes, time-boxed at 3.8 min
+#      (session 4 on an H100: 40 eyes with --max-minutes 2.3 and the deletion-aware checkpoint,
+#      RISE's 4000 masks dominate; evaluation/faithfulness/rdr-h100-deletion-aware/run.json)
 #   2. defence validation (paper Table 1) on the RDR model, 50 confident non-referable eyes
 #   3. retina-fgvis bench at batch 1/16/64: fp32 and bf16 autocast
 #   4. defended deletion game on 16 DiaretDB1 training images: images/s and the fp32-vs-bf16
 #      (and channels_last) agreement of the flagged regions (python -m retina_fgvis.gpu_agreement)
 #
 # Environment: DATA_ROOT (folder with odir5k_512/ and eyepacs1098_400/, default ../shared/data),
-# DIARETDB1 (default ../shared/data/diaretdb1), WEIGHTS (default: shipped), QUICK=1 (tiny
+# DIARETDB1 (default ../shared/data/diaretdb1), WEIGHTS (default: shipped; see below), QUICK=1 (tiny
 # settings: checks the script itself on a CPU in a few minutes), WHEELS (folder of wheels to
 # install with --no-deps first, for a machine without a package index), OLD_WEIGHTS (also run the
 # defence validation on this earlier checkpoint).
+#
+# The session-4 records (evaluation/bench/gpu-h100.md and its logs, evaluation/defense/rdr-h100-*/;
+# the deletion metric evaluation/faithfulness/rdr-h100-deletion-aware/ came from a second call after
+# this step failed in the first, command in its run.json) ran an earlier version of this script with
+# the deletion-aware checkpoint (weights/experimental/rdr-effnet-lite0-deletion-aware.pt) copied to
+# the shipped path and the shipped classifier as OLD_WEIGHTS; today that is
+# WEIGHTS=weights/experimental/rdr-effnet-lite0-deletion-aware.pt OLD_WEIGHTS=weights/rdr-effnet-lite0.pt.
+# With the defaults every step uses the shipped classifier: the bench timings compare (same
+# architecture), the iteration counts, goals reached and deletion-metric numbers do not.
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu-out}
 RES=${RES:-/tmp/gpu-results}

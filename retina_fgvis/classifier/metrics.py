@@ -100,4 +100,8 @@ def summarise(y: np.ndarray, p: np.ndarray, groups: np.ndarray | None, threshold
         "threshold": float(threshold),
         "sensitivity": se, "sensitivity_ci95": list(wilson_ci(tp, int(y.sum()))),
         "specificity": sp, "specificity_ci95": list(wilson_ci(tn, int((~y).sum()))),
+        # per-class mean p: two sources scored on different scales (a source shortcut) show here
+        # even when each source's AUC is fine; None for a class with no images
+        "mean_p_non_referable": float(p[~y].mean()) if (~y).any() else None,
+        "mean_p_referable": float(p[y].mean()) if y.any() else None,
     }

@@ -304,6 +304,11 @@ def register(app: typer.Typer, evaluate_app: typer.Typer) -> None:
                 f"[{r['auc_ci95'][0]:.3f}, {r['auc_ci95'][1]:.3f}] | {r['sensitivity']:.3f} "
                 f"[{r['sensitivity_ci95'][0]:.3f}, {r['sensitivity_ci95'][1]:.3f}] | "
                 f"{r['specificity']:.3f} [{r['specificity_ci95'][0]:.3f}, {r['specificity_ci95'][1]:.3f}] |")
+        lines += ["", "Mean p(referable) by graded class (a source shortcut shows as different scales):", "",
+                  "| source | non-referable | referable |", "|---|---|---|"]
+        for src, r in results["sources"].items():
+            shown = [f"{v:.3f}" if v is not None else "–" for v in (r["mean_p_non_referable"], r["mean_p_referable"])]
+            lines.append(f"| {src} | {shown[0]} | {shown[1]} |")
         if results["n_unreadable_fov"]:
             lines.append(f"\n{results['n_unreadable_fov']} image(s) without a detectable FOV were "
                          f"skipped (listed in predictions.csv).")

@@ -64,9 +64,11 @@ def _previous_run(out: Path) -> bool:
 
 def _clear_previous(out: Path) -> None:
     """Remove only what a screening run writes (never anything else in OUT)."""
+    from retina_fgvis.report.files import NAMING_KEY_FILE
+
     for name in ("records", "patients"):
         shutil.rmtree(out / name, ignore_errors=True)
-    for name in _OUTPUT_FILES:
+    for name in (*_OUTPUT_FILES, NAMING_KEY_FILE):  # a new run gets new folder names
         try:
             (out / name).unlink()
         except FileNotFoundError:
@@ -82,6 +84,7 @@ def screen_command(
     manifest: Optional[Path] = typer.Option(None, "--manifest", help="CSV with columns file, patient, eye (used when a file has no DICOM header)."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run in OUT: finished images are skipped."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Discard a previous run's records and outputs in OUT and start again."),
+    forget_missing: bool = typer.Option(False, "--forget-missing", help="With --resume: delete the records and overlays in OUT of files that are no longer among the inputs (e.g. a withdrawn patient)."),
     iterations: Optional[int] = typer.Option(None, "--iterations", help="Maximum iterations of the deletion game (default: the engine's)."),
     prune: bool = typer.Option(True, "--prune/--no-prune", help="Undo the game's faint changes that its goal does not need (default: sparser, more lesion-enriched maps); --no-prune keeps the denser optimised mask (larger regions, better coverage of lesion outlines)."),
     embed_images: bool = typer.Option(False, "--embed-images", help="Inline the overlays in report.html (one file to share; larger)."),
@@ -93,7 +96,8 @@ def screen_command(
     code = run_screen(
         inputs=inputs, out=out, weights=weights, device=device, batch_size=batch_size,
         manifest=manifest, resume=resume, overwrite=overwrite, iterations=iterations,
-        embed_images=embed_images, max_megapixels=max_megapixels, prune=prune, min_side=min_side,
+        forget_missing=forget_missing, embed_images=embed_images, max_megapixels=max_megapixels, prune=prune,
+        min_side=min_side,
     )
     raise typer.Exit(code)
 
@@ -103,11 +107,12 @@ def run_screen(
     batch_size: int = 4, manifest: Path | None = None, resume: bool = False,
     overwrite: bool = False, iterations: int | None = None, embed_images: bool = False,
     max_megapixels: float = 50.0, classifier: Any = None, screener_kwargs: dict | None = None,
-    prune: bool = True, min_side: int | None = None,
+    prune: bool = True, min_side: int | None = None, forget_missing: bool = False,
 ) -> int:
     """The command body; returns the exit code. ``classifier``/``screener_kwargs`` let tests
     inject fakes (a fake explainer, overlay...) while exercising the real CLI path."""
     from rich.console import Console
+    from rich.markup import escape
 
     err = Console(stderr=True, highlight=False, soft_wrap=True)
     rank, world, local_rank = _dist_env()
@@ -119,6 +124,8 @@ def run_screen(
             raise _Usage("--iterations must be at least 1")
         if resume and overwrite:
             raise _Usage("--resume and --overwrite exclude each other")
+        if forget_missing and not resume:
+            raise _Usage("--forget-missing only applies with --resume")
         if max_megapixels <= 0:
             raise _Usage("--max-megapixels must be positive")
         from retina_fgvis import screening as S
@@ -141,7 +148,7 @@ def run_screen(
         items, unmatched = S.assign_groups(items, table, base_dirs=bases)
         if rank == 0 and unmatched:
             err.print(f"[yellow]warning[/] {len(unmatched)} manifest rows match no input file "
-                      f"(first: {unmatched[0]})")
+                      f"(first: {escape(str(unmatched[0]))})")
         if not resume and _previous_run(out):
             if not overwrite:
                 raise _Usage(f"{out} already holds a screening run: pass --resume to continue it "
@@ -169,6 +176,12 @@ def run_screen(
             remove_stale_temp_files(out)
         if dist is not None:
             dist.barrier()
+        from retina_fgvis.report.files import NamingKeyError, naming_key
+
+        try:  # every rank: the first makes the key, the others read it; a damaged one stops all
+            naming_key(out)
+        except NamingKeyError as exc:
+            raise _Usage(str(exc)) from None
 
         if classifier is None:
             from retina_fgvis.classifier.model import load_classifier
@@ -184,7 +197,7 @@ def run_screen(
         )
         screener = S.Screener(classifier, out, settings, **(screener_kwargs or {}))
     except _Usage as exc:
-        err.print(f"[red]error:[/] {exc}")
+        err.print(f"[red]error:[/] {escape(str(exc))}")
         _shutdown(dist)
         return 2
 
@@ -196,7 +209,7 @@ def run_screen(
         # every finished image's record is on disk (written atomically, in batch order); the
         # tables and the report are not, since they would describe a partial run as a whole one
         kept = len(list((out / "records").glob("*.json")))
-        err.print(f"[yellow]interrupted:[/] {kept} image records are kept in {out / 'records'}; run the same "
+        err.print(f"[yellow]interrupted:[/] {kept} image records are kept in {escape(str(out / 'records'))}; run the same "
                   "command with --resume to continue (results.csv and report.html are written when it ends)")
         _shutdown(dist)
         return 130
@@ -210,12 +223,20 @@ def run_screen(
         run_info = _run_info(S, classifier, screener, inputs, out, manifest, world, skipped,
                              summary, started, wall)
         S.merge_outputs(out, records, run_info, embed_images=embed_images)
+        others = S.records_of_other_inputs(out, items)
+        if others and forget_missing:
+            err.print(f"forgot {S.forget_records(out, others)} earlier image record(s) of files no longer "
+                      "among the inputs, with their overlays")
+        elif others:
+            err.print(f"[yellow]warning[/] {len(others)} earlier image record(s) in {escape(str(out / 'records'))} "
+                      "belong to files no longer among the inputs: they are in no table or report of this "
+                      "run but are kept, with their overlays; --resume --forget-missing deletes them")
         failed = sum(r.status != "ok" for r in records)
         n_ref = sum(1 for r in records if r.status == "ok" and r.referable)
         n_pat = len({r.patient for r in records})
         err.print(
             f"Screened {len(records)} images of {n_pat} patients in {wall:.0f} s: "
-            f"{n_ref} referable, {failed} failed. Report: {out / 'report.html'}"
+            f"{n_ref} referable, {failed} failed. Report: {escape(str(out / 'report.html'))}"
         )
         err.print(f"[bold yellow]{NOTICE}[/]")
         code = 1 if failed else 0
@@ -234,6 +255,7 @@ def _shutdown(dist: Any) -> None:
 
 
 def _run_with_progress(screener: Any, items: list, resume: bool, rank: int, world: int, err: Any):
+    from rich.markup import escape
     from rich.progress import (
         BarColumn,
         MofNCompleteColumn,
@@ -261,8 +283,8 @@ def _run_with_progress(screener: Any, items: list, resume: bool, rank: int, worl
         if rec.status != "ok":
             failures += 1
             note = " (from the previous run)" if reused else ""
-            progress.console.print(f"[red]failed[/] {rec.file}: {rec.error}{note}", markup=True,
-                                   highlight=False)
+            progress.console.print(f"[red]failed[/] {escape(str(rec.file))}: {escape(str(rec.error))}{note}",
+                                   markup=True, highlight=False)
         progress.update(task, advance=1, status=f"{failures} failed" if failures else "")
 
     def on_step(text: str) -> None:

@@ -9,13 +9,19 @@ and Windows when source and target are on the same file system).
 Path rule (documented in the README and report): **no patient identifier or input file name
 ever becomes part of an output path.**
 
-* patient folder: ``p-`` + the first 16 hex digits of SHA-256 of the UTF-8 patient ID,
-  e.g. ``patients/p-3b1f0c...``. PatientID fields routinely contain names or national
-  numbers, and input file names (``Smith_John_left.jpg``) as well; hashing is the only rule
-  that is safe for every site's conventions, and it is deterministic, so ``--resume`` and
-  multi-process runs agree. The patient ID itself only appears *inside* the report and CSVs.
-* overlay file: ``<eye>-`` + the first 12 hex digits of SHA-256 of the input's relative
-  path, e.g. ``right-0a1b2c3d4e5f.jpg`` (``eye`` is ``left``/``right``/``unknown``).
+* patient folder: ``p-`` + the first 16 hex digits of HMAC-SHA-256 of the UTF-8 patient ID
+  under the output folder's own random key (``OUT/.naming-key``), e.g. ``patients/p-3b1f0c...``.
+  PatientID fields routinely contain names or national numbers, and input file names
+  (``Smith_John_left.jpg``) as well; a hash is the only rule that is safe for every site's
+  conventions. It is keyed because a plain SHA-256 of a 7-digit hospital number is reversed by
+  trying all 10^7 numbers in a second, and would give one patient the same folder name in
+  every run and at every site (linkable). The key is made once per output folder, so
+  ``--resume`` and multi-process runs agree. The patient ID itself only appears *inside* the
+  report and CSVs (which whoever holds them may read anyway).
+* overlay file: ``<eye>-`` + the first 12 hex digits of the keyed hash of the input's
+  relative path, e.g. ``right-0a1b2c3d4e5f.jpg`` (``eye`` is ``left``/``right``/``unknown``).
+* record file (``OUT/records/``): 20 hex digits of the plain SHA-256 of the relative path; the
+  record holds the path and the patient ID in its content anyway.
 
 :func:`sanitise_component` is the general-purpose fallback for any other text that has to
 become one path component: it keeps ``[A-Za-z0-9._-]``, maps everything else to ``_``, strips
@@ -24,12 +30,29 @@ leading/trailing dots (no ``.``/``..``/hidden files), collapses dot runs, bounds
 from __future__ import annotations
 
 import hashlib
+import hmac
 import os
 import re
+import secrets
 import tempfile
 from pathlib import Path
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+
+#: the output folder's naming key (see module doc); hidden, readable by its owner only
+NAMING_KEY_FILE = ".naming-key"
+
+
+def _process_umask() -> int:
+    """The process's umask (read once at import: setting and restoring it is not thread-safe)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+#: mode of every written file: what ``open()`` would give under the user's umask (outputs hold
+#: patient IDs; a site's ``umask 077`` must keep them private)
+FILE_MODE = 0o666 & ~_process_umask()
 
 
 def sha256_hex(text: str) -> str:
@@ -69,15 +92,55 @@ def shown_path(path: str | Path) -> str:
         return str(p)
 
 
-def patient_dir_name(patient_id: str) -> str:
-    """Folder name for a patient: ``p-<16 hex of sha256(patient_id)>`` (see module doc)."""
-    return "p-" + sha256_hex(str(patient_id))[:16]
+class NamingKeyError(ValueError):
+    """The output folder's naming key is damaged (a user can fix it: restore it or start anew)."""
 
 
-def overlay_file_name(file_key: str, eye: str | None, suffix: str = ".png") -> str:
-    """Overlay file name: ``<eye>-<12 hex of sha256(relative input path)><suffix>``."""
+def naming_key(out: str | Path) -> bytes:
+    """The output folder's naming key: read from ``OUT/.naming-key``, or made (32 random bytes,
+    mode 0600) when the folder has none.
+
+    Creation is atomic and first-writer-wins (a complete temporary file hard-linked to the
+    name), so torchrun ranks that start together all end up with the same key."""
+    out = Path(out)
+    path = out / NAMING_KEY_FILE
+    if not path.exists():
+        out.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f"{NAMING_KEY_FILE}.", suffix=".tmp", dir=out)
+        try:
+            with os.fdopen(fd, "w", encoding="ascii") as fh:  # mkstemp: mode 0600
+                fh.write(secrets.token_hex(32) + "\n")
+                fh.flush()
+                os.fsync(fh.fileno())
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                pass  # another process made it first: use theirs
+        finally:
+            os.unlink(tmp)
+    try:
+        text = path.read_text(encoding="ascii").strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise NamingKeyError(f"{path}: unreadable naming key ({exc.__class__.__name__})") from exc
+    if not re.fullmatch(r"[0-9a-f]{64}", text):
+        raise NamingKeyError(f"{path}: not a naming key (64 hex digits expected); restore it or screen into a new folder")
+    return bytes.fromhex(text)
+
+
+def keyed_hex(key: bytes, text: str) -> str:
+    """HMAC-SHA-256 of ``text`` (UTF-8) under ``key``, as hex."""
+    return hmac.new(key, str(text).encode("utf-8"), hashlib.sha256).hexdigest()
+
+
+def patient_dir_name(patient_id: str, key: bytes) -> str:
+    """Folder name for a patient: ``p-<16 hex of HMAC-SHA-256(key, patient_id)>`` (module doc)."""
+    return "p-" + keyed_hex(key, patient_id)[:16]
+
+
+def overlay_file_name(file_key: str, eye: str | None, key: bytes, suffix: str = ".png") -> str:
+    """Overlay file name: ``<eye>-<12 hex of HMAC-SHA-256(key, relative input path)><suffix>``."""
     eye_part = eye if eye in ("left", "right") else "unknown"
-    return f"{eye_part}-{sha256_hex(file_key)[:12]}{suffix}"
+    return f"{eye_part}-{keyed_hex(key, file_key)[:12]}{suffix}"
 
 
 def record_name(file_key: str) -> str:
@@ -95,7 +158,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
-        os.chmod(tmp, 0o644)
+        os.chmod(tmp, FILE_MODE)
         os.replace(tmp, path)
     except BaseException:
         try:

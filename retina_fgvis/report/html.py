@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import base64
 import html
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -92,8 +93,50 @@ def _e(v: Any) -> str:
     return html.escape("" if v is None else str(v), quote=True)
 
 
-def _pct(p: float | None) -> str:
-    return "–" if p is None else f"{100.0 * float(p):.1f}%"
+# p(referable) is recorded with 6 decimals, i.e. 4 decimals of a percent: enough to show
+# every recorded p and any threshold of that precision exactly
+_MAX_PCT_DECIMALS = 4
+
+
+def _threshold_decimals(threshold: float) -> int:
+    """Fewest decimals (of a percent) that show ``threshold`` exactly (at most 4)."""
+    t = 100.0 * float(threshold)
+    for d in range(_MAX_PCT_DECIMALS + 1):
+        if abs(float(f"{t:.{d}f}") - t) < 1e-9:
+            return d
+    return _MAX_PCT_DECIMALS
+
+
+def threshold_pct(threshold: float) -> str:
+    """The referral threshold as a percent, exact (0.1463 -> ``14.63%``, never ``15%``)."""
+    return f"{100.0 * float(threshold):.{_threshold_decimals(threshold)}f}%"
+
+
+def _threshold_text(threshold: float) -> str:
+    """The threshold as a probability and a percent, both exact: ``0.1463 (14.63%)``."""
+    d = _threshold_decimals(threshold) + 2
+    return f"{float(threshold):.{max(2, d)}f} ({threshold_pct(threshold)})"
+
+
+def _pct(p: float | None, threshold: float | None = None) -> str:
+    """p as a percent, 1 decimal; near ``threshold`` with as many more decimals (up to 4) as
+    it takes for the shown p to compare with the shown threshold (:func:`threshold_pct`) as
+    the raw values do: 14.8% is never badged referable under a threshold shown as 15%, and
+    0.1462 / 0.1464 under 0.1463 show as 14.62% / 14.64%, not both as 14.6%."""
+    if p is None:
+        return "–"
+    v = 100.0 * float(p)
+    if threshold is None:
+        return f"{v:.1f}%"
+    shown_t = float(threshold_pct(threshold)[:-1])
+    above = float(p) >= float(threshold)
+    for d in range(1, _MAX_PCT_DECIMALS + 1):
+        if (float(f"{v:.{d}f}") >= shown_t) == above:
+            return f"{v:.{d}f}%"
+    # closer to the threshold than 4 decimals resolve: round toward the side p is on
+    scale = 10 ** _MAX_PCT_DECIMALS
+    v = (math.ceil(v * scale - 1e-6) if above else math.floor(v * scale + 1e-6)) / scale
+    return f"{v:.{_MAX_PCT_DECIMALS}f}%"
 
 
 def _bar(p: float | None, threshold: float) -> str:
@@ -102,8 +145,8 @@ def _bar(p: float | None, threshold: float) -> str:
     w = max(0.0, min(1.0, float(p))) * 100
     cls = "hi" if float(p) >= threshold else ""
     t = max(0.0, min(1.0, float(threshold))) * 100
-    return (f'<span class="bar" title="tick: referral threshold {t:.0f}%"><i class="{cls}" '
-            f'style="width:{w:.0f}%"></i><b style="left:{t:.0f}%"></b></span>')
+    return (f'<span class="bar" title="tick: referral threshold {threshold_pct(threshold)}">'
+            f'<i class="{cls}" style="width:{w:.2f}%"></i><b style="left:{t:.2f}%"></b></span>')
 
 
 def _badge(rec_or_flag: Any) -> str:
@@ -186,7 +229,7 @@ def _eye_card(rec: Any, out: Path, threshold: float, embed: bool, pin: bool = Tr
     )
     facts = (
         f'<div class="facts"><span>{_badge(rec.referable)}</span>'
-        f"<span>p(referable) {_bar(rec.p_referable, threshold)}<b>{_pct(rec.p_referable)}</b></span>"
+        f"<span>p(referable) {_bar(rec.p_referable, threshold)}<b>{_pct(rec.p_referable, threshold)}</b></span>"
         f"{counts}</div>"
     )
     src = _img_src(out, rec.overlay, embed) if rec.overlay else None
@@ -206,7 +249,7 @@ def _eye_card(rec: Any, out: Path, threshold: float, embed: bool, pin: bool = Tr
         after = getattr(rec, "target_prob_after", None)
         note = ('<p class="note warn">The explanation did not reach its goal'
                 + (f" in {int(rec.iterations)} iterations" if rec.iterations else "")
-                + (f" (p(referable) still {_pct(after)})" if after is not None else "")
+                + (f" (p(referable) still {_pct(after, threshold)})" if after is not None else "")
                 + (": the outlined regions may be incomplete.</p>" if rec.n_regions else
                    ": it found no evidence it could remove, so no region is shown. This is a "
                    "limit of the explanation, not a sign of a healthy eye.</p>"))
@@ -240,7 +283,7 @@ def render_report(records: Sequence[Any], run_info: dict[str, Any], out: str | P
         "<h1>Fundus screening report</h1>"
         f'<p class="sub">Referable diabetic retinopathy classifier with FGVis deletion-game '
         f"explanations · model {_e(model.get('arch', '?'))}, weights sha256 "
-        f"{_e(str(model.get('sha256') or '?')[:12])}, operating threshold p ≥ {threshold:.2f}</p>"
+        f"{_e(str(model.get('sha256') or '?')[:12])}, operating threshold p ≥ {_threshold_text(threshold)}</p>"
     )
     parts.append(
         '<div class="cards">'
@@ -274,13 +317,13 @@ def render_report(records: Sequence[Any], run_info: dict[str, Any], out: str | P
         flag = None if not ok else any(r.referable for r in ok)
         eyes = " · ".join(
             f"{'R' if r.eye == 'right' else 'L' if r.eye == 'left' else '?'} "
-            + (_pct(r.p_referable) if r.status == "ok" else "failed")
+            + (_pct(r.p_referable, threshold) if r.status == "ok" else "failed")
             for r in recs
         )
         nreg = sum(int(r.n_regions) for r in ok)
         rows.append(
             f"<tr><td class=num>{rank}</td><td><a href='#{_e(anchor)}'>{_e(pid)}</a></td>"
-            f"<td>{_badge(flag)}</td><td class=num>{_bar(best, threshold)}{_pct(best)}</td>"
+            f"<td>{_badge(flag)}</td><td class=num>{_bar(best, threshold)}{_pct(best, threshold)}</td>"
             f"<td>{_e(eyes)}</td><td class=num>{nreg}</td></tr>"
         )
     parts.append(
@@ -335,9 +378,10 @@ def render_report(records: Sequence[Any], run_info: dict[str, Any], out: str | P
         f"explanation: FGVis {_e(settings.get('game', 'deletion'))} game for the referable "
         f"class{', defence on' if settings.get('defense', True) else ''}"
         f"{f', {int(iters)} iterations' if iters else ''}. "
-        "Tables: results.csv, lesions.csv; run details: run.json. Overlay folders are named "
-        "p-&lt;first 16 hex digits of SHA-256 of the patient ID&gt;, so no patient identifier "
-        "appears in a file name.</footer>"
+        "Tables: results.csv, lesions.csv; run details: run.json. Overlay folders and files are "
+        "named by a hash keyed with this output folder's own random key, so no patient identifier "
+        "or file name appears in a path, and the names cannot be traced back without the key."
+        "</footer>"
         "</main></body></html>\n"
     )
     html_text = "".join(parts)

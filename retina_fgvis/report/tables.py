@@ -5,9 +5,15 @@ warning travels with the file into spreadsheets; read them with
 ``pandas.read_csv(path, skiprows=1)`` (see :func:`retina_fgvis.screening.read_results_csv`).
 Numbers are rounded to fixed decimals so that files are byte-identical between an
 uninterrupted run, a resumed run and a multi-process run.
+
+Text cells that a spreadsheet would take for a formula (file names, patient IDs and error
+messages come from the user's folders) are written with a leading ``'``; see
+:func:`escape_cell`. :func:`read_csv` undoes it, so a round trip is exact.
 """
 from __future__ import annotations
 
+import csv
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -82,11 +88,74 @@ def lesions_frame(records: Sequence[Any]) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=LESIONS_COLUMNS)
 
 
+# a cell a spreadsheet would evaluate: starts with = + - @ tab or CR, possibly behind quotes
+# this module added (so that a name that itself starts with ' round-trips too)
+_FORMULA_START = re.compile(r"'*[=+\-@\t\r]")
+_ESCAPED = re.compile(r"'+[=+\-@\t\r]")
+# a plain number as this module writes it (_fmt, or pandas for float columns): not a formula
+_NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?|[+-]?(inf|nan)", re.IGNORECASE)
+
+
+def escape_cell(v: Any) -> Any:
+    """``v`` as written to a CSV cell, safe against spreadsheet formula injection (OWASP "CSV
+    injection"): a text cell that starts with ``=``, ``+``, ``-``, ``@``, a tab or a carriage
+    return gets a leading ``'``, since Excel, LibreOffice and Google Sheets would otherwise
+    evaluate it as a formula (``=HYPERLINK(...)``, ``=cmd|...``) when the file is opened, and
+    file names, patient IDs and error messages come from the user's folders and manifests.
+    Only text is changed: numbers, and text that is a plain number (``-0.1250``), stay as
+    they are. A text that already starts with quotes before one of those characters gets
+    one more, so :func:`unescape_cell` can always strip exactly one."""
+    if not isinstance(v, str) or not _FORMULA_START.match(v) or _NUMBER.fullmatch(v):
+        return v
+    return "'" + v
+
+
+def unescape_cell(v: Any) -> Any:
+    """Inverse of :func:`escape_cell` for a text cell read back from a CSV written here."""
+    if isinstance(v, str) and _ESCAPED.match(v):
+        return v[1:]
+    return v
+
+
 def csv_text(df: pd.DataFrame) -> str:
-    """The notice line followed by the CSV (``\\n`` line ends on every platform)."""
-    return NOTICE_LINE + "\n" + df.to_csv(index=False, lineterminator="\n")
+    """The notice line followed by the CSV (``\\n`` line ends on every platform); text cells
+    that would start a spreadsheet formula are quoted with ``'`` (:func:`escape_cell`).
+    A carriage return inside a text cell (a file name may hold one) does not make the csv
+    writer quote the cell when lines end in ``\\n``, and readers would split the row there:
+    such a table is written with every cell quoted."""
+    safe = df.copy()
+    quote_all = False
+    for col in safe.columns:
+        if pd.api.types.is_string_dtype(safe[col].dtype):
+            safe[col] = safe[col].map(escape_cell)
+            quote_all = quote_all or any(isinstance(v, str) and "\r" in v for v in safe[col])
+    quoting = csv.QUOTE_ALL if quote_all else csv.QUOTE_MINIMAL
+    return NOTICE_LINE + "\n" + safe.to_csv(index=False, lineterminator="\n", quoting=quoting)
 
 
 def write_csv(df: pd.DataFrame, path: str | Path) -> Path:
     """Write ``df`` with the notice line, atomically."""
     return atomic_write_text(path, csv_text(df))
+
+
+TEXT_COLUMNS = frozenset({"file", "patient", "eye", "referable", "status", "error", "kind", "overlay"})
+
+
+def unescape_frame(df: pd.DataFrame) -> pd.DataFrame:
+    """``df`` (read as text) with the formula quotes of :func:`escape_cell` removed."""
+    for col in df.columns:
+        if pd.api.types.is_string_dtype(df[col].dtype):
+            df[col] = df[col].map(unescape_cell)
+    return df
+
+
+def read_csv(path: str | Path, text_columns: frozenset[str] | set[str] = TEXT_COLUMNS) -> pd.DataFrame:
+    """Read a CSV :func:`write_csv` wrote (results.csv, lesions.csv): skips the notice line,
+    undoes the formula quotes (:func:`escape_cell`) so the round trip is exact, keeps
+    ``text_columns`` as text (a patient called "NA" stays "NA") and the other columns as
+    numbers (NaN where empty)."""
+    df = unescape_frame(pd.read_csv(path, skiprows=1, dtype=str, keep_default_na=False))
+    for col in df.columns:
+        if col not in text_columns:
+            df[col] = pd.to_numeric(df[col].replace("", None), errors="coerce")
+    return df

@@ -79,7 +79,7 @@ def main() -> None:
     work = {"metric": "deletion metric (225 forward passes)",
             "rise": f"RISE ({a.rise_masks} masks)",
             "fgvis": f"FGVis defended ({a.fgvis_iterations} iterations)"}
-    print(f"\n| work, s per eye | NCHW | NHWC | NCHW again | speed-up (mean NCHW / NHWC) |\n|---|---|---|---|---|")
+    print("\n| work, s per eye | NCHW | NHWC | NCHW again | speed-up (mean NCHW / NHWC) |\n|---|---|---|---|---|")
     for k, label in work.items():
         ref = (nchw[k] + nchw_again[k]) / 2
         print(f"| {label} | {nchw[k]:.1f} | {nhwc[k]:.1f} | {nchw_again[k]:.1f} | {ref / nhwc[k]:.2f}x |")
