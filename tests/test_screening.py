@@ -431,6 +431,20 @@ def test_records_of_removed_inputs_are_reported_and_forgotten_on_request(tmp_pat
     assert _screen([src], out, forget_missing=True) == 2  # only with --resume
 
 
+def test_only_our_own_temporary_files_are_cleaned_up(tmp_path):
+    """OUT may hold other work: leftovers are removed only where a screening run writes."""
+    from retina_fgvis.report.files import remove_stale_temp_files
+
+    ours = [tmp_path / ".results.csv.x1.tmp", tmp_path / "records" / ".r.json.x2.tmp",
+            tmp_path / "patients" / "p-0" / ".left-0.jpg.x3.tmp"]
+    theirs = [tmp_path / "notes" / ".draft.tmp", tmp_path / "patients" / "p-0" / "deep" / ".y.tmp"]
+    for p in ours + theirs:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text("x")
+    assert remove_stale_temp_files(tmp_path) == 3
+    assert not any(p.exists() for p in ours) and all(p.exists() for p in theirs)
+
+
 @pytest.mark.parametrize("umask, mode", [(0o077, 0o600), (0o022, 0o644), (0o002, 0o664)])
 def test_written_files_follow_the_umask(tmp_path, umask, mode):
     """Outputs hold patient IDs: a site's umask must decide who may read them."""

@@ -160,6 +160,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
             os.fsync(fh.fileno())
         os.chmod(tmp, FILE_MODE)
         os.replace(tmp, path)
+        _fsync_folder(path.parent)
     except BaseException:
         try:
             os.unlink(tmp)
@@ -167,6 +168,21 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
             pass
         raise
     return path
+
+
+def _fsync_folder(folder: Path) -> None:
+    """Make a rename durable: after a power cut the folder entry may otherwise still name the
+    old file (or none). Best effort: Windows cannot open a folder for fsync."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def atomic_write_text(path: str | Path, text: str) -> Path:
@@ -196,15 +212,18 @@ def atomic_write_image(path: str | Path, rgb, quality: int = 92) -> Path:
 
 
 def remove_stale_temp_files(folder: str | Path) -> int:
-    """Delete ``.*.tmp`` leftovers of writes interrupted by a crash (only our own pattern)."""
+    """Delete ``.*.tmp`` leftovers of writes interrupted by a crash, only where a screening run
+    writes (OUT, ``OUT/records``, ``OUT/patients/<folder>``): OUT may be a folder that holds
+    other work, whose temporary files are not ours to remove."""
     n = 0
     folder = Path(folder)
     if not folder.is_dir():
         return 0
-    for tmp in folder.rglob(".*.tmp"):
-        try:
-            tmp.unlink()
-            n += 1
-        except OSError:
-            pass
+    for pattern in (".*.tmp", "records/.*.tmp", "patients/*/.*.tmp"):
+        for tmp in folder.glob(pattern):
+            try:
+                tmp.unlink()
+                n += 1
+            except OSError:
+                pass
     return n
