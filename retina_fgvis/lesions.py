@@ -20,7 +20,8 @@ weakly-supervised lesion detections. This module turns that map into regions:
    typical DiaretDB1 image) so a diffuse or saturated mask cannot buy sensitivity with area.
    When the cap binds, only the most-removed pixels are kept. Closing (step 3) adds area, so
    the cap is applied once more to the final regions: regions are taken in order of mean
-   importance while their total area fits in the budget. Set it to 1.0 to disable.
+   importance, and one that does not fit in what is left of the budget is skipped (a smaller,
+   less important one after it may still fit). Set it to 1.0 to disable.
 3. **Closing** – a small disk closing (radius in original pixels) joins the speckled,
    fine-grained removed pixels of one lesion into one region; the map is upsampled from the
    model grid (about 3 original pixels per model pixel at 512 px), so radius 2 bridges

@@ -21,6 +21,7 @@ image "c": no GT; one proposal -> false positive.
 from __future__ import annotations
 
 import math
+import re
 
 import numpy as np
 import pandas as pd
@@ -165,3 +166,21 @@ def test_type_agreement_golden():
     assert t.loc["red", ["n_regions", "agree"]].tolist() == [3, 2]
     assert t.loc["bright", ["n_regions", "agree"]].tolist() == [1, 1]
     assert t.loc["all", "agreement"] == pytest.approx(0.75)
+
+
+def test_images_must_have_unique_names_to_be_scored_together():
+    """Hits are joined to images by name: two unnamed (or same-named) images would share them,
+    a miss would count as detected (1/2 read as 2/2)."""
+    gt = {"H": np.zeros((20, 20), bool)}
+    gt["H"][5:9, 5:9] = True
+    hit = np.zeros((20, 20), bool)
+    hit[5:9, 5:9] = True
+    miss = np.zeros((20, 20), bool)
+    named = [score_image(gt, hit, "a"), score_image(gt, miss, "b")]
+    assert image_sensitivity(named, overlaps=(0.5,), modes=("coverage",)).sensitivity.tolist() == [0.5]
+    for names, shown in ((("x", "x"), "'x' twice"), (("", "b"), "'' (empty)")):
+        scores = [score_image(gt, hit, names[0]), score_image(gt, miss, names[1])]
+        with pytest.raises(ValueError, match=f"image names must be unique and non-empty.*{re.escape(shown)}"):
+            image_sensitivity(scores)
+        with pytest.raises(ValueError, match="image names must be unique"):
+            lesion_level(scores)

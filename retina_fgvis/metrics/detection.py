@@ -161,10 +161,13 @@ class ImageScore:
     flagged_fraction: float = float("nan")      # share of FOV pixels in proposals
 
 
-def score_image(gt_masks: Mapping[str, np.ndarray], proposals: np.ndarray, image: str = "",
+def score_image(gt_masks: Mapping[str, np.ndarray], proposals: np.ndarray, image: str,
                 aggregate: str = DEFAULT_AGGREGATION, fov: np.ndarray | None = None,
                 region_kinds: Mapping[int, str] | None = None, connectivity: int = 2) -> ImageScore:
-    """Score one image's proposals (label image) against its binarised GT masks."""
+    """Score one image's proposals against its binarised GT masks; ``image`` names it in the
+    tables (unique per data set). ``proposals``: a bool mask (its connected components become
+    regions) or an integer label image (0 = background, each other value one region; a 0/1
+    integer mask is therefore ONE region, so pass a bool mask to have its blobs separated)."""
     props = _as_labels(proposals, connectivity)
     frames = []
     present = {}
@@ -205,6 +208,13 @@ def _lesion_types(scores: Sequence[ImageScore], lesion_types: Sequence[str] | No
 
 
 def _all_lesions(scores: Sequence[ImageScore]) -> pd.DataFrame:
+    """Every image's GT-lesion rows in one table. The tables join hits to images by name, so
+    names must be unique and non-empty: two unnamed images would share their hits."""
+    names = [s.image for s in scores]
+    dup = next((n for n in names if not n or names.count(n) > 1), None)
+    if dup is not None:
+        raise ValueError(f"image names must be unique and non-empty to score images together; got {dup!r} "
+                         f"{'twice' if dup else '(empty)'}")
     frames = [s.lesions for s in scores if len(s.lesions)]
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=_LESION_COLUMNS)
 
