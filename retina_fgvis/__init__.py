@@ -22,4 +22,9 @@ def __getattr__(name: str):
         from retina_fgvis.classifier.model import load_classifier
 
         return load_classifier
-    raise AttributeError(name)
+    raise AttributeError(f"module 'retina_fgvis' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    """The lazy names too (tab completion and ``dir()`` list ``load_classifier``)."""
+    return sorted(set(globals()) | set(__all__))

@@ -87,3 +87,12 @@ def test_usage_errors_keep_the_reason_and_the_path_on_one_line(tmp_path: Path) -
         proc.stderr.splitlines()
     assert "╭" not in proc.stderr and "Traceback" not in proc.stderr
     assert existing.read_bytes() == b"x"
+
+
+def test_the_package_lists_its_lazy_api_and_names_missing_attributes() -> None:
+    import retina_fgvis
+
+    assert {"load_classifier", "FGVis", "activation_bounds"} <= set(dir(retina_fgvis))
+    assert callable(retina_fgvis.load_classifier)
+    with pytest.raises(AttributeError, match="module 'retina_fgvis' has no attribute 'nope'"):
+        retina_fgvis.nope  # noqa: B018

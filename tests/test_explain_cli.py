@@ -39,6 +39,11 @@ def test_explain_writes_fig2_pictures_and_json(tmp_path: Path) -> None:
     jsons = list(out.glob("*.json"))
     assert len(jsons) == 1
     assert "Jane" not in jsons[0].name  # no patient name in output file names
+    # named by a hash keyed with the output folder's own key, not a plain hash of the path
+    from retina_fgvis.report.files import keyed_hex, naming_key, sha256_hex
+
+    assert jsons[0].name == f"image-{keyed_hex(naming_key(out), str(image))[:12]}.json"
+    assert sha256_hex(str(image))[:12] not in jsons[0].name
     info = json.loads(jsons[0].read_text())
     assert info["source"] == str(image) and info["game"] == "deletion"
     assert 0 <= info["p_referable_after"] <= 1 and info["iterations"] <= 5
@@ -69,7 +74,7 @@ def test_explain_and_predict_refuse_what_screen_refuses(tmp_path: Path) -> None:
     assert "thumb.png" in errors[1] and "image too small (30x24 px" in errors[1]
     assert len(list(out.glob("*.json"))) == 1
     res = CliRunner().invoke(app, ["predict", str(good), str(grey), str(thumb), "--weights", str(weights)])
-    assert res.exit_code == 0, res.output  # predict fails only when every image fails
+    assert res.exit_code == 1, res.output  # like screen and explain: some image was not scored
     assert sum(line.startswith("error:") for line in res.output.splitlines()) == 2
     assert "p(referable)=" in res.output and "image too small" in res.output
     res = CliRunner().invoke(app, ["predict", str(thumb), "--weights", str(weights), "--min-side", "16"])

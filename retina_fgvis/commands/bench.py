@@ -23,7 +23,8 @@ def register(app: typer.Typer, evaluate_app: typer.Typer) -> None:
             [], "--images", help="Fundus photos for the full-game throughput (default: data/samples)."),
         out: Optional[Path] = typer.Option(None, help="Also write the table as markdown here."),
     ) -> None:
-        """Print ms/iteration of (a) forward+backward, (b) game, (c) defended game, and images/s."""
+        """Print ms/iteration of (a) forward+backward, (b) game, (c) defended game, and images/s.
+        Research use only, not a diagnosis."""
         import torch
 
         from retina_fgvis.bench import bench_iterations, hardware, peak_memory_mb

@@ -80,6 +80,7 @@ def register(app: typer.Typer, evaluate_app: typer.Typer) -> None:
         An existing --out is never replaced without --overwrite: --out defaults to the shipped
         weights, and a forgotten --out on a smoke run used to replace the shipped model with a toy.
         Resuming an interrupted run whose final --out was not written yet needs no flag.
+        Research use only, not a diagnosis.
         """
         from retina_fgvis.classifier.train import TrainConfig, train
         from retina_fgvis.commands.checks import output_file, output_folder, resolve_device
@@ -127,7 +128,9 @@ def register(app: typer.Typer, evaluate_app: typer.Typer) -> None:
         device: str = typer.Option("cpu"),
         min_side: Optional[int] = typer.Option(None, "--min-side", min=1, help="Refuse images whose shorter side is below this many pixels (default: half the classifier's input size)."),
     ) -> None:
-        """p(referable DR) per image, and the decision at the shipped operating threshold."""
+        """p(referable DR) per image, and the decision at the shipped operating threshold.
+        Exit code 1 when any image could not be scored (its error line says why).
+        Research use only, not a diagnosis."""
         import pandas as pd
         import torch
 
@@ -170,7 +173,7 @@ def register(app: typer.Typer, evaluate_app: typer.Typer) -> None:
             df = pd.DataFrame(rows)
             df["note"] = RESEARCH
             atomic_write_text(csv, df.to_csv(index=False))
-        if failed == len(images):
+        if failed:  # like screen and explain: a script sees that some image was not scored
             raise typer.Exit(1)
 
     @evaluate_app.command("classifier")
@@ -189,7 +192,7 @@ def register(app: typer.Typer, evaluate_app: typer.Typer) -> None:
 
         An image that cannot be read becomes a warning line and an error row in predictions.csv
         and the run goes on: the metrics cover the readable images and report how many were not
-        (one broken file should not cost an hour-long evaluation)."""
+        (one broken file should not cost an hour-long evaluation). Research use only, not a diagnosis."""
         import numpy as np
         import pandas as pd
         import torch

@@ -1,7 +1,9 @@
 """`retina-fgvis explain IMAGE... --out DIR`: one FGVis game per image, Fig. 2 pictures + JSON.
 
 Output names never contain the input file name (it may hold a patient name): each image gets
-``image-<first 12 hex of sha256(path)>``; the JSON says which file it came from.
+``image-<first 12 hex of HMAC-SHA-256(path)>`` under the output folder's naming key (as
+``screen``: :mod:`retina_fgvis.report.files`), so a name cannot be traced back to a file by
+trying candidate paths; the JSON says which file it came from (whoever holds it may read it).
 """
 from __future__ import annotations
 
@@ -30,7 +32,7 @@ def register(app: typer.Typer, evaluate_app: typer.Typer) -> None:
         prune: bool = typer.Option(True, "--prune/--no-prune", help="Undo faint changes the goal does not need (default)."),
         min_side: Optional[int] = typer.Option(None, "--min-side", min=1, help="Refuse images whose shorter side is below this many pixels (default: half the classifier's input size)."),
     ) -> None:
-        """Explain p(referable) of each image with an FGVis game (research use only)."""
+        """Explain p(referable) of each image with an FGVis game. Research use only, not a diagnosis."""
         import torch
 
         from retina_fgvis.classifier.model import REFERABLE, WeightsError, load_classifier
@@ -39,7 +41,8 @@ def register(app: typer.Typer, evaluate_app: typer.Typer) -> None:
         from retina_fgvis.fundus.intake import ImageRejected, min_side_for, read_checked_fundus
         from retina_fgvis.fundus.io import FundusReadError
         from retina_fgvis.fundus.preprocess import NoFundusError
-        from retina_fgvis.report.files import atomic_write_image, atomic_write_text, sha256_hex
+        from retina_fgvis.report.files import (NamingKeyError, atomic_write_image, atomic_write_text, keyed_hex,
+                                               naming_key)
 
         if game not in GAME_CHOICES:
             raise typer.BadParameter(f"--game must be one of {', '.join(GAME_CHOICES)}")
@@ -53,9 +56,14 @@ def register(app: typer.Typer, evaluate_app: typer.Typer) -> None:
         fgvis = fundus_fgvis(clf, defense=defense, max_iterations=iterations,
                              **({} if prune else {"prune_levels": ()}))
         out.mkdir(parents=True, exist_ok=True)
+        try:
+            key = naming_key(out)
+        except NamingKeyError as err:
+            typer.echo(f"error: {err}", err=True)
+            raise typer.Exit(2) from None
         failures = 0
         for path in images:
-            name = f"image-{sha256_hex(str(path))[:12]}"
+            name = f"image-{keyed_hex(key, str(path))[:12]}"
             try:
                 fundus = read_checked_fundus(path, min_side=min_side_for(clf.input_size, min_side))
                 prepared = clf.prepare(fundus.rgb)

@@ -213,6 +213,7 @@ def faithfulness_command(
 
     Each (image, method) result is written to OUT/progress as soon as it is done, so an
     interrupted run keeps it and the same command continues where it stopped.
+    Research use only, not a diagnosis.
     """
     from retina_fgvis import faithfulness as F
     from retina_fgvis.baselines import FGVIS_METHODS, METHODS
@@ -357,7 +358,8 @@ def defense_command(
     examples: int = typer.Option(4, "--examples", min=0, help="Figures (paper Fig. 3) for the first N images."),
     seed: int = typer.Option(0, "--seed", help="Sample seed (rdr)."),
 ) -> None:
-    """Can FGVis generate a class with no evidence? Rate with and without the defence (paper Table 1)."""
+    """Can FGVis generate a class with no evidence? Rate with and without the defence (paper Table 1).
+    Research use only, not a diagnosis."""
     from retina_fgvis import faithfulness as F
 
     if model not in ("rdr", "imagenet"):

@@ -36,7 +36,8 @@ def register(app: typer.Typer, evaluate_app: typer.Typer) -> None:
             False, "--summarise-only", help="Run no game: rebuild summary.md/csv and the plots from OUT/per_image.csv "
             "and OUT/curves.csv (e.g. after the summary gained a column)."),
     ) -> None:
-        """Compare optimiser / step rule / λ schedule / goal settings of the deletion game."""
+        """Compare optimiser / step rule / λ schedule / goal settings of the deletion game.
+        Research use only, not a diagnosis."""
         import pandas as pd
 
         from retina_fgvis import game_study as gs

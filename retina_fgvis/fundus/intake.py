@@ -30,7 +30,7 @@ def _not_a_regular_file(path: Path) -> str | None:
     if path.is_symlink() and not path.exists():
         return "broken symbolic link (its target does not exist)"
     if not path.exists():
-        return "file not found (removed since the run started?)"
+        return "file not found"
     return "not a regular file (a folder, FIFO, socket or device)"
 
 
