@@ -278,7 +278,7 @@ def rdr_validation_table(metadata: dict | None = None, data_root: str | Path | N
     against the recorded ``split_fingerprint``. ``data_root`` relocates the folders (matched by
     folder name). Without metadata: ODIR 20 % / EyePACS 50 % of patients, seed 0.
     """
-    from retina_fgvis.classifier.data import build_split, split_fingerprint
+    from retina_fgvis.classifier.data import build_split, split_mismatch
 
     meta = metadata or {}
     recorded = meta.get("training_data") or []
@@ -298,10 +298,9 @@ def rdr_validation_table(metadata: dict | None = None, data_root: str | Path | N
     if meta.get("max_images_per_source"):
         df = df[df.groupby("source", sort=False).cumcount() < int(meta["max_images_per_source"])]
         df = df.reset_index(drop=True)
-    fp = split_fingerprint(df)
-    if meta.get("split_fingerprint") and fp != meta["split_fingerprint"]:
-        raise ValueError(f"held-out split differs from the classifier's (fingerprint {fp} != "
-                         f"{meta['split_fingerprint']}): labels.csv changed?")
+    mismatch = split_mismatch(df, meta)
+    if mismatch:
+        raise ValueError(mismatch)
     return df[df["val"]].reset_index(drop=True)
 
 

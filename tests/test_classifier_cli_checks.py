@@ -316,3 +316,46 @@ def test_a_non_checkpoint_file_gets_a_short_readable_reason(tmp_path: Path) -> N
     assert r.exit_code == 2
     last = r.output.strip().splitlines()[-1]
     assert last.startswith(f"error: {text}: not a retina-fgvis checkpoint") and "PyTorch 2.6" not in last
+
+
+# --------------------------------------------------------------------------- 10. split integrity
+
+
+def test_evaluate_refuses_regraded_held_out_labels(tmp_path: Path, trained) -> None:
+    """The split fingerprint covers the held-out file names only: a regraded labels.csv kept it,
+    and the held-out metrics silently scored other labels. The label fingerprint catches it."""
+    import shutil
+
+    from retina_fgvis.classifier.data import build_split, label_fingerprint
+
+    weights, data = trained
+    meta = torch.load(weights, weights_only=True)["metadata"]
+    copy = tmp_path / "relabelled" / data.name
+    shutil.copytree(data, copy)
+    split = build_split([copy], [0.5], seed=meta["split_seed"])
+    assert label_fingerprint(split) == meta["split_label_fingerprint"]
+    labels = pd.read_csv(copy / "labels.csv")
+    first_val = split.loc[split["val"], "file"].iloc[0]
+    labels.loc[labels["file"] == first_val, "rdr"] ^= 1
+    labels.to_csv(copy / "labels.csv", index=False)
+    r = _invoke(["evaluate", "classifier", "--weights", str(weights), "--data", str(copy)])
+    assert r.exit_code == 2, r.output
+    assert "error: the held-out labels differ from those the classifier was validated on" in r.output
+    ok = _invoke(["evaluate", "classifier", "--weights", str(weights), "--data", str(data), "--n-boot", "5"])
+    assert ok.exit_code == 0, ok.output
+
+
+def test_init_from_a_checkpoint_of_another_split_is_refused(tmp_path: Path, trained) -> None:
+    """Fine-tuning a model trained on another split puts its training images into this run's
+    validation set: refused unless asked for."""
+    weights, data = trained
+    base = ["train", "--data", str(data), "--val-fraction", "0.5", "--init-from", str(weights), *TINY,
+            "--checkpoint-dir", str(tmp_path / "ck")]
+    r = _invoke(base + ["--seed", "1", "--out", str(tmp_path / "o1.pt")])
+    assert r.exit_code != 0 and "trained on another split" in _flat(r.output + str(r.exception or ""))
+    assert not (tmp_path / "o1.pt").exists()
+    r = _invoke(base + ["--seed", "1", "--out", str(tmp_path / "o2.pt"), "--allow-other-split",
+                        "--checkpoint-dir", str(tmp_path / "ck2")])
+    assert r.exit_code == 0, r.output
+    r = _invoke(base + ["--out", str(tmp_path / "o3.pt"), "--checkpoint-dir", str(tmp_path / "ck3")])
+    assert r.exit_code == 0, r.output  # same split: accepted

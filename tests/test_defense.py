@@ -49,7 +49,7 @@ def test_relu_gradient_matches_eq6_by_hand() -> None:
     # Eq. 6 indicator [h(e) <= b_u] = [1, 1, 0] (unit 3 would exceed its bound 0).
     # defended  dL/de = W1^T [1, 1, 0] = [1, 1];  dL/dm = x * dL/de = [1, 1]
     # undefended dL/de = W1^T [1, 1, 1] = [2, 0]
-    model = TwoLayer(nn.ReLU())
+    model = TwoLayer(nn.ReLU()).eval()
     x, m = torch.tensor([[1.0, 1.0]]), torch.tensor([[1.0, 0.5]])
     assert torch.allclose(mask_gradient(model, x, m, True), torch.tensor([[1.0, 1.0]]))
     assert torch.allclose(mask_gradient(model, x, m, False), torch.tensor([[2.0, 0.0]]))
@@ -62,7 +62,7 @@ def test_leaky_relu_lower_bound_by_hand() -> None:
     # indicator = [1, 1, 0]  (-.175 < b_l = -.1);  h' = [1, 1, .1]
     # defended  dL/de = W1^T [1, 1, 0] = [1, 1]      -> dL/dm = x * . = [1, 2]
     # undefended dL/de = W1^T [1, 1, .1] = [1.1, .9] -> dL/dm = [1.1, 1.8]
-    model = TwoLayer(nn.LeakyReLU(0.1))
+    model = TwoLayer(nn.LeakyReLU(0.1)).eval()
     x, m = torch.tensor([[1.0, 2.0]]), torch.tensor([[0.25, 1.0]])
     assert torch.allclose(mask_gradient(model, x, m, True), torch.tensor([[1.0, 2.0]]))
     assert torch.allclose(mask_gradient(model, x, m, False), torch.tensor([[1.1, 1.8]]))
@@ -72,7 +72,7 @@ def test_leaky_relu_lower_bound_by_hand() -> None:
 
 
 def test_relu6_upper_bound_and_forward_is_unchanged() -> None:
-    model = TwoLayer(nn.ReLU6(inplace=True))
+    model = TwoLayer(nn.ReLU6(inplace=True)).eval()
     x = torch.tensor([[1.0, 1.0]])
     e = torch.tensor([[3.0, 0.5]], requires_grad=True)  # W1 e = [3, .5, 2.5] > bounds [1, 1, 0]
     with activation_bounds(model, x) as bounds:
@@ -215,11 +215,11 @@ class TwoLayerImage(nn.Module):
 
 
 def test_unsupported_nonlinearity_fails_loudly() -> None:
-    model = nn.Sequential(nn.Conv2d(3, 3, 1), nn.PReLU())
+    model = nn.Sequential(nn.Conv2d(3, 3, 1), nn.PReLU()).eval()
     with pytest.raises(UnsupportedNonlinearityError, match="prelu"):
         with activation_bounds(model, torch.randn(1, 3, 4, 4)):
             pass
-    model = nn.Sequential(nn.Conv2d(3, 3, 1), nn.Mish())
+    model = nn.Sequential(nn.Conv2d(3, 3, 1), nn.Mish()).eval()
     with pytest.raises(UnsupportedNonlinearityError, match="mish"):
         with activation_bounds(model, torch.randn(1, 3, 4, 4)):
             pass
@@ -236,7 +236,7 @@ def test_changed_call_sequence_fails_loudly() -> None:
                 x = F.relu(x)
             return x.mean((1, 2, 3))
 
-    model, x = Variable(), torch.randn(1, 3, 4, 4)
+    model, x = Variable().eval(), torch.randn(1, 3, 4, 4)
     with activation_bounds(model, x):
         model.n = 2
         with pytest.raises(CallSequenceError, match="relu"):
@@ -265,7 +265,7 @@ def test_bounds_are_recorded_in_the_games_precision() -> None:
     too: fp32 bounds compared with bf16 activations mark units "out of bounds" by rounding alone,
     so the unperturbed image (m = 1) would already lose gradient."""
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 2))
+    model = nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 2)).eval()
     x = torch.randn(4, 16)
     bf16 = lambda: torch.autocast("cpu", dtype=torch.bfloat16)  # noqa: E731
     with activation_bounds(model, x, clean_pass_context=bf16, track_violations=True) as bounds:
@@ -327,7 +327,7 @@ class _Chain(nn.Module):
 
 
 def test_fused_path_is_taken_for_relu_family_and_hook_path_for_the_rest() -> None:
-    model, x = _Chain(), torch.randn(1, 8)
+    model, x = _Chain().eval(), torch.randn(1, 8)
     with activation_bounds(model, x):
         model(x.clone().requires_grad_(True))
     assert model.grad_fns[:3] == ["_ClampWithIndicatorBackward"] * 3
@@ -341,7 +341,7 @@ def test_saturated_relu6_unit_passes_no_gradient_by_hand() -> None:
     # W1 x = [7, 6, 0] for x = [7, 6]: b_u = [6, 6, 0] (h = relu6).
     # e = [8, 5]: W1 e = [8, 5, 3] -> h = [6, 5, 3]; relu6' = [0 (saturated), 1, 1];
     # indicator [h <= b_u] = [1, 1, 0] -> only unit 2 passes: dL/de = W1^T [0, 1, 0] = [0, 1]
-    model = TwoLayer(nn.ReLU6())
+    model = TwoLayer(nn.ReLU6()).eval()
     x, e = torch.tensor([[7.0, 6.0]]), torch.tensor([[8.0, 5.0]])
     for fuse in (True, False):
         assert torch.equal(_defended_grad(model, x, e, fuse), torch.tensor([[0.0, 1.0]]))
@@ -353,7 +353,7 @@ def test_saturated_relu6_unit_passes_no_gradient_by_hand() -> None:
 
 def test_violation_fraction_is_the_same_on_both_paths() -> None:
     torch.manual_seed(1)
-    model = nn.Sequential(nn.Linear(16, 64), nn.ReLU6(inplace=True), nn.Linear(64, 2))
+    model = nn.Sequential(nn.Linear(16, 64), nn.ReLU6(inplace=True), nn.Linear(64, 2)).eval()
     x = torch.randn(4, 16) * 4
     fractions = []
     for fuse in (True, False):
@@ -366,7 +366,7 @@ def test_violation_fraction_is_the_same_on_both_paths() -> None:
 def test_second_backward_through_a_fused_graph_is_refused() -> None:
     """The fused backward reuses its mask buffer for the gradient; a retained graph must not
     silently give a wrong second gradient."""
-    model = TwoLayer(nn.ReLU())
+    model = TwoLayer(nn.ReLU()).eval()
     x = torch.tensor([[1.0, 1.0]])
     e = x.clone().requires_grad_(True)
     with activation_bounds(model, x):
@@ -395,7 +395,7 @@ def test_fused_path_under_bf16_autocast_matches_hooks_and_keeps_m1_in_bounds() -
     """bf16 games (CUDA autocast; CPU autocast here): the fused ReLU6 bound is capped just below 6
     in bf16 (5.96875), gradients equal the hook path's, and at m = 1 nothing is out of bounds."""
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(16, 64), nn.ReLU6(inplace=True), nn.Linear(64, 64), nn.ReLU6(), nn.Linear(64, 2))
+    model = nn.Sequential(nn.Linear(16, 64), nn.ReLU6(inplace=True), nn.Linear(64, 64), nn.ReLU6(), nn.Linear(64, 2)).eval()
     x = torch.randn(4, 16) * 4
     bf16 = lambda: torch.autocast("cpu", dtype=torch.bfloat16)  # noqa: E731
     grads = []

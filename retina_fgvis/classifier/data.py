@@ -117,6 +117,29 @@ def split_fingerprint(df: pd.DataFrame) -> str:
     return hashlib.sha256("\n".join(names).encode()).hexdigest()[:16]
 
 
+def label_fingerprint(df: pd.DataFrame) -> str:
+    """Short hash of the validation files *with their RDR labels*. Why: the file list alone stays
+    the same when labels.csv is regraded, and the held-out metrics would then silently score
+    other labels than the ones the threshold was picked on (checkpoints of earlier versions
+    lack it; only the file list is checked for them)."""
+    val = df[df["val"]]
+    rows = sorted(f"{s}/{f}\t{int(r)}" for s, f, r in zip(val["source"], val["file"], val["rdr"]))
+    return hashlib.sha256("\n".join(rows).encode()).hexdigest()[:16]
+
+
+def split_mismatch(df: pd.DataFrame, metadata: dict) -> str | None:
+    """Why ``df`` (a rebuilt split) is not the held-out split the checkpoint recorded, or None."""
+    fp = split_fingerprint(df)
+    if metadata.get("split_fingerprint") and fp != metadata["split_fingerprint"]:
+        return (f"the held-out split differs from the one used in training (fingerprint {fp} != "
+                f"{metadata['split_fingerprint']}): labels.csv changed?")
+    lf = label_fingerprint(df)
+    if metadata.get("split_label_fingerprint") and lf != metadata["split_label_fingerprint"]:
+        return (f"the held-out labels differ from those the classifier was validated on (label fingerprint "
+                f"{lf} != {metadata['split_label_fingerprint']}): labels.csv regraded?")
+    return None
+
+
 # ---------------------------------------------------------------------------------------------
 # Cache
 # ---------------------------------------------------------------------------------------------

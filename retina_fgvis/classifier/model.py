@@ -255,12 +255,21 @@ class Classifier:
         return module_device(self.model)
 
     def prepare(self, rgb: np.ndarray, fov: np.ndarray | None = None) -> PreparedFundus:
-        """:func:`prepare_fundus` with this model's input size and normalisation."""
+        """:func:`prepare_fundus` with this model's input size and normalisation.
+
+        ``rgb``: one photograph as an (H, W, 3) uint8 RGB array (0-255; e.g. ``cv2.imread`` gives
+        BGR, convert it first); ``fov``: optional (H, W) field-of-view mask. The result's
+        ``tensor`` is the normalised float input :meth:`predict_proba` and FGVis expect.
+        """
         return prepare_fundus(rgb, size=self.input_size, mean=self.mean, std=self.std, fov=fov)
 
     @torch.no_grad()
     def predict_proba(self, batch: torch.Tensor) -> torch.Tensor:
         """(B, 3, S, S) normalised -> (B,) p(referable), on the CPU."""
+        if not isinstance(batch, torch.Tensor) or not batch.is_floating_point():
+            got = f"a {batch.dtype} tensor" if isinstance(batch, torch.Tensor) else type(batch).__name__
+            raise ValueError(f"predict_proba expects a prepared, normalised float tensor: use Classifier.prepare "
+                             f"(got {got})")
         if batch.ndim == 3:
             batch = batch[None]
         if batch.shape[-1] != self.input_size or batch.shape[-2] != self.input_size:

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from retina_fgvis.classifier.data import (AugmentSettings, CachedFundusDataset, build_cache,
-                                          build_split, split_fingerprint)
+                                          build_split, label_fingerprint, split_fingerprint)
 from retina_fgvis.classifier.metrics import pick_threshold, roc_auc
 from retina_fgvis.classifier.model import (CLASS_NAMES, build_model, default_normalisation,
                                            save_checkpoint)
@@ -83,6 +83,7 @@ class TrainConfig:
     delete_prob: float = 0.0  # deletion-aware augmentation (see data.apply_deletion)
     blank_prob: float = 0.0
     overwrite: bool = False  # replace an existing ``out`` (a forgotten ``out`` must not replace the shipped model)
+    allow_other_split: bool = False  # init_from a checkpoint validated on another split (see train())
 
     def resolved_checkpoint_dir(self) -> Path:
         if self.checkpoint_dir:
@@ -136,6 +137,38 @@ def sample_weights(df: pd.DataFrame) -> np.ndarray:
     counts = cell.map(cell.value_counts())
     w = 1.0 / counts.to_numpy(dtype=np.float64)
     return (w / w.mean()).astype(np.float32)
+
+
+def _one_cycle(opt: torch.optim.Optimizer, lr: float, total_steps: int,
+               first_stage: bool) -> torch.optim.lr_scheduler.OneCycleLR | None:
+    """The stage's one-cycle schedule (warm-up 20 % of the steps in the first stage, 10 % later).
+
+    torch divides by the warm-up length (``pct_start * total_steps - 1``), which is 0 for a
+    stage of 5 steps or fewer (a small data set): the warm-up then takes 1.5 steps' worth, and a
+    one-step stage runs at its learning rate without a schedule (None). Real stages (thousands
+    of steps) are unchanged."""
+    if total_steps < 2:
+        return None
+    pct = min(max(0.2 if first_stage else 0.1, 1.5 / total_steps), 0.75)
+    return torch.optim.lr_scheduler.OneCycleLR(
+        opt, max_lr=lr, total_steps=total_steps, pct_start=pct, anneal_strategy="cos",
+        div_factor=25.0 if first_stage else 5.0, final_div_factor=100.0)
+
+
+def as_saved(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` whose floating weights and buffers are rounded as
+    :func:`~retina_fgvis.classifier.model.save_checkpoint` stores them (fp16), i.e. the model
+    every later command loads. Why: validation scores, and the threshold picked from them, must
+    be those of the shipped file (picked on fp32 scores, the shipped model's pooled sensitivity
+    was 0.848 under a rule of >= 0.85: one positive rounded to just below the threshold)."""
+    import copy
+
+    rounded = copy.deepcopy(model)
+    with torch.no_grad():
+        for t in rounded.state_dict().values():
+            if t.is_floating_point():
+                t.copy_(t.half().to(t.dtype))
+    return rounded
 
 
 @torch.no_grad()
@@ -215,6 +248,13 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print,
         src = load_classifier(cfg.init_from)
         if src.metadata["arch"] != cfg.arch:
             raise ValueError(f"{cfg.init_from}: architecture {src.metadata['arch']} != {cfg.arch}")
+        # a checkpoint trained on another split has seen some of this run's validation images:
+        # its validation AUC and threshold would be optimistic without any sign of it
+        prior_fp = src.metadata.get("split_fingerprint")
+        if prior_fp and prior_fp != fingerprint and not cfg.allow_other_split:
+            raise ValueError(f"{cfg.init_from}: trained on another split (fingerprint {prior_fp} != this run's "
+                             f"{fingerprint}), so its training images may be in this run's validation set; "
+                             "use the same --data, --val-fraction and --seed, or --allow-other-split")
         model.load_state_dict(src.model.state_dict())
         prior = {k: src.metadata.get(k) for k in ("stages", "history", "training_seconds", "date",
                                                    "split_fingerprint", "init_from",
@@ -253,11 +293,8 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print,
         if sched is None or e_in == 0:
             for g in opt.param_groups:
                 g["lr"] = st.lr
-            sched = torch.optim.lr_scheduler.OneCycleLR(
-                opt, max_lr=st.lr, total_steps=st.epochs * steps_per_epoch,
-                pct_start=0.2 if si == 0 else 0.1, anneal_strategy="cos",
-                div_factor=25.0 if si == 0 else 5.0, final_div_factor=100.0)
-            for _ in range(e_in * steps_per_epoch):  # resumed mid-stage: fast-forward the schedule
+            sched = _one_cycle(opt, st.lr, st.epochs * steps_per_epoch, first_stage=si == 0)
+            for _ in range(e_in * steps_per_epoch if sched is not None else 0):  # resumed mid-stage
                 sched.step()
         ds_tr = CachedFundusDataset(cache, tr_idx, labels[tr_idx], st.size, mean, std,
                                     AugmentSettings(rotate_deg=cfg.rotate_deg, delete_prob=cfg.delete_prob,
@@ -279,7 +316,7 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print,
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            if sched.last_epoch < sched.total_steps - 1:
+            if sched is not None and sched.last_epoch < sched.total_steps - 1:
                 sched.step()
             tot_loss += float(loss.detach()) * len(y)
             tot_n += len(y)
@@ -289,7 +326,9 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print,
                     f"lr {opt.param_groups[0]['lr']:.2e} {rate:.2f} s/step")
         train_s = time.time() - ep_t0
         ds_va = CachedFundusDataset(cache, va_idx, labels[va_idx], st.size, mean, std, None)
-        p_va = predict_dataset(model, ds_va, device, progress=progress)
+        # scored with the weights as the checkpoint stores them (fp16): the threshold is one
+        # positive's score, and the fp32 score of that eye may round to just below it
+        p_va = predict_dataset(as_saved(model), ds_va, device, progress=progress)
         vm = validation_metrics(df_va, p_va)
         threshold = pick_threshold(df_va["rdr"].to_numpy(), p_va, cfg.min_sensitivity)
         secs = time.time() - ep_t0
@@ -340,7 +379,8 @@ def _check_split(df: pd.DataFrame, cfg: TrainConfig) -> None:
 
 def _config_key(cfg: TrainConfig) -> str:
     d = asdict(cfg)
-    for k in ("log_every", "device", "threads", "checkpoint_dir", "cache_dir", "out", "overwrite"):
+    for k in ("log_every", "device", "threads", "checkpoint_dir", "cache_dir", "out", "overwrite",
+              "allow_other_split"):
         d.pop(k, None)
     return json.dumps(d, sort_keys=True)
 
@@ -368,7 +408,8 @@ def _metadata(cfg: TrainConfig, size: int, mean, std, threshold: float, history:
         "preprocessing": "retina_fgvis.fundus.preprocess.prepare_fundus (FOV circle crop, "
                          "2% margin, outside-FOV = 0 after normalisation)",
         "training_data": sources, "split_seed": cfg.seed, "split": "patient-wise per source",
-        "split_fingerprint": fingerprint, "max_images_per_source": cfg.max_images_per_source,
+        "split_fingerprint": fingerprint, "split_label_fingerprint": label_fingerprint(df),
+        "max_images_per_source": cfg.max_images_per_source,
         "stages": cfg.stages, "batch_size": cfg.batch_size, "freeze_early": cfg.freeze_early,
         "rotate_deg": cfg.rotate_deg, "delete_prob": cfg.delete_prob, "blank_prob": cfg.blank_prob,
         "weight_decay": cfg.weight_decay,

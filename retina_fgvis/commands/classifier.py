@@ -74,6 +74,7 @@ def register(app: typer.Typer, evaluate_app: typer.Typer) -> None:
         blank_prob: float = typer.Option(0.0, min=0.0, max=1.0, help="Share of samples replaced by a fully deleted eye labelled non-referable."),
         log_file: Optional[Path] = typer.Option(None, help="Append log lines here as well."),
         overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out checkpoint."),
+        allow_other_split: bool = typer.Option(False, "--allow-other-split", help="Accept an --init-from checkpoint trained on another split (its training images may then be in this run's validation set)."),
     ) -> None:
         """Train the referable-DR classifier (resumes automatically from --checkpoint-dir).
 
@@ -111,7 +112,8 @@ def register(app: typer.Typer, evaluate_app: typer.Typer) -> None:
                           threads=threads, max_images_per_source=max_images,
                           freeze_early=freeze_early,
                           init_from=str(init_from) if init_from else None, rotate_deg=rotate,
-                          delete_prob=delete_prob, blank_prob=blank_prob, overwrite=overwrite)
+                          delete_prob=delete_prob, blank_prob=blank_prob, overwrite=overwrite,
+                          allow_other_split=allow_other_split)
         log = _log_factory(log_file)
         log(f"train: {json.dumps(cfg.__dict__)}")
         try:
@@ -197,7 +199,7 @@ def register(app: typer.Typer, evaluate_app: typer.Typer) -> None:
         import pandas as pd
         import torch
 
-        from retina_fgvis.classifier.data import build_split, load_labels, split_fingerprint
+        from retina_fgvis.classifier.data import build_split, load_labels, split_mismatch
         from retina_fgvis.classifier.metrics import summarise
         from retina_fgvis.classifier.model import WeightsError, load_classifier
         from retina_fgvis.commands.checks import output_folder, resolve_device
@@ -233,11 +235,9 @@ def register(app: typer.Typer, evaluate_app: typer.Typer) -> None:
             if meta.get("max_images_per_source"):
                 df = df[df.groupby("source", sort=False).cumcount()
                         < int(meta["max_images_per_source"])].reset_index(drop=True)
-            fp = split_fingerprint(df)
-            if meta.get("split_fingerprint") and fp != meta["split_fingerprint"]:
-                typer.echo(f"error: the held-out split differs from the one used in training "
-                           f"(fingerprint {fp} != {meta['split_fingerprint']}): labels.csv changed?",
-                           err=True)
+            mismatch = split_mismatch(df, meta)
+            if mismatch:
+                typer.echo(f"error: {mismatch}", err=True)
                 raise typer.Exit(2)
             parts.append(df[df["val"]])
         if external or overrides:

@@ -316,6 +316,27 @@ def _refuse_checkpointing(op: str, grad_at_start: bool) -> None:
             "(timm: model.set_grad_checkpointing(False))")
 
 
+def _refuse_training_mode(model: torch.nn.Module) -> None:
+    """Raise when any module of ``model`` is in training mode.
+
+    Why: the bounds of Eq. 5 come from one clean pass and hold for later passes only if the
+    network computes the same function in each. In training mode BatchNorm normalises with each
+    batch's own statistics (and the clean pass would update its running statistics, changing the
+    model), and Dropout draws a new mask every pass, so units fall outside their bounds even at
+    e = x. (:class:`~retina_fgvis.fgvis.games.FGVis` switches the model to eval mode itself.)"""
+    training = [(name, m) for name, m in model.named_modules() if m.training]
+    if not training:
+        return
+    # name the module that matters most: BatchNorm/Dropout if any, else a submodule, else the root
+    mode_dependent = (torch.nn.modules.batchnorm._NormBase, torch.nn.modules.dropout._DropoutNd)
+    name, module = next(((n, m) for n, m in training if isinstance(m, mode_dependent)),
+                        next(((n, m) for n, m in training if n), training[0]))
+    where = f"'{name}' ({type(module).__name__})" if name else f"the model ({type(module).__name__})"
+    raise DefenseError(
+        f"activation_bounds: {where} is in training mode; call model.eval() first (BatchNorm statistics and "
+        "Dropout draws change between passes, so the clean pass's bounds would not hold)")
+
+
 class ActivationBounds:
     """Context manager implementing Eq. 6 for ``model`` around the original batch ``x``.
 
@@ -330,7 +351,8 @@ class ActivationBounds:
     pass's calls; ``bounds.last_violation_fraction`` is the share of units outside their
     bounds in the latest pass (a diagnostic, computed only when ``track_violations``).
     ``fuse=False`` applies every indicator through a gradient hook (same numbers, slower; the
-    reference the fused path is tested against).
+    reference the fused path is tested against). ``model`` must be in eval mode (every
+    submodule): entering refuses a model in training mode with a :class:`DefenseError`.
     """
 
     def __init__(
@@ -365,6 +387,7 @@ class ActivationBounds:
 
     # ----------------------------------------------------------------- context protocol
     def __enter__(self) -> "ActivationBounds":
+        _refuse_training_mode(self.model)
         self._handles.append(self.model.register_forward_pre_hook(self._forward_starts))
         self._handles.append(self.model.register_forward_hook(self._forward_ends, always_call=True))
         self._mode = _BoundsMode(self)

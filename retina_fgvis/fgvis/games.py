@@ -45,15 +45,17 @@ Choices the paper leaves open (the README's method section gives the measurement
   missed goal: scores no worse than the game's result). Only forward passes, no gradient: the
   pruned explanation is a mix of the optimised one and the original image, so it cannot hold
   evidence the defended optimisation did not find.
-* **Optimiser.** Adam on the mask, projected onto [0,1] after each step, with a tiny epsilon:
-  under the defence the gradient reaching the mask is ~1000× smaller than without it, and
-  Adam's usual eps=1e-8 would then silently scale the steps down. ``sgd_normalized`` (steps of
-  ``lr`` times the gradient divided by its per-sample maximum) and ``sign`` are alternatives.
+* **Optimiser.** By default ``sgd_normalized``: steps of ``lr`` times the gradient divided by its
+  per-sample maximum, the mask projected onto [0,1] after each step (chosen by the study in
+  evaluation/game-study/). Alternatives: ``adam`` (with a tiny epsilon: under the defence the
+  gradient reaching the mask is ~1000× smaller than without it, and Adam's usual eps=1e-8 would
+  then silently scale the steps down) and ``sign`` (steps of ``lr`` times the gradient's sign).
 """
 from __future__ import annotations
 
 import contextlib
 import math
+import numbers
 from dataclasses import asdict, dataclass, replace
 from typing import Callable, Iterator, Literal
 
@@ -155,11 +157,85 @@ class FGVisSettings:
             raise ValueError(f"lambda_calibration_quantile must be in (0, 1), got {q}")
         if any(not 0.0 < level < 1.0 for level in self.prune_levels):
             raise ValueError(f"prune_levels must lie in (0, 1), got {self.prune_levels}")
-        if self.max_iterations < 1 or self.check_every < 1:
-            raise ValueError("max_iterations and check_every must be >= 1")
+        for name, low in (("max_iterations", 1), ("check_every", 1), ("warmup_iterations", 0), ("patience", 0)):
+            value = getattr(self, name)
+            if not (_is_int(value) and value >= low):
+                raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
         if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
             raise ValueError(f"lr must be a number > 0, got {self.lr!r} (a negative step adds evidence)")
+        if self.goal_level is None:
+            if self.goal != "fraction":  # every other goal builds its level from goal_level
+                raise ValueError(f"goal_level None needs goal='fraction', got goal='{self.goal}'")
+        elif not (_is_real(self.goal_level) and 0.0 <= self.goal_level <= 1.0):
+            raise ValueError(f"goal_level must be a probability in [0, 1], got {self.goal_level!r}")
+        if not (_is_real(self.goal_fraction) and 0.0 < self.goal_fraction <= 1.0):
+            raise ValueError(f"goal_fraction must be in (0, 1], got {self.goal_fraction!r}")
+        # λ: lambda_init 0 is legitimate (no sparsity term: the defence protocol's fixed λ = 0)
+        _require(self, "lambda_init", lambda v: v >= 0, ">= 0")
+        for name in ("lambda_min", "lambda_up", "lambda_down", "adam_eps", "step_grow", "step_scale_max"):
+            _require(self, name, lambda v: v > 0, "> 0")
+        _require(self, "lambda_max", lambda v: v >= self.lambda_min, f">= lambda_min ({self.lambda_min!r})")
+        _require(self, "defense_tolerance", lambda v: v >= 0, ">= 0")
+        # adaptive: λ starts at lambda_init and is clamped to [lambda_min, lambda_max] at every check;
+        # a start outside that range would jump at the first check (0 = start without sparsity)
+        if self.lambda_schedule == "adaptive" and self.lambda_init > 0 and not (
+                self.lambda_min <= self.lambda_init <= self.lambda_max):
+            raise ValueError(f"lambda_init must lie in [lambda_min, lambda_max] = [{self.lambda_min!r}, "
+                             f"{self.lambda_max!r}] for the adaptive schedule (or be 0), got {self.lambda_init!r}")
+        betas = self.adam_betas
+        if not (isinstance(betas, (tuple, list)) and len(betas) == 2
+                and all(_is_real(b) and 0.0 <= b < 1.0 for b in betas)):
+            raise ValueError(f"adam_betas must be two numbers in [0, 1), got {betas!r}")
         return self
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_real(value: object) -> bool:
+    """A finite real number (not a bool)."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _require(settings: FGVisSettings, name: str, ok: Callable[[float], bool], what: str) -> None:
+    value = getattr(settings, name)
+    if not (_is_real(value) and ok(value)):
+        raise ValueError(f"{name} must be a finite number {what}, got {value!r}")
+
+
+def _target_tensor(target: object, batch: int, device: torch.device) -> torch.Tensor:
+    """``target`` as a (B,) long tensor: an int (one class for all) or an integer tensor, a scalar
+    or one class per sample. Why: ``as_tensor(0.7, dtype=long)`` is silently class 0."""
+    if isinstance(target, torch.Tensor):
+        if target.is_floating_point() or target.is_complex() or target.dtype == torch.bool:
+            raise ValueError(f"target must be an int or an integer tensor (class indices), got a {target.dtype} tensor")
+        if not (target.dim() == 0 or (target.dim() == 1 and target.shape[0] in (1, batch))):
+            raise ValueError(f"target must be a scalar or one class per sample, shape ({batch},), "
+                             f"got shape {tuple(target.shape)}")
+        t = target.to(device=device, dtype=torch.long)
+    elif isinstance(target, numbers.Integral) and not isinstance(target, bool):
+        t = torch.as_tensor(int(target), device=device, dtype=torch.long)
+    else:
+        raise ValueError(f"target must be an int or an integer tensor (class indices), got {target!r} "
+                         f"({type(target).__name__})")
+    t = t.expand(batch).contiguous()
+    if t.numel() and int(t.min()) < 0:
+        raise ValueError(f"target must be a class index >= 0, got {t.tolist()}")
+    return t
+
+
+def _check_logits(logits: object, target: torch.Tensor) -> None:
+    """The model's output must be (B, C) logits, C >= 2, and every target one of the C classes."""
+    shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
+    if not (isinstance(logits, torch.Tensor) and logits.dim() == 2 and logits.shape[0] == len(target)
+            and logits.shape[1] >= 2):
+        raise ValueError(f"the model must return logits of shape (B, C) with C >= 2 classes, got {shape} "
+                         "(the softmax of a single logit is always 1)")
+    classes = logits.shape[1]
+    if len(target) and int(target.max()) >= classes:
+        raise ValueError(f"target {target.tolist()} out of range: the model has {classes} classes "
+                         f"(0 <= target < {classes})")
 
 
 @contextlib.contextmanager
@@ -230,20 +306,42 @@ class FGVis:
         self.settings = replace(base, **overrides).validate() if overrides else base.validate()
 
     # ------------------------------------------------------------------ helpers
-    def _log_probs(self, e: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _log_probs(self, e: torch.Tensor, target: torch.Tensor,
+                   check: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """log p(target) and the log-odds log p/(1-p), both computed stably from the logits.
 
         A confident classifier gives p = 1.0 exactly in float32, where the softmax score has a
-        zero gradient; the log-odds keep a usable gradient at any confidence.
+        zero gradient; the log-odds keep a usable gradient at any confidence. ``check``: first
+        make sure the model's output is (B, C) logits and ``target`` a valid class of them.
         """
         if self.settings.channels_last and e.device.type == "cuda":
             e = e.contiguous(memory_format=torch.channels_last)
         with self._autocast(e.device):
             logits = self.model(e)
+        if check:
+            _check_logits(logits, target)
         log_p = torch.log_softmax(logits.float(), dim=1)
         log_pt = log_p.gather(1, target[:, None])[:, 0]
         others = log_p.scatter(1, target[:, None], float("-inf"))
         return log_pt, log_pt - torch.logsumexp(others, dim=1)
+
+    def _check_inputs(self, x: torch.Tensor) -> None:
+        """Refuse inputs the model cannot take or the game cannot explain, before any work.
+
+        Why: torch's own errors (``Input type (double) and bias type (float) should be the
+        same``) do not say what to pass, and a NaN/inf pixel runs every iteration and returns NaN.
+        """
+        if not x.is_floating_point():
+            raise ValueError(f"inputs must be a floating-point tensor, normalised as the model expects, got "
+                             f"{x.dtype} (a uint8 image must be prepared first, e.g. Classifier.prepare)")
+        param = next((p for p in self.model.parameters() if p.is_floating_point()), None)
+        if param is not None and x.dtype != param.dtype:
+            raise ValueError(f"inputs are {x.dtype}, the model's parameters {param.dtype}: pass inputs.to("
+                             f"{param.dtype}) (settings.autocast runs bf16 passes from {torch.float32} inputs)")
+        if param is not None and x.device != param.device:
+            raise ValueError(f"inputs are on {x.device}, the model on {param.device}: pass inputs.to('{param.device}')")
+        if not bool(torch.isfinite(x).all()):
+            raise ValueError("inputs contain NaN or infinite values")
 
     def _probs(self, e: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return self._log_probs(e, target)[0].exp()
@@ -408,7 +506,10 @@ class FGVis:
         of by an arbitrary rule. One forward and one backward pass.
         """
         x = inputs.detach()
-        target = torch.as_tensor(target, device=x.device, dtype=torch.long).expand(x.shape[0]).contiguous()
+        if x.dim() != 4:
+            raise ValueError(f"inputs must be (B, C, H, W), got shape {tuple(x.shape)}")
+        self._check_inputs(x)
+        target = _target_tensor(target, x.shape[0], x.device)
         ref = self._reference_for(x, reference)
         with _explaining(self.model):
             defended = self._defended(x)
@@ -416,7 +517,7 @@ class FGVis:
                 if defended is not None:
                     defended.select(None)
                 m = mask.detach().to(x).clone().requires_grad_(True)
-                sim = self._similarity(*self._log_probs(m * x + (1 - m) * ref, target))
+                sim = self._similarity(*self._log_probs(m * x + (1 - m) * ref, target, check=True))
                 (grad,) = torch.autograd.grad(sim.sum(), m)
         return grad
 
@@ -447,8 +548,9 @@ class FGVis:
             raise ValueError(f"inputs must be (B, C, H, W), got shape {tuple(inputs.shape)}")
         spec, s = GAMES[game], self.settings
         x = inputs.detach()
+        self._check_inputs(x)
         device, B = x.device, x.shape[0]
-        target = torch.as_tensor(target, device=device, dtype=torch.long).expand(B).contiguous()
+        target = _target_tensor(target, B, device)
         ref = self._reference_for(x, reference)
         if fov_mask is None:
             fov = torch.ones(B, 1, *x.shape[2:], dtype=torch.bool, device=device)
@@ -488,7 +590,7 @@ class FGVis:
 
         with _explaining(self.model):
             with torch.no_grad():
-                p_before = self._probs(x, target)
+                p_before = self._log_probs(x, target, check=True)[0].exp()
                 goal = self._goal(spec, p_before, ref, target, x, fov)
                 p_start = p_before if m0 == 1.0 else self._probs(m0 * x + (1 - m0) * ref, target)
                 closest_p = p_start.clone()

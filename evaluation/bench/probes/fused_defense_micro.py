@@ -36,7 +36,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    model = Stem()
+    model = Stem().eval()  # the defence refuses a model in training mode
     x = torch.randn(4, 32, 256, 256) * 3
     e0 = x * torch.rand_like(x) * 1.5
     g = torch.randn_like(x)
