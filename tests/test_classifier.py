@@ -69,6 +69,11 @@ def test_checkpoint_round_trip_weights_only_fp16(tmp_path: Path):
     clf = load_classifier(p)
     assert clf.sha256 == sha and clf.threshold == 0.4 and clf.input_size == 64
     assert clf.mean == (0.5, 0.5, 0.5)
+    assert clf.verified  # the .sha256 beside it matched
+    copy = tmp_path / "copied.pt"  # copied without its .sha256: loads, but says it is unverified
+    copy.write_bytes(p.read_bytes())
+    assert not load_classifier(copy).verified and load_classifier(copy).sha256 == sha
+    assert not load_classifier(p, verify_sha256=False).verified
     img = synthetic_fundus(90, 120, seed=1)
     prep = clf.prepare(img)
     assert prep.tensor.shape == (3, 64, 64)
@@ -301,8 +306,12 @@ def test_cli_train_predict_evaluate(tmp_path: Path):
     r = CliRunner().invoke(app, ["predict", str(img), "--weights", str(out), "--csv",
                                  str(tmp_path / "p.csv")])
     assert r.exit_code == 0, r.output
-    assert "p(referable)=" in r.output
+    assert "p(referable)=" in r.output and "not verified" not in r.output
     assert "Research use only" in (tmp_path / "p.csv").read_text()
+    copied = tmp_path / "copied.pt"  # weights passed on without their .sha256 file
+    copied.write_bytes(out.read_bytes())
+    r = CliRunner().invoke(app, ["predict", str(img), "--weights", str(copied)])
+    assert r.exit_code == 0 and "not verified: no copied.pt.sha256 beside it" in " ".join(r.output.split())
     r = CliRunner().invoke(app, ["evaluate", "classifier", "--weights", str(out), "--n-boot", "50",
                                  "--out", str(tmp_path / "ev")])
     assert r.exit_code == 0, r.output

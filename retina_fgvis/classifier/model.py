@@ -232,6 +232,8 @@ class Classifier:
     metadata: dict = field(default_factory=dict)
     path: Path | None = None
     sha256: str | None = None
+    #: the file matched the ``.sha256`` beside it (False: no such file, or checking was off)
+    verified: bool = False
 
     @property
     def input_size(self) -> int:
@@ -323,6 +325,7 @@ def load_classifier(path: str | Path | None = None, device: str = "cpu",
     if not p.is_file():
         raise WeightsError(p, "is a folder, not a weights file" if p.is_dir() else "not a regular file")
     digest = sha256_file(p)
+    expected = None
     if verify_sha256:
         expected = _expected_sha(p)
         if expected is not None and expected != digest:
@@ -373,4 +376,4 @@ def load_classifier(path: str | Path | None = None, device: str = "cpu",
     model.eval().to(device)
     for prm in model.parameters():
         prm.requires_grad_(False)
-    return Classifier(model=model, metadata=dict(meta), path=p, sha256=digest)
+    return Classifier(model=model, metadata=dict(meta), path=p, sha256=digest, verified=expected == digest)

@@ -170,7 +170,9 @@ def register(app: typer.Typer, evaluate_app: typer.Typer) -> None:
                 rows.append({"file": str(path), "p_referable": None, "decision": "",
                              "error": f"{path}: {exc}"})
                 typer.echo(f"error: {path}: {exc}", err=True)
-        typer.echo(f"threshold {clf.threshold:.4f} (weights {clf.path.name}, sha256 {clf.sha256[:12]}). {RESEARCH}")
+        unverified = "" if clf.verified else f"; not verified: no {clf.path.name}.sha256 beside it"
+        typer.echo(f"threshold {clf.threshold:.4f} (weights {clf.path.name}, sha256 {clf.sha256[:12]}{unverified}). "
+                   f"{RESEARCH}")
         if csv:
             df = pd.DataFrame(rows)
             df["note"] = RESEARCH

@@ -92,6 +92,7 @@ def register(app: typer.Typer, evaluate_app: typer.Typer) -> None:
                 "source": str(path),
                 "research_use_only": "Research use only, not a diagnosis.",
                 "weights_sha256": clf.sha256,
+                "weights_sha256_verified": clf.verified,
                 "p_referable_before": float(result.target_prob_before[0]),
                 "p_referable_after": float(result.target_prob_after[0]),
                 "referable_threshold": clf.threshold,

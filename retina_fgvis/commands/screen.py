@@ -329,6 +329,7 @@ def _run_info(S: Any, classifier: Any, screener: Any, inputs: list, out: Path, m
             "arch": meta.get("arch", type(getattr(classifier, "model", None)).__name__),
             "path": str(getattr(classifier, "path", "") or ""),
             "sha256": getattr(classifier, "sha256", None),
+            "sha256_verified": bool(getattr(classifier, "verified", False)),
             "threshold": float(getattr(classifier, "threshold", 0.5)),
             "input_size": meta.get("input_size"),
             "metadata": json.loads(json.dumps(meta, default=str)),
