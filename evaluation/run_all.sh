@@ -80,6 +80,7 @@ retina-fgvis evaluate classifier --weights weights/rdr-effnet-lite0.pt \
     --data "$DATA/odir5k_512" --data "$DATA/eyepacs1098_400" --out "$R/eval-classifier"
 
 step "screening of the bundled samples (record: evaluation/samples/)"
+mkdir -p "$R/samples" && cp evaluation/samples/.naming-key "$R/samples/"   # the record's folder names
 retina-fgvis screen data/samples --out "$R/samples" --device cpu || echo "screen exited with status $? (see its failed lines)"
 
 step "faithfulness, ImageNet sample (record: evaluation/faithfulness/imagenet/run.json's command)"

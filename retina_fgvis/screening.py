@@ -1019,6 +1019,39 @@ def forget_records(out: str | Path, record_files: Iterable[Path]) -> int:
     return n
 
 
+def remove_unnamed_overlays(out: str | Path) -> int:
+    """Delete overlays under ``OUT/patients`` that no record in ``OUT/records`` names (and
+    patient folders left empty); returns how many went.
+
+    Why: an image redone on ``--resume`` (new settings, a changed file) gets its overlay under
+    today's name, and the earlier one -- possibly named by an earlier version's reversible plain
+    hash -- would stay beside it for ever; an interrupted move leaves one too. Records of inputs
+    no longer given still name theirs, so those are kept (``--forget-missing`` removes them)."""
+    out = Path(out)
+    named: set[str] = set()
+    for path in records_dir(out).glob("*.json"):
+        try:
+            overlay = json.loads(path.read_text(encoding="utf-8")).get("overlay")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if isinstance(overlay, str):
+            named.add(overlay)
+    n = 0
+    for folder in sorted((out / "patients").glob("*")):
+        if not folder.is_dir():
+            continue
+        for picture in sorted(folder.iterdir()):
+            if picture.is_file() and not picture.name.startswith(".") and \
+                    f"patients/{folder.name}/{picture.name}" not in named:
+                picture.unlink(missing_ok=True)
+                n += 1
+        try:
+            folder.rmdir()  # only when empty
+        except OSError:
+            pass
+    return n
+
+
 def merge_outputs(out: str | Path, records: Sequence[ImageRecord], run_info: dict[str, Any],
                   embed_images: bool = False) -> dict[str, Path]:
     """Write results.csv, lesions.csv, report.html and run.json (each atomically).
@@ -1082,6 +1115,6 @@ def read_results_csv(path: str | Path):
 __all__ = [
     "NOTICE", "InputItem", "ImageRecord", "ScreenSettings", "Screener", "ScreenSummary",
     "ScreeningUsageError", "discover_inputs", "load_manifest", "assign_groups", "group_from_name",
-    "collect_records", "records_of_other_inputs", "forget_records", "merge_outputs", "versions", "read_results_csv",
+    "collect_records", "records_of_other_inputs", "forget_records", "remove_unnamed_overlays", "merge_outputs", "versions", "read_results_csv",
     "normalise_eye", "is_greyscale", "plan_chunks", "shard_chunks",
 ]

@@ -170,6 +170,12 @@ def test_metrics():
     one_class = summarise(np.array([0, 0]), np.array([0.2, 0.4]), None, 0.5, n_boot=10)
     assert one_class["mean_p_non_referable"] == pytest.approx(0.3) and one_class["mean_p_referable"] is None
     assert 0 <= pick_threshold(yy, pp, None) <= 2
+    # golden: halfway between the score that sets the rule and the next lower one
+    y4, p4 = np.array([1, 1, 0, 1, 0]), np.array([0.9, 0.6, 0.5, 0.4, 0.1])
+    assert pick_threshold(y4, p4, 1.0) == pytest.approx(0.25)    # all 3 positives: below 0.4
+    assert pick_threshold(y4, p4, 0.6) == pytest.approx(0.55)    # 2 of 3: below 0.6
+    assert pick_threshold(y4, p4, None) == pytest.approx(0.55)   # Youden: 2/3 + 1/2 - 1 at 0.6
+    assert pick_threshold(np.array([1, 0]), np.array([0.3, 0.3]), 1.0) == pytest.approx(0.3)
 
 
 # --------------------------------------------------------------------------- data + training

@@ -354,6 +354,7 @@ def test_init_from_a_checkpoint_of_another_split_is_refused(tmp_path: Path, trai
     r = _invoke(base + ["--seed", "1", "--out", str(tmp_path / "o1.pt")])
     assert r.exit_code != 0 and "trained on another split" in _flat(r.output + str(r.exception or ""))
     assert not (tmp_path / "o1.pt").exists()
+    assert not (tmp_path / "ck").exists()  # refused before the cache (hours on real data) was built
     r = _invoke(base + ["--seed", "1", "--out", str(tmp_path / "o2.pt"), "--allow-other-split",
                         "--checkpoint-dir", str(tmp_path / "ck2")])
     assert r.exit_code == 0, r.output

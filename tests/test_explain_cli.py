@@ -79,3 +79,15 @@ def test_explain_and_predict_refuse_what_screen_refuses(tmp_path: Path) -> None:
     assert "p(referable)=" in res.output and "image too small" in res.output
     res = CliRunner().invoke(app, ["predict", str(thumb), "--weights", str(weights), "--min-side", "16"])
     assert res.exit_code == 0 and "p(referable)=" in res.output, res.output
+
+
+def test_predict_csv_is_safe_to_open_in_a_spreadsheet(tmp_path: Path, monkeypatch) -> None:
+    """File names are user text: one starting with '=' must not become a formula in the CSV."""
+    weights = tmp_path / "m.pt"
+    save_checkpoint(build_model("tiny"), META, weights)
+    monkeypatch.chdir(tmp_path)
+    _fundus(tmp_path / "=1+1.png")
+    res = CliRunner().invoke(app, ["predict", "=1+1.png", "--weights", str(weights), "--csv", "p.csv"])
+    assert res.exit_code == 0, res.output
+    rows = (tmp_path / "p.csv").read_text().splitlines()
+    assert rows[1].startswith("'=1+1.png,") and not any(r.startswith("=") for r in rows)

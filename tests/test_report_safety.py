@@ -8,6 +8,7 @@ import re
 import sys
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -144,3 +145,15 @@ def test_console_prints_file_names_with_brackets_verbatim(tmp_path, capsys):
                       classifier=FakeClassifier())
     assert code == 2
     assert "nothing[here]" in capsys.readouterr().err
+
+
+def test_shown_p_never_contradicts_the_shown_threshold_fuzz():
+    """Thresholds finer than 4 decimals of a percent (the shipped one is 0.14627485) are shown
+    rounded up, so a p just below one can never be shown at or above it."""
+    rng = np.random.default_rng(0)
+    for _ in range(20000):
+        thr = float(rng.uniform(0.01, 0.99))
+        p = round(thr + float(rng.choice([-1, 1])) * float(rng.uniform(0, 2e-4)), 6)
+        assert (_num(H._pct(p, thr)) >= _num(H.threshold_pct(thr))) == (p >= thr), (p, thr)
+    assert H.threshold_pct(0.1462748497724533) == "14.6275%"
+    assert H._threshold_text(0.1462748497724533) == "0.146275 (14.6275%)"

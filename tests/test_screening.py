@@ -354,7 +354,9 @@ def test_folder_names_are_keyed_per_output_folder(tmp_path):
     plain = "p-" + sha256_hex("0482913")[:16]  # what a dictionary attack on the old rule finds
     assert plain not in dirs[0] + dirs[1]
     key_file = runs[0] / ".naming-key"
-    assert key_file.stat().st_mode & 0o777 == 0o600
+    from retina_fgvis.report.files import FILE_MODE
+
+    assert key_file.stat().st_mode & 0o777 == FILE_MODE  # like every output: the umask decides
     assert naming_key(runs[0]) == bytes.fromhex(key_file.read_text().strip())
     assert dirs[0] == [patient_dir_name("0482913", naming_key(runs[0]))]
     ex = FakeExplainer()  # resume keeps the folder's key and so its names
@@ -363,6 +365,19 @@ def test_folder_names_are_keyed_per_output_folder(tmp_path):
     # --overwrite starts a new folder: a new key
     assert _screen([src], runs[0], overwrite=True) == 0
     assert sorted(p.name for p in (runs[0] / "patients").iterdir()) != dirs[0]
+
+
+def test_the_key_is_made_where_the_file_system_has_no_hard_links(tmp_path, monkeypatch):
+    """FAT/exFAT drives and some network mounts refuse os.link: the key is then made by an
+    exclusive create, once, and no temporary file is left behind."""
+    def no_links(src, dst):
+        raise PermissionError(1, "Operation not permitted", str(src))
+
+    monkeypatch.setattr(os, "link", no_links)
+    out = tmp_path / "fat"
+    key = naming_key(out)
+    assert len(key) == 32 and naming_key(out) == key
+    assert [p.name for p in out.iterdir()] == [".naming-key"]
 
 
 def test_a_damaged_naming_key_is_refused_not_replaced(tmp_path):
@@ -374,6 +389,45 @@ def test_a_damaged_naming_key_is_refused_not_replaced(tmp_path):
     assert (out / ".naming-key").read_text() == "not hex\n"
 
 
+def _as_written_by_the_unkeyed_version(out: Path) -> list[str]:
+    """Rename OUT's overlays and rewrite its records as the previous version (plain SHA-256
+    names) wrote them; returns the legacy overlay paths."""
+    legacy_paths = []
+    for rec_path in sorted((out / "records").glob("*.json")):
+        rec = S.ImageRecord.from_dict(json.loads(rec_path.read_text()))
+        if rec.overlay:
+            legacy = f"patients/p-{sha256_hex(rec.patient)[:16]}/{rec.eye or 'unknown'}-{sha256_hex(rec.file)[:12]}.jpg"
+            (out / legacy).parent.mkdir(parents=True, exist_ok=True)
+            (out / rec.overlay).rename(out / legacy)
+            rec.overlay = legacy
+            legacy_paths.append(legacy)
+        rec.patient_dir = f"p-{sha256_hex(rec.patient)[:16]}"
+        S.write_record(out, rec)
+    for d in (out / "patients").iterdir():
+        if not any(d.iterdir()):
+            d.rmdir()
+    return legacy_paths
+
+
+def test_images_redone_on_resume_leave_no_overlay_behind(tmp_path, capsys):
+    """An image redone on --resume (new settings here) gets its overlay under today's name; the
+    earlier one -- named by the unkeyed hash of the previous version -- must not stay beside it."""
+    src = tmp_path / "in"
+    make_folder(src, 4)
+    out = tmp_path / "out"
+    assert _screen([src], out) == 0
+    legacy = _as_written_by_the_unkeyed_version(out)
+    assert legacy and all((out / p).is_file() for p in legacy)
+    capsys.readouterr()
+    ex = FakeExplainer()
+    assert _screen([src], out, explainer=ex, resume=True, iterations=7) == 0
+    assert ex.images == 4  # other settings: every game replayed
+    assert not any((out / p).exists() for p in legacy)
+    named = {S.read_record(out, f).overlay for f in _results(out).file}
+    assert {p.relative_to(out).as_posix() for p in (out / "patients").rglob("*") if p.is_file()} == named
+    assert f"removed {len(legacy)} overlay(s) that no record names" in " ".join(capsys.readouterr().err.split())
+
+
 def test_resume_moves_the_outputs_of_the_unkeyed_naming(tmp_path):
     """Output folders of earlier versions (plain SHA-256 names) move to keyed names on --resume,
     without replaying a game; the result equals a fresh run with that key."""
@@ -382,20 +436,7 @@ def test_resume_moves_the_outputs_of_the_unkeyed_naming(tmp_path):
     out, fresh = tmp_path / "out", tmp_path / "fresh"
     _same_key(out, fresh)
     assert _screen([src], out) == 0
-    for rec_path in sorted((out / "records").glob("*.json")):  # rewrite as an earlier version did
-        rec = S.ImageRecord.from_dict(json.loads(rec_path.read_text()))
-        if rec.overlay:
-            legacy = f"patients/p-{sha256_hex(rec.patient)[:16]}/{rec.eye or 'unknown'}-{sha256_hex(rec.file)[:12]}.jpg"
-            (out / legacy).parent.mkdir(parents=True, exist_ok=True)
-            (out / rec.overlay).rename(out / legacy)
-            rec.overlay = legacy
-        rec.patient_dir = f"p-{sha256_hex(rec.patient)[:16]}"
-        S.write_record(out, rec)
-    (out / ".naming-key").write_text("ab" * 32 + "\n")
-    for d in (out / "patients").iterdir():
-        if not any(d.iterdir()):
-            d.rmdir()
-    assert all(d.name.startswith("p-") for d in (out / "patients").iterdir())
+    _as_written_by_the_unkeyed_version(out)
     ex = FakeExplainer()
     assert _screen([src], out, explainer=ex, resume=True) == 0
     assert ex.images == 0
@@ -657,15 +698,18 @@ def test_torchrun_two_processes_equal_one(tmp_path, tiny_weights):
     make_folder(src, 5)
     (src / "bad.png").write_bytes(b"x")
     args = [src, "--weights", tiny_weights, "--device", "cpu", "--iterations", "3", "--batch-size", "2"]
-    _same_key(tmp_path / "one", tmp_path / "two")
-    one = _cli(*args, "--out", tmp_path / "one")
-    assert one.returncode == 1, one.stderr
     env = dict(os.environ, OMP_NUM_THREADS="1")
+    # the two ranks start on a folder without a naming key: they must make one between them
     two = subprocess.run([torchrun, "--standalone", "--nproc_per_node", "2", "-m", "retina_fgvis", "screen",
                           *map(str, args), "--out", str(tmp_path / "two")],
                          capture_output=True, text=True, env=env, timeout=240)
     assert two.returncode != 0  # the bad file: exit code 1 on every rank (torchrun reports failure)
     assert "bad.png" in two.stderr
+    assert sorted(p.name for p in (tmp_path / "two").iterdir() if p.name.startswith(".")) == [".naming-key"]
+    (tmp_path / "one").mkdir()
+    (tmp_path / "one" / ".naming-key").write_bytes((tmp_path / "two" / ".naming-key").read_bytes())
+    one = _cli(*args, "--out", tmp_path / "one")
+    assert one.returncode == 1, one.stderr
     assert _outputs(tmp_path / "two") == _outputs(tmp_path / "one")
     info = json.loads((tmp_path / "two" / "run.json").read_text())
     assert info["settings"]["world_size"] == 2

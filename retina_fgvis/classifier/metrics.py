@@ -68,19 +68,29 @@ def pick_threshold(y: np.ndarray, p: np.ndarray, min_sensitivity: float | None =
     With ``min_sensitivity``: the highest threshold whose sensitivity is at least that (screening
     wants few missed referable eyes, then as few false referrals as possible). Without it: the
     Youden point (max sens + spec - 1).
+
+    The threshold returned lies halfway between the chosen score and the next lower one: the
+    same decisions on these scores, but the eye that sets it no longer sits exactly on it, where
+    a change of p in the 7th decimal (thread count, device) would flip it.
     """
     y = np.asarray(y).astype(bool)
     p = np.asarray(p, dtype=np.float64)
     cands = np.unique(p)[::-1]
-    best_t, best_j = 0.5, -1.0
-    for t in cands:
+
+    def below(i: int) -> float:  # halfway to the next lower score (the lowest stays as it is)
+        return float((cands[i] + cands[i + 1]) / 2) if i + 1 < len(cands) else float(cands[i])
+
+    best_i, best_j = None, -1.0
+    for i, t in enumerate(cands):
         se, sp = sens_spec(y, p, t)
         if min_sensitivity is not None:
             if se >= min_sensitivity:
-                return float(t)
+                return below(i)
         elif se + sp - 1 > best_j:
-            best_t, best_j = float(t), se + sp - 1
-    return best_t if min_sensitivity is None else float(cands[-1])
+            best_i, best_j = i, se + sp - 1
+    if min_sensitivity is None:
+        return below(best_i) if best_i is not None else 0.5
+    return below(len(cands) - 1)
 
 
 def summarise(y: np.ndarray, p: np.ndarray, groups: np.ndarray | None, threshold: float,

@@ -139,14 +139,33 @@ def sample_weights(df: pd.DataFrame) -> np.ndarray:
     return (w / w.mean()).astype(np.float32)
 
 
+def _starting_checkpoint(cfg: TrainConfig, fingerprint: str):
+    """The ``init_from`` classifier (None without one), refused when its architecture differs or
+    when it was trained on another split: it has then seen some of this run's validation images,
+    and its validation AUC and threshold would be optimistic without any sign of it."""
+    if not cfg.init_from:
+        return None
+    from retina_fgvis.classifier.model import load_classifier
+
+    src = load_classifier(cfg.init_from)
+    if src.metadata["arch"] != cfg.arch:
+        raise ValueError(f"{cfg.init_from}: architecture {src.metadata['arch']} != {cfg.arch}")
+    prior_fp = src.metadata.get("split_fingerprint")
+    if prior_fp and prior_fp != fingerprint and not cfg.allow_other_split:
+        raise ValueError(f"{cfg.init_from}: trained on another split (fingerprint {prior_fp} != this run's "
+                         f"{fingerprint}), so its training images may be in this run's validation set; "
+                         "use the same --data, --val-fraction and --seed, or --allow-other-split")
+    return src
+
+
 def _one_cycle(opt: torch.optim.Optimizer, lr: float, total_steps: int,
                first_stage: bool) -> torch.optim.lr_scheduler.OneCycleLR | None:
     """The stage's one-cycle schedule (warm-up 20 % of the steps in the first stage, 10 % later).
 
     torch divides by the warm-up length (``pct_start * total_steps - 1``), which is 0 for a
-    stage of 5 steps or fewer (a small data set): the warm-up then takes 1.5 steps' worth, and a
-    one-step stage runs at its learning rate without a schedule (None). Real stages (thousands
-    of steps) are unchanged."""
+    first stage of 5 steps or fewer, or a later stage of 10 or fewer (a small data set): the
+    warm-up then takes 1.5 steps' worth, and a one-step stage runs at its learning rate without a
+    schedule (None). Real stages (thousands of steps) are unchanged."""
     if total_steps < 2:
         return None
     pct = min(max(0.2 if first_stage else 0.1, 1.5 / total_steps), 0.75)
@@ -160,7 +179,9 @@ def as_saved(model: nn.Module) -> nn.Module:
     :func:`~retina_fgvis.classifier.model.save_checkpoint` stores them (fp16), i.e. the model
     every later command loads. Why: validation scores, and the threshold picked from them, must
     be those of the shipped file (picked on fp32 scores, the shipped model's pooled sensitivity
-    was 0.848 under a rule of >= 0.85: one positive rounded to just below the threshold)."""
+    was 0.848 under a rule of >= 0.85: one positive rounded to just below the threshold). The
+    threshold also sits halfway to the next lower score (:func:`pick_threshold`), so smaller
+    changes of p (thread count, device: ~1e-7) keep the rule too."""
     import copy
 
     rounded = copy.deepcopy(model)
@@ -216,9 +237,10 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print,
     if cfg.max_images_per_source:
         df = df[df.groupby("source", sort=False).cumcount() < cfg.max_images_per_source].reset_index(drop=True)
     _check_split(df, cfg)
+    fingerprint = split_fingerprint(df)
+    start = _starting_checkpoint(cfg, fingerprint)  # checked before the cache, which can take hours
     ckpt_dir = cfg.resolved_checkpoint_dir()  # made only once the data is known to be usable
     ckpt_dir.mkdir(parents=True, exist_ok=True)
-    fingerprint = split_fingerprint(df)
     for src, g in df.groupby("source", sort=True):
         tr, va = g[~g["val"]], g[g["val"]]
         log(f"data {src}: train {len(tr)} images ({tr['patient'].nunique()} patients, "
@@ -242,24 +264,12 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print,
 
     model = build_model(cfg.arch, num_classes=2, pretrained=cfg.pretrained).to(device)
     prior: dict | None = None
-    if cfg.init_from:
-        from retina_fgvis.classifier.model import load_classifier
-
-        src = load_classifier(cfg.init_from)
-        if src.metadata["arch"] != cfg.arch:
-            raise ValueError(f"{cfg.init_from}: architecture {src.metadata['arch']} != {cfg.arch}")
-        # a checkpoint trained on another split has seen some of this run's validation images:
-        # its validation AUC and threshold would be optimistic without any sign of it
-        prior_fp = src.metadata.get("split_fingerprint")
-        if prior_fp and prior_fp != fingerprint and not cfg.allow_other_split:
-            raise ValueError(f"{cfg.init_from}: trained on another split (fingerprint {prior_fp} != this run's "
-                             f"{fingerprint}), so its training images may be in this run's validation set; "
-                             "use the same --data, --val-fraction and --seed, or --allow-other-split")
-        model.load_state_dict(src.model.state_dict())
-        prior = {k: src.metadata.get(k) for k in ("stages", "history", "training_seconds", "date",
+    if start is not None:
+        model.load_state_dict(start.model.state_dict())
+        prior = {k: start.metadata.get(k) for k in ("stages", "history", "training_seconds", "date",
                                                    "split_fingerprint", "init_from",
                                                    "total_training_seconds")}
-        log(f"initialised from {cfg.init_from} (sha256 {src.sha256[:12]}…)")
+        log(f"initialised from {cfg.init_from} (sha256 {start.sha256[:12]}…)")
     n_frozen = freeze_early_layers(model, cfg.freeze_early)
     if n_frozen:
         log(f"frozen: stem + first {cfg.freeze_early} blocks ({n_frozen} parameters)")

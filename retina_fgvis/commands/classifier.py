@@ -176,7 +176,9 @@ def register(app: typer.Typer, evaluate_app: typer.Typer) -> None:
         if csv:
             df = pd.DataFrame(rows)
             df["note"] = RESEARCH
-            atomic_write_text(csv, df.to_csv(index=False))
+            from retina_fgvis.report.tables import safe_csv
+
+            atomic_write_text(csv, safe_csv(df))  # user paths and error text: formula-safe
         if failed:  # like screen and explain: a script sees that some image was not scored
             raise typer.Exit(1)
 
@@ -328,4 +330,6 @@ def register(app: typer.Typer, evaluate_app: typer.Typer) -> None:
             atomic_write_text(out / "metrics.json", json.dumps(results, indent=1))
             atomic_write_text(out / "metrics.md", text + "\n")
             cols = ["source", "file", "patient", "rdr", "p_referable", "error"]
-            atomic_write_text(out / "predictions.csv", ev[cols].assign(note=RESEARCH).to_csv(index=False))
+            from retina_fgvis.report.tables import safe_csv
+
+            atomic_write_text(out / "predictions.csv", safe_csv(ev[cols].assign(note=RESEARCH)))

@@ -231,6 +231,10 @@ def run_screen(
             err.print(f"[yellow]warning[/] {len(others)} earlier image record(s) in {escape(str(out / 'records'))} "
                       "belong to files no longer among the inputs: they are in no table or report of this "
                       "run but are kept, with their overlays; --resume --forget-missing deletes them")
+        unnamed = S.remove_unnamed_overlays(out)
+        if unnamed:
+            err.print(f"removed {unnamed} overlay(s) that no record names (replaced on this run, or left by an "
+                      "earlier version or an interrupted run)")
         failed = sum(r.status != "ok" for r in records)
         n_ref = sum(1 for r in records if r.status == "ok" and r.referable)
         n_pat = len({r.patient for r in records})

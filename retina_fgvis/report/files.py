@@ -35,6 +35,7 @@ import os
 import re
 import secrets
 import tempfile
+import time
 from pathlib import Path
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
@@ -97,34 +98,59 @@ class NamingKeyError(ValueError):
 
 
 def naming_key(out: str | Path) -> bytes:
-    """The output folder's naming key: read from ``OUT/.naming-key``, or made (32 random bytes,
-    mode 0600) when the folder has none.
+    """The output folder's naming key: read from ``OUT/.naming-key``, or made (32 random bytes)
+    when the folder has none. Its mode follows the umask like every output (a group-shared
+    folder must stay resumable by the group; the CSVs beside it hold the plain IDs anyway).
 
-    Creation is atomic and first-writer-wins (a complete temporary file hard-linked to the
-    name), so torchrun ranks that start together all end up with the same key."""
+    Creation is first-writer-wins, so torchrun ranks that start together all end up with the
+    same key: a complete temporary file hard-linked to the name, or, where the file system has
+    no hard links (FAT/exFAT drives, some network mounts), an exclusive create; a reader that
+    finds that file still being written waits for it."""
     out = Path(out)
     path = out / NAMING_KEY_FILE
     if not path.exists():
         out.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f"{NAMING_KEY_FILE}.", suffix=".tmp", dir=out)
+        _create_key_file(path, (secrets.token_hex(32) + "\n").encode("ascii"))
+    text = ""
+    for attempt in range(50):  # an exclusive create by another process may still be writing
         try:
-            with os.fdopen(fd, "w", encoding="ascii") as fh:  # mkstemp: mode 0600
-                fh.write(secrets.token_hex(32) + "\n")
-                fh.flush()
-                os.fsync(fh.fileno())
-            try:
-                os.link(tmp, path)
-            except FileExistsError:
-                pass  # another process made it first: use theirs
-        finally:
-            os.unlink(tmp)
-    try:
-        text = path.read_text(encoding="ascii").strip()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise NamingKeyError(f"{path}: unreadable naming key ({exc.__class__.__name__})") from exc
+            text = path.read_text(encoding="ascii").strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise NamingKeyError(f"{path}: unreadable naming key ({exc.__class__.__name__})") from exc
+        if len(text) >= 64 or attempt == 49:
+            break
+        time.sleep(0.02)
     if not re.fullmatch(r"[0-9a-f]{64}", text):
         raise NamingKeyError(f"{path}: not a naming key (64 hex digits expected); restore it or screen into a new folder")
     return bytes.fromhex(text)
+
+
+def _create_key_file(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` unless it exists (then keep the existing file)."""
+    fd, tmp = tempfile.mkstemp(prefix=f"{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(tmp, FILE_MODE)
+        try:
+            os.link(tmp, path)
+            return
+        except FileExistsError:
+            return  # another process made it first: use theirs
+        except OSError:
+            pass  # no hard links here: exclusive create below
+    finally:
+        os.unlink(tmp)
+    try:
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, FILE_MODE)
+    except FileExistsError:
+        return
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
 
 
 def keyed_hex(key: bytes, text: str) -> str:

@@ -107,15 +107,27 @@ def _threshold_decimals(threshold: float) -> int:
     return _MAX_PCT_DECIMALS
 
 
+def _shown_threshold_percent(threshold: float) -> float:
+    """The threshold as a percent on the shown grid: exact when 4 decimals hold it, else rounded
+    *up* to 4 decimals, so that no p below the threshold can be shown at or above it."""
+    t = 100.0 * float(threshold)
+    d = _threshold_decimals(threshold)
+    if abs(float(f"{t:.{d}f}") - t) < 1e-9:
+        return float(f"{t:.{d}f}")
+    scale = 10 ** _MAX_PCT_DECIMALS
+    return math.ceil(t * scale - 1e-9) / scale
+
+
 def threshold_pct(threshold: float) -> str:
-    """The referral threshold as a percent, exact (0.1463 -> ``14.63%``, never ``15%``)."""
-    return f"{100.0 * float(threshold):.{_threshold_decimals(threshold)}f}%"
+    """The referral threshold as a percent (0.1463 -> ``14.63%``, never ``15%``; beyond 4
+    decimals rounded up: 0.14627485 -> ``14.6275%``)."""
+    return f"{_shown_threshold_percent(threshold):.{_threshold_decimals(threshold)}f}%"
 
 
 def _threshold_text(threshold: float) -> str:
-    """The threshold as a probability and a percent, both exact: ``0.1463 (14.63%)``."""
-    d = _threshold_decimals(threshold) + 2
-    return f"{float(threshold):.{max(2, d)}f} ({threshold_pct(threshold)})"
+    """The threshold as a probability and a percent on the same grid: ``0.1463 (14.63%)``."""
+    d = _threshold_decimals(threshold)
+    return f"{_shown_threshold_percent(threshold) / 100:.{max(2, d + 2)}f} ({threshold_pct(threshold)})"
 
 
 def _pct(p: float | None, threshold: float | None = None) -> str:

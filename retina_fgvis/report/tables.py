@@ -2,7 +2,8 @@
 
 Both CSVs start with one notice line (``# Research use only, not a diagnosis. ...``) so the
 warning travels with the file into spreadsheets; read them with
-``pandas.read_csv(path, skiprows=1)`` (see :func:`retina_fgvis.screening.read_results_csv`).
+:func:`retina_fgvis.screening.read_results_csv` (plain ``pandas.read_csv(path, skiprows=1)`` also
+works, but keeps the formula quote described below).
 Numbers are rounded to fixed decimals so that files are byte-identical between an
 uninterrupted run, a resumed run and a multi-process run.
 
@@ -117,12 +118,12 @@ def unescape_cell(v: Any) -> Any:
     return v
 
 
-def csv_text(df: pd.DataFrame) -> str:
-    """The notice line followed by the CSV (``\\n`` line ends on every platform); text cells
-    that would start a spreadsheet formula are quoted with ``'`` (:func:`escape_cell`).
-    A carriage return inside a text cell (a file name may hold one) does not make the csv
-    writer quote the cell when lines end in ``\\n``, and readers would split the row there:
-    such a table is written with every cell quoted."""
+def safe_csv(df: pd.DataFrame) -> str:
+    """``df`` as CSV text (``\\n`` line ends on every platform) safe to open in a spreadsheet:
+    text cells that would start a formula are quoted with ``'`` (:func:`escape_cell`). A
+    carriage return inside a text cell (a file name may hold one) does not make the csv writer
+    quote the cell when lines end in ``\\n``, and readers would split the row there: such a
+    table is written with every cell quoted. For every CSV that carries user paths or text."""
     safe = df.copy()
     quote_all = False
     for col in safe.columns:
@@ -130,7 +131,12 @@ def csv_text(df: pd.DataFrame) -> str:
             safe[col] = safe[col].map(escape_cell)
             quote_all = quote_all or any(isinstance(v, str) and "\r" in v for v in safe[col])
     quoting = csv.QUOTE_ALL if quote_all else csv.QUOTE_MINIMAL
-    return NOTICE_LINE + "\n" + safe.to_csv(index=False, lineterminator="\n", quoting=quoting)
+    return safe.to_csv(index=False, lineterminator="\n", quoting=quoting)
+
+
+def csv_text(df: pd.DataFrame) -> str:
+    """The notice line followed by :func:`safe_csv` of ``df``."""
+    return NOTICE_LINE + "\n" + safe_csv(df)
 
 
 def write_csv(df: pd.DataFrame, path: str | Path) -> Path:
