@@ -129,10 +129,7 @@ def _create_key_file(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` unless it exists (then keep the existing file)."""
     fd, tmp = tempfile.mkstemp(prefix=f"{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
+        _write_fsynced(fd, data)
         os.chmod(tmp, FILE_MODE)
         try:
             os.link(tmp, path)
@@ -147,6 +144,11 @@ def _create_key_file(path: Path, data: bytes) -> None:
         fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, FILE_MODE)
     except FileExistsError:
         return
+    _write_fsynced(fd, data)
+
+
+def _write_fsynced(fd: int, data: bytes) -> None:
+    """Write ``data`` to the open file ``fd``, flush it to the disk and close it."""
     with os.fdopen(fd, "wb") as fh:
         fh.write(data)
         fh.flush()
@@ -180,10 +182,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
+        _write_fsynced(fd, data)
         os.chmod(tmp, FILE_MODE)
         os.replace(tmp, path)
         _fsync_folder(path.parent)
