@@ -145,7 +145,15 @@ def _dcmread(path: str | Path, *, stop_before_pixels: bool):
     try:
         with _quiet(), warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            ds = pydicom.dcmread(str(path), stop_before_pixels=stop_before_pixels)
+            try:
+                ds = pydicom.dcmread(str(path), stop_before_pixels=stop_before_pixels)
+            except InvalidDicomError:
+                if not _starts_with_a_dicom_group(path):
+                    raise
+                # no 128-byte preamble, but the first element is a DICOM one (some devices and
+                # older exports write the data set straight away): read it as such
+                ds = pydicom.dcmread(str(path), stop_before_pixels=stop_before_pixels, force=True)
+            _default_transfer_syntax(ds)
     except InvalidDicomError:
         raise _error(path, "not a DICOM file (no DICM preamble)") from None
     except FileNotFoundError:
@@ -158,6 +166,31 @@ def _dcmread(path: str | Path, *, stop_before_pixels: bool):
     if len(ds) == 0:
         raise _error(path, "truncated or empty DICOM (no data elements after the file meta header)")
     return ds
+
+
+def _starts_with_a_dicom_group(path: str | Path) -> bool:
+    """Whether the file opens with a little-endian (0002,xxxx) file-meta or (0008,xxxx)
+    identifying element: a DICOM data set written without the preamble."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(8)
+    except OSError:
+        return False
+    return len(head) == 8 and head[:2] in (b"\x02\x00", b"\x08\x00")
+
+
+def _default_transfer_syntax(ds) -> None:
+    """A data set read without file meta has no transfer syntax; DICOM's default for such files
+    is Implicit VR Little Endian (what pydicom's forced read assumed while parsing it)."""
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+    meta = getattr(ds, "file_meta", None)
+    if meta is None:
+        meta = ds.file_meta = FileMetaDataset()
+    if "TransferSyntaxUID" not in meta:
+        implicit = getattr(ds, "is_implicit_VR", True)
+        meta.TransferSyntaxUID = ImplicitVRLittleEndian if implicit is not False else ExplicitVRLittleEndian
 
 
 def read_dicom_header(path: str | Path) -> DicomHeader:
@@ -227,6 +260,10 @@ def read_dicom(path: str | Path):
     except (NotImplementedError, RuntimeError) as exc:
         ts = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
         name = getattr(ts, "name", None) or str(ts)
+        if "missing dependencies" in str(exc) or "no pixel data decoders" in str(exc).lower():
+            # pydicom's first line ends in "...missing dependencies:"; the packages come after
+            raise _error(path, f"cannot decode {name} pixel data: no decoder installed for it "
+                               "(pip install pylibjpeg pylibjpeg-libjpeg, or python-gdcm)") from None
         raise _error(path, f"cannot decode {name} pixel data ({_one_line(exc)})") from None
     except Exception as exc:  # truncated pixel data, bad lengths, broken codestreams
         raise _error(path, f"corrupt DICOM pixel data ({_one_line(exc)})") from None

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from retina_fgvis.fundus.io import Fundus
+from retina_fgvis.fundus.io import Fundus, quiet_image_libraries
 
 #: Largest image accepted (width x height). Real fundus cameras stay below ~25 MP; the limit
 #: is checked from the file header *before* decoding, so a decompression bomb costs nothing.
@@ -51,7 +51,7 @@ def probe_size(path: Path, is_dicom: bool) -> tuple[int, int] | None:
         if suffix in (".tif", ".tiff"):
             import tifffile
 
-            with tifffile.TiffFile(path) as tf:
+            with quiet_image_libraries(), tifffile.TiffFile(path) as tf:
                 shape = tf.pages[0].shape
             if len(shape) >= 2:
                 hw = shape[:2] if len(shape) == 2 or shape[-1] in (1, 2, 3, 4) else shape[-2:]
@@ -59,7 +59,7 @@ def probe_size(path: Path, is_dicom: bool) -> tuple[int, int] | None:
             return None
         from PIL import Image
 
-        with Image.open(path) as im:
+        with quiet_image_libraries(), Image.open(path) as im:
             return int(im.size[0]), int(im.size[1])
     except Exception as exc:  # noqa: BLE001
         if type(exc).__name__ == "DecompressionBombError":

@@ -9,7 +9,10 @@ module by registering a reader there (see the marked hook below); nothing else n
 """
 from __future__ import annotations
 
+import contextlib
+import logging
 import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -54,9 +57,9 @@ def to_rgb8(arr: np.ndarray, path: str | Path = "<array>") -> np.ndarray:
     elif a.ndim == 3 and a.shape[2] == 1:
         a = np.repeat(a, 3, axis=2)
     elif a.ndim == 3 and a.shape[2] == 4:
-        a = a[..., :3]
+        a = _over_black(a[..., :3], a[..., 3])
     elif a.ndim == 3 and a.shape[2] == 2:  # grey + alpha
-        a = np.repeat(a[..., :1], 3, axis=2)
+        a = np.repeat(_over_black(a[..., :1], a[..., 1]), 3, axis=2)
     if a.ndim != 3 or a.shape[2] != 3:
         raise FundusReadError(path, f"unsupported pixel array shape {np.asarray(arr).shape}")
     if a.dtype == np.uint8:
@@ -79,6 +82,54 @@ def to_rgb8(arr: np.ndarray, path: str | Path = "<array>") -> np.ndarray:
     return np.ascontiguousarray(out)
 
 
+def _over_black(colour: np.ndarray, alpha: np.ndarray) -> np.ndarray:
+    """``colour`` composited over black by ``alpha`` (same dtype). Why: a transparent background
+    may store any colour (often white), which dropping the alpha channel would turn into a
+    white surround, and the field of view is found against a dark one. Opaque pixels are
+    returned exactly."""
+    if np.issubdtype(alpha.dtype, np.integer):
+        full = float(np.iinfo(alpha.dtype).max)
+    elif alpha.dtype == bool:
+        full = 1.0
+    else:
+        full = 1.0 if float(np.nanmax(alpha)) <= 1.0 else 255.0
+    frac = np.clip(alpha.astype(np.float64) / full, 0.0, 1.0)[..., None]
+    if bool((frac == 1.0).all()):
+        return colour
+    mixed = colour.astype(np.float64) * frac
+    if np.issubdtype(colour.dtype, np.integer):
+        return np.round(mixed).astype(colour.dtype)
+    return mixed.astype(colour.dtype)
+
+
+#: TIFF/EXIF Orientation (tag 274) -> how to turn the stored array into what a viewer shows
+_ORIENTATIONS: dict[int, Callable[[np.ndarray], np.ndarray]] = {
+    2: lambda a: a[:, ::-1],                       # mirrored left-right
+    3: lambda a: a[::-1, ::-1],                    # rotated 180
+    4: lambda a: a[::-1, :],                       # mirrored top-bottom
+    5: lambda a: a.swapaxes(0, 1),                 # transposed
+    6: lambda a: np.rot90(a, -1),                  # rotated 90 clockwise
+    7: lambda a: a[::-1, ::-1].swapaxes(0, 1),     # transversed
+    8: lambda a: np.rot90(a, 1),                   # rotated 90 counter-clockwise
+}
+
+
+@contextlib.contextmanager
+def quiet_image_libraries():
+    """tifffile logs and Pillow warns about every oddity of a damaged file, without naming it;
+    the caller turns real problems into one line that does, so the rest would only clutter the
+    log of a screening run."""
+    logger = logging.getLogger("tifffile")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logger.setLevel(level)
+
+
 _EYE_RE = re.compile(r"(?:^|[_\-\s.])(left|right|od|os|l|r)(?:$|[_\-\s.])", re.IGNORECASE)
 _PATIENT_RE = re.compile(r"^(\d+)[_\-]")
 
@@ -98,10 +149,12 @@ def _guess_eye_patient(path: Path) -> tuple[str | None, str | None]:
 def _read_pillow(path: Path) -> np.ndarray:
     from PIL import Image, ImageOps
 
-    with Image.open(path) as im:
+    with quiet_image_libraries(), Image.open(path) as im:
         im = ImageOps.exif_transpose(im)  # phone/camera JPEGs may carry a rotation tag
         if im.mode in ("I;16", "I;16B", "I;16L", "I"):
             return np.asarray(im)
+        if im.mode in ("RGBA", "LA", "PA", "La", "RGBa") or (im.mode == "P" and "transparency" in im.info):
+            return np.asarray(im.convert("RGBA"))  # to_rgb8 composites it over black
         if im.mode not in ("RGB", "L"):
             im = im.convert("RGB")
         return np.asarray(im)
@@ -111,17 +164,23 @@ def _read_tiff(path: Path) -> np.ndarray:
     try:
         import tifffile
 
-        with tifffile.TiffFile(path) as tf:
+        with quiet_image_libraries(), tifffile.TiffFile(path) as tf:
             page = tf.pages[0]
             arr = page.asarray()
             # 1-bit masks such as DiaretDB1's fmask.tif are stored "min is white": invert so
             # that the pixel values mean what a viewer (and Pillow) shows.
             if page.photometric == tifffile.PHOTOMETRIC.MINISWHITE:
                 arr = ~arr if arr.dtype == bool else np.iinfo(arr.dtype).max - arr
+            tag = page.tags.get(274)
+            orientation = int(tag.value) if tag is not None else 1
         if arr.ndim == 3 and arr.shape[-1] not in (1, 2, 3, 4) and arr.shape[0] not in (3, 4):
             arr = arr[0]  # multi-page: first page
         if arr.ndim == 4:
             arr = arr[0]
+        if orientation in _ORIENTATIONS:  # shown rotated/mirrored by viewers: turn it the same way
+            if arr.ndim == 3 and arr.shape[0] in (3, 4) and arr.shape[-1] not in (3, 4):
+                arr = np.moveaxis(arr, 0, -1)  # channel-first: make the image axes come first
+            arr = np.ascontiguousarray(_ORIENTATIONS[orientation](arr))
         return arr
     except Exception:  # noqa: BLE001 - fall back to Pillow for odd TIFF flavours
         return _read_pillow(path)
