@@ -19,8 +19,8 @@
 #   faithfulness, ImageNet sample (5 photos)       faithfulness/imagenet/                          1478.7 s = 24.6 min of compute
 #                                                  summed over its 40 results (run.json seconds_in_results; the committed
 #                                                  results were computed in sessions 8 and 14 and reused)
-#   defence, ImageNet sample                       defense/imagenet/                               65.3 s (run.json)
-#   defence, RDR, 8 eyes                           defense/rdr/                                    281.9 s = 4.7 min (run.json)
+#   defence, ImageNet sample                       defense/imagenet/                               103.4 s (run.json)
+#   defence, RDR, 8 eyes                           defense/rdr/                                    538.2 s = 9.0 min (run.json)
 #   screening of the bundled samples               samples/ (README "Screening the bundled samples")  91 s (run.json)
 #   only with RDR60=1: faithfulness, RDR, 60 eyes  faithfulness/rdr-cpu-shipped-60/                hours: its run.json sums
 #                                                  32710.5 s = 9.1 h of compute over 480 results (sessions 6-9 and 14, partly
