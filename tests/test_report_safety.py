@@ -157,3 +157,35 @@ def test_shown_p_never_contradicts_the_shown_threshold_fuzz():
         assert (_num(H._pct(p, thr)) >= _num(H.threshold_pct(thr))) == (p >= thr), (p, thr)
     assert H.threshold_pct(0.1462748497724533) == "14.6275%"
     assert H._threshold_text(0.1462748497724533) == "0.146275 (14.6275%)"
+
+
+def _rec(file, patient, eye, *, status="ok", p=None, referable=None, explained=True, n_regions=0,
+         after=None, goal=True):
+    return S.ImageRecord(file=file, patient=patient, eye=eye, grouping="name", status=status,
+                         p_referable=p, referable=referable, n_regions=n_regions, flagged_area_pct=0.0,
+                         explained=explained, target_prob_after=after, goal_reached=goal,
+                         error="" if status == "ok" else "cannot decode image")
+
+
+def test_a_patient_with_a_failed_eye_is_never_cleared(tmp_path):
+    """One eye failed, the other below the threshold: the patient was badged "not referable" and
+    sorted among the cleared ones; half of them was never looked at."""
+    recs = [
+        _rec("A_left.png", "A", "left", p=0.02, referable=False, explained=False),
+        _rec("A_right.png", "A", "right", status="error"),
+        _rec("B_left.png", "B", "left", p=0.05, referable=False, explained=False),
+        _rec("B_right.png", "B", "right", p=0.03, referable=False, explained=False),
+        _rec("C_left.png", "C", "left", p=0.60, referable=True, n_regions=0, after=0.40),
+    ]
+    assert H.patient_status(recs[:2]) == "incomplete" and H.patient_status(recs[2:4]) is False
+    assert [pid for pid, _ in H.patient_groups(recs)] == ["C", "A", "B"]
+    page = H.render_report(recs, {"model": {"threshold": 0.1463}}, tmp_path)
+    index = page.split("Patients by risk")[1].split("</table>")[0]
+    rows = re.findall(r"<tr>(.*?)</tr>", index)[1:]
+    assert "incomplete: grade manually" in rows[1] and ">A<" in rows[1]
+    assert "not referable" in rows[2] and rows[2].endswith("<td class=num>–</td>")  # not explained
+    assert "L 60.0% referable" in rows[0]
+    # the referable eye whose evidence formed no region says so instead of looking clean
+    assert "not a sign of a healthy eye" in page.split("Patient C")[1].split("</section>")[0]
+    assert "p(referable) with the evidence removed 40.0%" in page
+    assert re.search(r"<b[^>]*>1</b><span>patients to grade manually", page)

@@ -44,6 +44,7 @@ td.num,th.num{text-align:right;font-variant-numeric:tabular-nums}
 .b-ref{background:#ffe1de;color:var(--ref)}
 .b-no{background:#dcf5e3;color:var(--ok)}
 .b-err{background:#eceff2;color:#57606a}
+.b-warn{background:#fff4d6;color:var(--warn)}
 .bar{position:relative;display:inline-block;width:70px;height:8px;background:#e6e9ec;border-radius:4px;vertical-align:middle;margin-right:6px;overflow:hidden}
 .bar i{display:block;height:100%;background:var(--ok)}
 .bar i.hi{background:var(--ref)}
@@ -164,9 +165,26 @@ def _bar(p: float | None, threshold: float) -> str:
 def _badge(rec_or_flag: Any) -> str:
     if rec_or_flag is None:
         return '<span class="badge b-err">failed</span>'
+    if rec_or_flag == "incomplete":
+        return '<span class="badge b-warn">incomplete: grade manually</span>'
     if rec_or_flag:
         return '<span class="badge b-ref">referable</span>'
     return '<span class="badge b-no">not referable</span>'
+
+
+def patient_status(recs: Sequence[Any]) -> bool | str | None:
+    """A patient's result: True (an eye is referable), "incomplete" (no screened eye is, but an
+    image could not be screened: the patient is *not* cleared), None (every image failed),
+    False (every image screened, none referable).
+
+    Why: a patient with one failed eye and one eye below the threshold was badged "not
+    referable" and sorted among the cleared patients, though half of them was never looked at."""
+    ok = [r for r in recs if r.status == "ok"]
+    if not ok:
+        return None
+    if any(r.referable for r in ok):
+        return True
+    return "incomplete" if len(ok) < len(recs) else False
 
 
 def _img_src(out: Path, rel: str, embed: bool) -> str | None:
@@ -181,15 +199,17 @@ def _img_src(out: Path, rel: str, embed: bool) -> str | None:
 
 
 def patient_groups(records: Sequence[Any]) -> list[tuple[str, list[Any]]]:
-    """Records grouped by patient, sorted by risk: highest p(referable) of any eye first;
-    patients whose images all failed last; ties by patient ID."""
+    """Records grouped by patient, sorted by what needs action: referable patients, then patients
+    with an image that could not be screened (some eyes, then all), then the cleared ones; by the
+    highest p(referable) of any eye within each group; ties by patient ID."""
     groups: dict[str, list[Any]] = {}
     for r in records:
         groups.setdefault(r.patient, []).append(r)
+    order = {True: 0, "incomplete": 1, None: 2, False: 3}
 
     def risk(item: tuple[str, list[Any]]):
         ps = [float(r.p_referable) for r in item[1] if r.status == "ok" and r.p_referable is not None]
-        return (0 if ps else 1, -(max(ps) if ps else 0.0), item[0])
+        return (order[patient_status(item[1])], -(max(ps) if ps else 0.0), item[0])
 
     out = []
     for pid, recs in sorted(groups.items(), key=risk):
@@ -234,9 +254,11 @@ def _eye_card(rec: Any, out: Path, threshold: float, embed: bool, pin: bool = Tr
         return (f'<div class="{cls}">{head}<p>{_badge(None)}</p>'
                 f'<div class="err">Could not be screened: {_e(rec.error)}</div></div>')
     explained = getattr(rec, "explained", None) is not False
+    after = getattr(rec, "target_prob_after", None)
     counts = (
         f"<span>{int(rec.n_red)} red · {int(rec.n_bright)} bright</span>"
         f"<span>flagged {float(rec.flagged_area_pct or 0):.2f}% of the field</span>"
+        + (f"<span>p(referable) with the evidence removed {_pct(after, threshold)}</span>" if after is not None else "")
         if explained else ""
     )
     facts = (
@@ -265,6 +287,10 @@ def _eye_card(rec: Any, out: Path, threshold: float, embed: bool, pin: bool = Tr
                 + (": the outlined regions may be incomplete.</p>" if rec.n_regions else
                    ": it found no evidence it could remove, so no region is shown. This is a "
                    "limit of the explanation, not a sign of a healthy eye.</p>"))
+    elif rec.referable and not rec.n_regions:
+        note = ('<p class="note warn">The explanation reached its goal, but none of the evidence it removed '
+                "formed a region large or strong enough to outline. This is a limit of the region rule, "
+                "not a sign of a healthy eye.</p>")
     unconverged_empty = getattr(rec, "goal_reached", None) is False and not rec.n_regions
     table = _region_table(rec) if explained and not unconverged_empty else ""
     return f'<div class="{cls}">{head}{date}{facts}{note}{img}{table}</div>'
@@ -283,6 +309,7 @@ def render_report(records: Sequence[Any], run_info: dict[str, Any], out: str | P
     n_ref = sum(1 for r in records if r.status == "ok" and r.referable)
     n_err = n_img - n_ok
     n_ref_pat = sum(1 for _, recs in groups if any(r.status == "ok" and r.referable for r in recs))
+    n_manual = sum(1 for _, recs in groups if patient_status(recs) in ("incomplete", None))
 
     parts: list[str] = []
     parts.append(
@@ -303,20 +330,28 @@ def render_report(records: Sequence[Any], run_info: dict[str, Any], out: str | P
         f'<div class="stat"><b>{n_img}</b><span>images</span></div>'
         f'<div class="stat"><b style="color:var(--ref)">{n_ref_pat}</b><span>patients with a referable eye</span></div>'
         f'<div class="stat"><b style="color:var(--ref)">{n_ref}</b><span>referable images</span></div>'
-        f'<div class="stat"><b>{n_err}</b><span>images that failed</span></div></div>'
+        f'<div class="stat"><b>{n_err}</b><span>images that failed</span></div>'
+        f'<div class="stat"><b style="color:var(--warn)">{n_manual}</b><span>patients to grade manually '
+        "(an image failed, no referable eye)</span></div></div>"
     )
     parts.append(
         '<div class="legend"><b>How to read the pictures.</b> <i>p(referable)</i> is the '
         "classifier's probability that the eye needs referral; at or above the threshold (the "
-        "tick on the bar) the eye is marked <span class='badge b-ref'>referable</span>. Outlined regions are what "
-        "the explanation had to remove from the photograph to make the classifier change its "
-        "mind (FGVis deletion game):<ul>"
-        f'<li><span class="sw" style="background:{_kind_colour("red")}"></span><b>red</b>: darker '
-        "than the surrounding retina — candidate haemorrhages / microaneurysms;</li>"
-        f'<li><span class="sw" style="background:{_kind_colour("bright")}"></span><b>bright</b>: '
-        "brighter than the surrounding retina — candidate exudates / cotton-wool spots.</li></ul>"
-        "Absent outlines do not mean a healthy eye, and outlined regions are not confirmed "
-        "lesions. Click a picture for full size.</div>"
+        "tick on the bar) the eye is marked <span class='badge b-ref'>referable</span>; a patient "
+        "with an image that could not be screened and no referable eye is marked "
+        "<span class='badge b-warn'>incomplete: grade manually</span>. For referable eyes, outlined "
+        "regions are the model's evidence: what the explanation (FGVis deletion game) removed from "
+        "the photograph to lower p(referable) to its goal, the referral threshold or, if higher, "
+        "what a blank eye scores, so p with the evidence removed can stay above the threshold. "
+        "Each region is labelled by its colour against the surrounding retina, a guess and not a "
+        "lesion type:<ul>"
+        f'<li><span class="sw" style="background:{_kind_colour("red")}"></span><b>red</b> (outlined in '
+        "this colour): darker than its surroundings, as haemorrhages and microaneurysms are;</li>"
+        f'<li><span class="sw" style="background:{_kind_colour("bright")}"></span><b>bright</b> '
+        "(outlined in this colour): brighter, as exudates and cotton-wool spots are.</li></ul>"
+        "Eyes below the threshold are not explained (no outlines, regions “–”). Absent outlines do "
+        "not mean a healthy eye, and outlined regions are not confirmed lesions. Click a picture "
+        "for full size.</div>"
     )
 
     # index
@@ -326,13 +361,15 @@ def render_report(records: Sequence[Any], run_info: dict[str, Any], out: str | P
         ok = [r for r in recs if r.status == "ok"]
         ps = [float(r.p_referable) for r in ok if r.p_referable is not None]
         best = max(ps) if ps else None
-        flag = None if not ok else any(r.referable for r in ok)
+        flag = patient_status(recs)
         eyes = " · ".join(
             f"{'R' if r.eye == 'right' else 'L' if r.eye == 'left' else '?'} "
-            + (_pct(r.p_referable, threshold) if r.status == "ok" else "failed")
+            + ((_pct(r.p_referable, threshold) + (" referable" if r.referable else "")) if r.status == "ok"
+               else "failed")
             for r in recs
         )
-        nreg = sum(int(r.n_regions) for r in ok)
+        explained = [r for r in ok if getattr(r, "explained", None) is not False]
+        nreg = sum(int(r.n_regions) for r in explained) if explained else "–"
         rows.append(
             f"<tr><td class=num>{rank}</td><td><a href='#{_e(anchor)}'>{_e(pid)}</a></td>"
             f"<td>{_badge(flag)}</td><td class=num>{_bar(best, threshold)}{_pct(best, threshold)}</td>"
@@ -340,7 +377,9 @@ def render_report(records: Sequence[Any], run_info: dict[str, Any], out: str | P
         )
     parts.append(
         "<h2 style='margin-top:24px'>Patients by risk</h2>"
-        "<p class=sub>Sorted by the highest p(referable) of any eye.</p>"
+        "<p class=sub>Referable patients first, then patients with an image that could not be "
+        "screened, then the others; by the highest p(referable) of any eye within each group. "
+        "Regions: “–” when no eye was explained (all below the threshold).</p>"
         "<table><thead><tr><th class=num>#</th><th>patient</th><th>result</th>"
         "<th class=num>highest p(referable)</th><th>eyes</th><th class=num>regions</th></tr>"
         "</thead><tbody>" + "".join(rows) + "</tbody></table>"
@@ -349,8 +388,7 @@ def render_report(records: Sequence[Any], run_info: dict[str, Any], out: str | P
     # patients
     for pid, recs in groups:
         anchor = recs[0].patient_dir
-        ok = [r for r in recs if r.status == "ok"]
-        flag = None if not ok else any(r.referable for r in ok)
+        flag = patient_status(recs)
         dates = sorted({r.study_date for r in recs if r.study_date})
         meta = f"{len(recs)} image{'s' if len(recs) != 1 else ''}"
         if dates:
