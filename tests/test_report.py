@@ -101,6 +101,16 @@ def test_csvs_have_notice_and_columns(screened):
     les = S.read_results_csv(screened / "lesions.csv")
     assert len(les) == int(df[df.status == "ok"].n_regions.sum())
     assert set(df.referable) <= {"yes", "no", ""}
+    # "0 regions" below the threshold means "not looked for": the table says which it is
+    ok = df[df.status == "ok"]
+    for rec in (S.read_record(screened, f) for f in ok.file):
+        row = ok[ok.file == rec.file].iloc[0]
+        assert row.explained == ("no" if rec.explained is False else "yes")
+        if rec.explained is False:
+            assert row.p_referable_after != row.p_referable_after  # NaN: empty cell
+        else:
+            assert row.p_referable_after == pytest.approx(rec.target_prob_after, abs=5e-5)
+    assert set(df[df.status != "ok"].explained) == {""}
 
 
 def test_run_json(screened):

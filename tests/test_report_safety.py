@@ -189,3 +189,15 @@ def test_a_patient_with_a_failed_eye_is_never_cleared(tmp_path):
     assert "not a sign of a healthy eye" in page.split("Patient C")[1].split("</section>")[0]
     assert "p(referable) with the evidence removed 40.0%" in page
     assert re.search(r"<b[^>]*>1</b><span>patients to grade manually", page)
+
+
+def test_results_csv_tells_not_explained_from_no_regions():
+    from retina_fgvis.report.tables import results_frame
+
+    recs = [_rec("a.png", "A", "left", p=0.02, referable=False, explained=False),
+            _rec("b.png", "B", "left", p=0.60, referable=True, n_regions=0, after=0.40),
+            _rec("c.png", "C", "left", status="error")]
+    df = results_frame(recs).set_index("file")
+    assert df.loc["a.png", ["n_regions", "explained", "p_referable_after"]].tolist() == [0, "no", ""]
+    assert df.loc["b.png", ["n_regions", "explained", "p_referable_after"]].tolist() == [0, "yes", "0.4000"]
+    assert df.loc["c.png", ["explained", "p_referable_after"]].tolist() == ["", ""]

@@ -27,7 +27,7 @@ NOTICE_LINE = "# Research use only, not a diagnosis. Read with pandas.read_csv(p
 
 RESULTS_COLUMNS = [
     "file", "patient", "eye", "p_referable", "referable", "n_regions", "n_red", "n_bright",
-    "flagged_area_pct", "status", "error",
+    "flagged_area_pct", "explained", "p_referable_after", "status", "error",
 ]
 LESIONS_COLUMNS = [
     "file", "patient", "eye", "region", "kind", "area_px", "centroid_row", "centroid_col",
@@ -45,7 +45,10 @@ def results_frame(records: Sequence[Any]) -> pd.DataFrame:
     """One row per image, columns :data:`RESULTS_COLUMNS`, sorted by file.
 
     ``referable`` is ``yes``/``no`` (empty on error); ``p_referable`` has 4 decimals,
-    ``flagged_area_pct`` (regions' area as % of the field of view) 3."""
+    ``flagged_area_pct`` (regions' area as % of the field of view) 3. ``explained`` says whether
+    the deletion game ran (``no`` below the threshold: 0 regions then means "not looked for",
+    not "none found"); ``p_referable_after`` is p with the removed evidence gone (4 decimals,
+    empty when not explained)."""
     rows = []
     for r in sorted(records, key=lambda r: r.file):
         ok = r.status == "ok"
@@ -59,6 +62,9 @@ def results_frame(records: Sequence[Any]) -> pd.DataFrame:
             "n_red": int(r.n_red) if ok else "",
             "n_bright": int(r.n_bright) if ok else "",
             "flagged_area_pct": _fmt(r.flagged_area_pct, 3) if ok else "",
+            "explained": ("no" if getattr(r, "explained", None) is False else "yes") if ok else "",
+            "p_referable_after": (_fmt(getattr(r, "target_prob_after", None), 4)
+                                  if ok and getattr(r, "explained", None) is not False else ""),
             "status": r.status,
             "error": (r.error or "").replace("\n", " ").replace("\r", " "),
         })
@@ -144,7 +150,7 @@ def write_csv(df: pd.DataFrame, path: str | Path) -> Path:
     return atomic_write_text(path, csv_text(df))
 
 
-TEXT_COLUMNS = frozenset({"file", "patient", "eye", "referable", "status", "error", "kind", "overlay"})
+TEXT_COLUMNS = frozenset({"file", "patient", "eye", "referable", "explained", "status", "error", "kind", "overlay"})
 
 
 def unescape_frame(df: pd.DataFrame) -> pd.DataFrame:
