@@ -95,7 +95,8 @@ def test_overlay():
     gt = np.zeros((H, W), bool)
     gt[30:50, 40:60] = True
     before = rgb.copy()
-    out = draw_overlay(rgb, labels, {"H": gt}, regions=regions, legend=False, caption=None, thickness=1)
+    out = draw_overlay(rgb, labels, {"H": gt}, regions=regions, legend=False, caption=None, thickness=1,
+                       numbers=False)
     assert out.shape == rgb.shape and out.dtype == np.uint8
     assert np.array_equal(rgb, before)                  # input untouched
     assert tuple(out[30, 50]) == GT_COLORS["H"]         # GT outline (top edge)
@@ -150,3 +151,19 @@ def test_cli_region_defaults_are_the_library_defaults():
     d = RegionSettings()
     assert (defaults["threshold"], defaults["min_area"], defaults["closing_radius"], defaults["max_fov_fraction"]) == (
         d.threshold, d.min_area, d.closing_radius, d.max_fov_fraction)
+
+
+def test_overlay_numbers_regions_and_rings_small_ones():
+    """A grader must find the table's region N in the picture, and a speck must be seen."""
+    rgb = np.full((300, 300, 3), 120, np.uint8)
+    labels = np.zeros((300, 300), np.int32)
+    labels[100:103, 100:103] = 1                          # a 9-px speck
+    regions = [LesionRegion(id=1, bbox=(100, 100, 103, 103), area=9, centroid=(101.0, 101.0),
+                            mean_importance=0.5, mean_rgb=(90.0, 40.0, 20.0), kind="red")]
+    plain = draw_overlay(rgb, labels, regions=regions, legend=False, caption=None, numbers=False)
+    marked = draw_overlay(rgb, labels, regions=regions, legend=False, caption=None)
+    ring = max(10, 300 // 40)
+    assert tuple(marked[101 - ring, 101]) != tuple(plain[101 - ring, 101])   # ring around the speck
+    assert np.array_equal(marked[100:103, 100:103], plain[100:103, 100:103])  # the region itself as drawn
+    label_box = marked[80:110, 101 + ring:140] != plain[80:110, 101 + ring:140]
+    assert label_box.any()                                                    # its number beside it

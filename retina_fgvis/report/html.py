@@ -350,7 +350,8 @@ def render_report(records: Sequence[Any], run_info: dict[str, Any], out: str | P
         f'<li><span class="sw" style="background:{_kind_colour("bright")}"></span><b>bright</b> '
         "(outlined in this colour): brighter, as exudates and cotton-wool spots are.</li></ul>"
         "Eyes below the threshold are not explained (no outlines, regions “–”). Absent outlines do "
-        "not mean a healthy eye, and outlined regions are not confirmed lesions. Click a picture "
+        "not mean a healthy eye, and outlined regions are not confirmed lesions. Regions are "
+        "numbered as in the table under each picture; small ones are ringed. Click a picture "
         "for full size.</div>"
     )
 
