@@ -31,6 +31,8 @@ from pathlib import Path
 
 import numpy as np
 
+from retina_fgvis.fundus.quiet import quiet_library
+
 # Pixel data elements: (7FE0,0010) Pixel Data, (7FE0,0008) Float, (7FE0,0009) Double Float.
 _PIXEL_TAGS = (0x7FE00010, 0x7FE00008, 0x7FE00009)
 DICOM_SUFFIXES = frozenset({".dcm", ".dicom", ".dic"})
@@ -123,19 +125,9 @@ def _header_from_dataset(ds) -> DicomHeader:
     )
 
 
-@contextlib.contextmanager
-def _quiet():
-    """pydicom warns (and logs) about every oddity of a damaged file; the caller turns real
-    problems into one FundusReadError line, so the warnings would only clutter the log."""
-    logger = logging.getLogger("pydicom")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        logger.setLevel(level)
+def _quiet() -> contextlib.AbstractContextManager[None]:
+    """pydicom's warnings and log lines below ERROR silenced (:mod:`retina_fgvis.fundus.quiet`)."""
+    return quiet_library("pydicom", logging.ERROR)
 
 
 def _dcmread(path: str | Path, *, stop_before_pixels: bool):

@@ -10,14 +10,14 @@ module by registering a reader there (see the marked hook below); nothing else n
 from __future__ import annotations
 
 import contextlib
-import logging
 import re
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
+
+from retina_fgvis.fundus.quiet import quiet_library
 
 
 class FundusReadError(ValueError):
@@ -114,20 +114,9 @@ _ORIENTATIONS: dict[int, Callable[[np.ndarray], np.ndarray]] = {
 }
 
 
-@contextlib.contextmanager
-def quiet_image_libraries():
-    """tifffile logs and Pillow warns about every oddity of a damaged file, without naming it;
-    the caller turns real problems into one line that does, so the rest would only clutter the
-    log of a screening run."""
-    logger = logging.getLogger("tifffile")
-    level = logger.level
-    logger.setLevel(logging.CRITICAL)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        logger.setLevel(level)
+def quiet_image_libraries() -> contextlib.AbstractContextManager[None]:
+    """tifffile's log lines and Pillow's warnings silenced (:mod:`retina_fgvis.fundus.quiet`)."""
+    return quiet_library("tifffile")
 
 
 _EYE_RE = re.compile(r"(?:^|[_\-\s.])(left|right|od|os|l|r)(?:$|[_\-\s.])", re.IGNORECASE)
