@@ -233,11 +233,14 @@ def write_csv(path: Path, df: pd.DataFrame) -> None:
 
 
 def read_csv(path: Path) -> pd.DataFrame:
-    """A table :func:`write_csv` wrote; also one from before the notice line (the recorded studies
-    in evaluation/game-study/ have none), so `--summarise-only` reads both."""
+    """A table :func:`write_csv` wrote (its formula quotes undone, ``report.tables``); also one from
+    before the notice line (the recorded studies in evaluation/game-study/ have none), so
+    `--summarise-only` reads both."""
+    from retina_fgvis.report.tables import unescape_frame
+
     with open(path, encoding="utf-8") as fh:
         first = fh.readline()
-    return pd.read_csv(path, skiprows=1 if first.startswith("#") else 0)
+    return unescape_frame(pd.read_csv(path, skiprows=1 if first.startswith("#") else 0))
 
 
 def write_json(path: Path, obj: Any) -> None:

@@ -31,6 +31,7 @@ with it where two files differ only in their suffix).
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -632,11 +633,7 @@ class Screener:
             atomic_write_bytes(self.out / overlay, (self.out / old_overlay).read_bytes())
         write_record(self.out, rec)
         if old_overlay and overlay != old_overlay:
-            (self.out / old_overlay).unlink(missing_ok=True)
-            try:  # the patient's old folder, once empty
-                (self.out / old_overlay).parent.rmdir()
-            except OSError:
-                pass
+            _remove_overlay(self.out / old_overlay)
         return rec
 
     # -- stages ------------------------------------------------------------------------------
@@ -997,6 +994,22 @@ def records_of_other_inputs(out: str | Path, items: Iterable[InputItem]) -> list
     return sorted(p for p in records_dir(out).glob("*.json") if p.name not in wanted)
 
 
+def _record_overlay(path: Path) -> str | None:
+    """The overlay a record file names (None when unreadable or it names none)."""
+    try:
+        overlay = json.loads(path.read_text(encoding="utf-8")).get("overlay")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return overlay if isinstance(overlay, str) else None
+
+
+def _remove_overlay(picture: Path) -> None:
+    """Delete an overlay and its patient folder once that is empty."""
+    picture.unlink(missing_ok=True)
+    with contextlib.suppress(OSError):
+        picture.parent.rmdir()  # only when empty
+
+
 def forget_records(out: str | Path, record_files: Iterable[Path]) -> int:
     """Delete these records and their overlays (and a patient folder left empty); returns how
     many records went. The overlay goes first: an interruption leaves a record whose overlay is
@@ -1004,16 +1017,9 @@ def forget_records(out: str | Path, record_files: Iterable[Path]) -> int:
     out = Path(out)
     n = 0
     for path in record_files:
-        try:
-            overlay = json.loads(path.read_text(encoding="utf-8")).get("overlay")
-        except (OSError, ValueError, AttributeError):
-            overlay = None
-        if isinstance(overlay, str) and overlay.startswith("patients/") and ".." not in Path(overlay).parts:
-            (out / overlay).unlink(missing_ok=True)
-            try:
-                (out / overlay).parent.rmdir()
-            except OSError:
-                pass
+        overlay = _record_overlay(path)
+        if overlay and overlay.startswith("patients/") and ".." not in Path(overlay).parts:
+            _remove_overlay(out / overlay)
         path.unlink(missing_ok=True)
         n += 1
     return n
@@ -1028,14 +1034,7 @@ def remove_unnamed_overlays(out: str | Path) -> int:
     hash -- would stay beside it for ever; an interrupted move leaves one too. Records of inputs
     no longer given still name theirs, so those are kept (``--forget-missing`` removes them)."""
     out = Path(out)
-    named: set[str] = set()
-    for path in records_dir(out).glob("*.json"):
-        try:
-            overlay = json.loads(path.read_text(encoding="utf-8")).get("overlay")
-        except (OSError, ValueError, AttributeError):
-            continue
-        if isinstance(overlay, str):
-            named.add(overlay)
+    named = {_record_overlay(path) for path in records_dir(out).glob("*.json")}
     n = 0
     for folder in sorted((out / "patients").glob("*")):
         if not folder.is_dir():
@@ -1045,10 +1044,8 @@ def remove_unnamed_overlays(out: str | Path) -> int:
                     f"patients/{folder.name}/{picture.name}" not in named:
                 picture.unlink(missing_ok=True)
                 n += 1
-        try:
+        with contextlib.suppress(OSError):
             folder.rmdir()  # only when empty
-        except OSError:
-            pass
     return n
 
 

@@ -185,8 +185,8 @@ def build_cache(paths: list[str], size: int, cache_dir: str | Path,
     img_f, fov_f, meta_f = (cache_dir / f"{key}.img.u8", cache_dir / f"{key}.fov.u8",
                             cache_dir / f"{key}.json")
     n = len(paths)
-    if _complete_cache(meta_f, img_f, fov_f, paths, size):
-        meta = json.loads(meta_f.read_text())
+    meta = _complete_cache(meta_f, img_f, fov_f, paths, size)
+    if meta is not None:
         images = np.memmap(img_f, np.uint8, "r", shape=(n, size, size, 3))
         fovs = np.memmap(fov_f, np.uint8, "r", shape=(n, size, size))
         return ImageCache(images, fovs, np.array(meta["fallback"], bool))
@@ -216,17 +216,18 @@ def build_cache(paths: list[str], size: int, cache_dir: str | Path,
                       np.memmap(fov_f, np.uint8, "r", shape=(n, size, size)), fallback)
 
 
-def _complete_cache(meta_f: Path, img_f: Path, fov_f: Path, paths: list[str], size: int) -> bool:
-    """True when a finished cache for exactly these images is on disk (meta readable, same
-    paths and size, image files of the full length)."""
+def _complete_cache(meta_f: Path, img_f: Path, fov_f: Path, paths: list[str], size: int) -> dict | None:
+    """The cache's metadata when a finished cache for exactly these images is on disk (meta
+    readable, same paths and size, image files of the full length); None otherwise."""
     try:
         meta = json.loads(meta_f.read_text())
         n = len(paths)
-        return (meta.get("paths") == paths and int(meta.get("size", -1)) == size
-                and len(meta.get("fallback", [])) == n
-                and img_f.stat().st_size == n * size * size * 3 and fov_f.stat().st_size == n * size * size)
+        complete = (meta.get("paths") == paths and int(meta.get("size", -1)) == size
+                    and len(meta.get("fallback", [])) == n
+                    and img_f.stat().st_size == n * size * size * 3 and fov_f.stat().st_size == n * size * size)
     except (OSError, ValueError, TypeError, AttributeError):
-        return False
+        return None
+    return meta if complete else None
 
 
 # ---------------------------------------------------------------------------------------------

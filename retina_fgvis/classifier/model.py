@@ -331,7 +331,7 @@ def load_classifier(path: str | Path | None = None, device: str = "cpu",
         if expected is not None and expected != digest:
             raise WeightsError(p, f"sha256 mismatch (file {digest[:12]}…, {p.name}.sha256 says "
                                   f"{expected[:12]}…): the file is corrupt or was replaced")
-    if p.is_file() and p.stat().st_size == 0:
+    if p.stat().st_size == 0:
         raise WeightsError(p, "not a retina-fgvis checkpoint (empty file)")
     try:
         ckpt = torch.load(p, map_location="cpu", weights_only=True)

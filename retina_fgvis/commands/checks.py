@@ -8,6 +8,7 @@ naming the option) so every command fails the same way, at once.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import NoReturn
 
 import typer
 
@@ -33,6 +34,12 @@ def resolve_device(name: str, option: str = "--device") -> str:
             raise typer.BadParameter(f"'{name}': this machine has {torch.cuda.device_count()} CUDA device(s)",
                                      param_hint=option)
     return name
+
+
+def fail(message: str) -> NoReturn:
+    """``error: <message>`` on stderr and exit code 2: a user error found inside a command."""
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(2)
 
 
 def output_folder(path: Path, option: str = "--out") -> Path:

@@ -97,10 +97,6 @@ def register(app: typer.Typer, evaluate_app: typer.Typer) -> None:
         output_file(out, "--out")
         if out.exists() and not overwrite:
             raise typer.BadParameter(f"{out}: exists; pass --overwrite to replace it", param_hint="--out")
-        resolved_checkpoints = checkpoint_dir if checkpoint_dir else Path("runs") / out.stem
-        output_folder(resolved_checkpoints, "--checkpoint-dir")
-        # the cache defaults to a folder inside the checkpoint folder: checked either way
-        output_folder(cache_dir if cache_dir else resolved_checkpoints / "cache", "--cache-dir")
         if log_file:
             output_file(log_file, "--log-file")
 
@@ -114,6 +110,8 @@ def register(app: typer.Typer, evaluate_app: typer.Typer) -> None:
                           init_from=str(init_from) if init_from else None, rotate_deg=rotate,
                           delete_prob=delete_prob, blank_prob=blank_prob, overwrite=overwrite,
                           allow_other_split=allow_other_split)
+        output_folder(cfg.resolved_checkpoint_dir(), "--checkpoint-dir")
+        output_folder(cfg.resolved_cache_dir(), "--cache-dir")  # default: inside the checkpoint folder
         log = _log_factory(log_file)
         log(f"train: {json.dumps(cfg.__dict__)}")
         try:

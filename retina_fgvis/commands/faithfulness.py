@@ -16,7 +16,7 @@ from typing import Any, Optional
 
 import typer
 
-from retina_fgvis.commands.checks import output_folder, resolve_device
+from retina_fgvis.commands.checks import fail, output_folder, resolve_device
 from retina_fgvis.commands.fgvis_options import check_fgvis_settings, parse_fgvis_settings
 from retina_fgvis.report.files import atomic_write_bytes, atomic_write_text
 
@@ -28,11 +28,6 @@ IMAGES_HELP = ("Folder of images. Default: rdr -> held-out validation images of 
 
 def _echo(msg: str) -> None:
     typer.echo(msg, err=True)
-
-
-def _fail(msg: str) -> None:
-    _echo(f"error: {msg}")
-    raise typer.Exit(code=2)
 
 
 def _write_text(path: Path, text: str) -> None:
@@ -86,7 +81,7 @@ def _load(model: str, weights: Optional[Path], device: str):
     try:
         return F.load_eval_model(model, weights, device)
     except (ValueError, FileNotFoundError) as exc:
-        _fail(str(exc))
+        fail(str(exc))
 
 
 def _faithfulness_images(em, images: Optional[Path], data_root: Optional[Path], limit: Optional[int],
@@ -238,9 +233,9 @@ def faithfulness_command(
     try:
         imgs, image_desc = _faithfulness_images(em, images, data_root, limit, seed)
     except (ValueError, OSError) as exc:  # OSError: an image PIL cannot identify (imagenet)
-        _fail(str(exc))
+        fail(str(exc))
     if not imgs:
-        _fail(NO_USABLE_IMAGES)
+        fail(NO_USABLE_IMAGES)
     options: dict[str, dict[str, Any]] = {
         "rise": {"n_masks": rise_masks},
         "lime": {"n_samples": lime_samples, "mean": em.mean, "std": em.std},  # SLIC on true colours
@@ -274,7 +269,7 @@ def faithfulness_command(
                                  previous=previous, on_record=keep, substrate=substrate,
                                  channels_last=channels_last)
     except ValueError as exc:
-        _fail(str(exc))
+        fail(str(exc))
     _write_csv(out / "auc_per_image.csv", run.per_image)
     summary = F.faithfulness_summary(run)
     _write_csv(out / "summary.csv", summary)
@@ -374,9 +369,9 @@ def defense_command(
         cases, zc, zp, notes, desc = _defense_cases(em, images, data_root, limit, seed, min_confidence,
                                                     max_p_referable)
     except (ValueError, OSError) as exc:  # OSError: an image PIL cannot identify (imagenet)
-        _fail(str(exc))
+        fail(str(exc))
     if not cases:
-        _fail("no image meets the selection rule (see --min-confidence / --max-p-referable)")
+        fail("no image meets the selection rule (see --min-confidence / --max-p-referable)")
     cmd = _command("defense", model=model, images=images, limit=limit, weights=weights, data_root=data_root,
                    device=device, batch_size=batch_size,
                    min_confidence=min_confidence if min_confidence else None,

@@ -3,17 +3,11 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any, List, NoReturn, Optional
+from typing import Any, List, Optional
 
 import typer
 
-from retina_fgvis.commands.checks import output_folder, resolve_device
-
-
-def _fail(msg: str) -> NoReturn:
-    """One line and exit code 2, as `evaluate diaretdb1` reports a data set or weights problem."""
-    typer.echo(f"error: {msg}", err=True)
-    raise typer.Exit(2)
+from retina_fgvis.commands.checks import fail, output_folder, resolve_device
 
 
 def register(app: typer.Typer, evaluate_app: typer.Typer) -> None:
@@ -57,19 +51,19 @@ def register(app: typer.Typer, evaluate_app: typer.Typer) -> None:
         if set(plain) - set(names):
             raise typer.BadParameter(f"--undefended {sorted(set(plain) - set(names))} not among the --setting names")
         if summarise_only and not (out / "per_image.csv").is_file():
-            _fail(f"{out / 'per_image.csv'} does not exist: --summarise-only rebuilds the summary of an earlier "
+            fail(f"{out / 'per_image.csv'} does not exist: --summarise-only rebuilds the summary of an earlier "
                   "study in --out; run the study first")
         try:
             clf = load_classifier(weights, device=dev)
         except WeightsError as exc:
-            _fail(str(exc))
+            fail(str(exc))
         if summarise_only:
             try:
                 rows_df = gs.read_csv(out / "per_image.csv")
             except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError) as exc:
-                _fail(f"{out / 'per_image.csv'}: not a game-study table ({type(exc).__name__})")
+                fail(f"{out / 'per_image.csv'}: not a game-study table ({type(exc).__name__})")
             if not {"setting", "defense", "image", "enrichment"} <= set(rows_df.columns):
-                _fail(f"{out / 'per_image.csv'}: not a game-study table (no setting/defense/image/enrichment "
+                fail(f"{out / 'per_image.csv'}: not a game-study table (no setting/defense/image/enrichment "
                       "columns)")
             try:
                 curve_df = gs.read_csv(out / "curves.csv")
@@ -83,7 +77,7 @@ def register(app: typer.Typer, evaluate_app: typer.Typer) -> None:
         try:  # the layout, the split and every image are read here, before OUT is made
             images = gs.load_images(DiaretDB1(data_dir, split=split), limit=limit)
         except DiaretDB1Error as exc:
-            _fail(str(exc))
+            fail(str(exc))
         out.mkdir(parents=True, exist_ok=True)
         with (out / "study.log").open("a", encoding="utf-8") as log_file:  # closed even when a game fails
 

@@ -141,7 +141,7 @@ def _pct(p: float | None, threshold: float | None = None) -> str:
     v = 100.0 * float(p)
     if threshold is None:
         return f"{v:.1f}%"
-    shown_t = float(threshold_pct(threshold)[:-1])
+    shown_t = _shown_threshold_percent(threshold)
     above = float(p) >= float(threshold)
     for d in range(1, _MAX_PCT_DECIMALS + 1):
         if (float(f"{v:.{d}f}") >= shown_t) == above:
