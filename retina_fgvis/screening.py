@@ -27,7 +27,8 @@ Patient grouping, in order of trust: DICOM header (PatientID / laterality), else
 ``--manifest`` CSV (columns ``file, patient, eye``), else the file name ``<patient>_<eye>``
 (``eye`` = left/right/OD/OS, separator ``_`` or ``-``; a file named just ``left.png`` takes
 its folder name as the patient), else one patient per file (the relative path without suffix;
-with it where two files differ only in their suffix).
+with it where two files differ only in their suffix). Patient IDs and manifest names are compared
+in Unicode NFC (:func:`canonical_text`).
 """
 from __future__ import annotations
 
@@ -37,6 +38,7 @@ import math
 import os
 import re
 import time
+import unicodedata
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -87,6 +89,15 @@ class InputItem:
     patient: str | None = None  # pre-read grouping (manifest / file name / file)
     eye: str | None = None
     grouping: str = "file"  # "manifest" | "filename" | "file" ("dicom" decided after reading)
+
+
+def canonical_text(value: str) -> str:
+    """Unicode NFC form, stripped. Why: one name can be written with composed or decomposed
+    accents ("José" as é or as e + U+0301; macOS file systems and some PACS exports decompose,
+    spreadsheets compose). Byte-wise they differ, so one patient would become two (two folders,
+    two report sections) and a manifest typed in a spreadsheet would match no decomposed file
+    name. Patient IDs and the file names a manifest is matched against go through this."""
+    return unicodedata.normalize("NFC", value).strip()
 
 
 def normalise_eye(value: Any) -> str | None:
@@ -224,10 +235,10 @@ def load_manifest(path: str | Path) -> dict[str, tuple[str | None, str | None]]:
         )
     out: dict[str, tuple[str | None, str | None]] = {}
     for _, row in df.iterrows():
-        key = str(row["file"]).strip()
+        key = canonical_text(str(row["file"]))
         if not key:
             continue
-        patient = str(row["patient"]).strip() or None
+        patient = canonical_text(str(row["patient"])) or None
         eye = normalise_eye(row["eye"]) if "eye" in df.columns else None
         out[key] = (patient, eye)
     return out
@@ -262,28 +273,31 @@ def assign_groups(
     working directory), or by bare file name when that name is unique. The DICOM header, when
     present, overrides all this after the file is read. Returns the updated items and the
     manifest keys that matched no input (for a warning)."""
-    manifest = manifest or {}
+    # names compared in NFC (canonical_text): a manifest typed in a spreadsheet must match a
+    # file whose name a Mac wrote decomposed
+    manifest = {canonical_text(k): (canonical_text(p) if p else p, e) for k, (p, e) in (manifest or {}).items()}
     by_abs: dict[str, str] = {}
     by_name: dict[str, list[str]] = {}
     for key in manifest:
         kp = Path(key)
         if kp.is_absolute():
-            by_abs[str(kp.resolve())] = key
+            by_abs[canonical_text(str(kp.resolve()))] = key
         else:
             for base in base_dirs:
-                by_abs.setdefault(str((Path(base) / kp).resolve()), key)
+                by_abs.setdefault(canonical_text(str((Path(base) / kp).resolve())), key)
         by_name.setdefault(kp.name, []).append(key)
     used: set[str] = set()
     out: list[InputItem] = []
     for it in items:
         key = None
-        if it.file in manifest:
-            key = it.file
-        elif str(it.path) in by_abs:
-            key = by_abs[str(it.path)]
-        elif len(by_name.get(it.path.name, [])) == 1 and "/" not in by_name[it.path.name][0]:
-            key = by_name[it.path.name][0]
-        name_patient, name_eye = group_from_name(it.file, folder=it.path.parent.name)
+        file, path, name = canonical_text(it.file), canonical_text(str(it.path)), canonical_text(it.path.name)
+        if file in manifest:
+            key = file
+        elif path in by_abs:
+            key = by_abs[path]
+        elif len(by_name.get(name, [])) == 1 and "/" not in by_name[name][0]:
+            key = by_name[name][0]
+        name_patient, name_eye = group_from_name(file, folder=canonical_text(it.path.parent.name))
         if key is not None and manifest[key][0]:
             used.add(key)
             patient, eye = manifest[key]
@@ -291,12 +305,12 @@ def assign_groups(
         elif name_patient:
             out.append(_replace(it, patient=name_patient, eye=name_eye, grouping="filename"))
         else:
-            stem = it.file.rsplit(".", 1)[0] if "." in Path(it.file).name else it.file
+            stem = file.rsplit(".", 1)[0] if "." in Path(file).name else file
             out.append(_replace(it, patient=stem, eye=name_eye, grouping="file"))
     # one patient per file: two files that differ only in their suffix (scan01.png, scan01.jpg)
     # are two patients, so they keep their suffix rather than merge into one
     stems = Counter(it.patient for it in out if it.grouping == "file")
-    out = [_replace(it, patient=it.file) if it.grouping == "file" and stems[it.patient] > 1 else it
+    out = [_replace(it, patient=canonical_text(it.file)) if it.grouping == "file" and stems[it.patient] > 1 else it
            for it in out]
     unmatched = sorted(set(manifest) - used)
     return out, unmatched
@@ -656,9 +670,10 @@ class Screener:
         try:
             fundus = read_fundus_file(item.path, is_dicom=item.is_dicom, max_pixels=self.settings.max_pixels)
             if item.is_dicom:
-                if fundus.patient_id:
-                    rec.patient = fundus.patient_id
-                    rec.patient_dir = patient_dir_name(fundus.patient_id, self.naming_key)
+                patient_id = canonical_text(fundus.patient_id or "")
+                if patient_id:
+                    rec.patient = patient_id
+                    rec.patient_dir = patient_dir_name(patient_id, self.naming_key)
                     rec.grouping = "dicom"
                 if fundus.eye:
                     rec.eye = fundus.eye

@@ -128,6 +128,45 @@ def test_manifest_paths_relative_to_the_manifest_or_absolute(tmp_path):
     assert unmatched == ["zzz.png"]
 
 
+def test_composed_and_decomposed_names_are_one_patient_and_match_the_manifest(tmp_path):
+    """"José" written with a composed é (spreadsheets) and with e + U+0301 (macOS file names, some
+    PACS exports) is one patient, and a manifest typed in a spreadsheet matches the decomposed
+    file name. Byte-wise comparison made two patients and an unmatched manifest line."""
+    import unicodedata
+
+    composed, decomposed = unicodedata.normalize("NFC", "José"), unicodedata.normalize("NFD", "José")
+    assert composed != decomposed
+    src = tmp_path / "in"
+    write_png(src / f"{composed}_left.png", fundus_rgb(1))
+    write_png(src / f"{decomposed}_right.png", fundus_rgb(2))
+    write_png(src / f"{decomposed}_scan.png", fundus_rgb(3))
+    items, _ = S.discover_inputs([src])
+    grouped, unmatched = S.assign_groups(items, {f"{composed}_scan.png": (f"{decomposed}-M", "left")})
+    assert unmatched == []
+    by_eye = {(it.patient, it.eye, it.grouping) for it in grouped}
+    assert by_eye == {(composed, "left", "filename"), (composed, "right", "filename"),
+                      (f"{composed}-M", "left", "manifest")}
+    out = tmp_path / "out"
+    assert _screen([src], out) == 0
+    df = _results(out)
+    assert set(df["patient"]) == {composed, f"{composed}_scan"}
+    assert len({S.read_record(out, f).patient_dir for f in df["file"] if "scan" not in f}) == 1
+
+
+def test_a_dicom_patient_id_is_compared_in_nfc(tmp_path):
+    import unicodedata
+
+    src = tmp_path / "in"
+    write_png(src / f"{unicodedata.normalize('NFC', 'Zoë')}_left.png", fundus_rgb(1))
+    write_dicom(src / "IM0002", fundus_rgb(2), patient_id=unicodedata.normalize("NFD", "Zoë"), eye="right",
+                compression=None)
+    out = tmp_path / "out"
+    assert _screen([src], out) == 0
+    recs = [S.read_record(out, f) for f in _results(out)["file"]]
+    assert {r.patient for r in recs} == {unicodedata.normalize("NFC", "Zoë")}
+    assert len({r.patient_dir for r in recs}) == 1
+
+
 def test_manifest_errors_are_usage_errors(tmp_path):
     make_folder(tmp_path / "in", 1)
     bad = tmp_path / "bad.csv"

@@ -343,6 +343,9 @@ def write_dicom(
     ds.StudyInstanceUID = generate_uid(entropy_srcs=[seed, "study"])
     ds.SeriesInstanceUID = generate_uid(entropy_srcs=[seed, "series"])
     ds.Modality = "OP"
+    if not (patient_id + patient_name).isascii():
+        # without a declared character set pydicom writes non-ASCII as "?" (ISO 8859)
+        ds.SpecificCharacterSet = "ISO_IR 192"  # UTF-8
     ds.PatientID = patient_id
     ds.PatientName = patient_name
     if study_date:
