@@ -76,6 +76,38 @@ def test_report_text(screened):
     assert "broken.png" in html and "Images that could not be screened (1)" in html
 
 
+def _contrast(fg: str, bg: str) -> float:
+    """WCAG 2 contrast ratio of two #rrggbb colours."""
+    def luminance(colour: str) -> float:
+        channels = [int(colour[i:i + 2], 16) / 255 for i in (1, 3, 5)]
+        lin = [c / 12.92 if c <= 0.03928 else ((c + 0.055) / 1.055) ** 2.4 for c in channels]
+        return 0.2126 * lin[0] + 0.7152 * lin[1] + 0.0722 * lin[2]
+    hi, lo = sorted((luminance(fg), luminance(bg)), reverse=True)
+    return (hi + 0.05) / (lo + 0.05)
+
+
+def test_badges_and_text_meet_wcag_aa_contrast():
+    """Badge text is 12.5 px bold, not "large" text: WCAG AA asks 4.5:1. The green "not
+    referable" badge was 4.4:1 and the amber warning 4.44:1."""
+    from retina_fgvis.report.html import _CSS
+
+    colours = dict(re.findall(r"--(\w+):(#[0-9a-f]{6})", _CSS))
+    pairs = {name: (fg, bg) for name, bg, fg in re.findall(
+        r"\.(b-\w+)\{background:(#[0-9a-f]{6});color:(var\(--\w+\)|#[0-9a-f]{6})\}", _CSS)}
+    assert set(pairs) == {"b-ref", "b-no", "b-err", "b-warn"}
+    for name, (fg, bg) in pairs.items():
+        fg = colours[fg[6:-1]] if fg.startswith("var") else fg
+        assert _contrast(fg, bg) >= 4.5, (name, fg, bg, round(_contrast(fg, bg), 2))
+    for text in ("fg", "muted", "ref", "ok", "warn"):
+        for background in ("#ffffff", colours["bg"]):
+            assert _contrast(colours[text], background) >= 4.5, (text, background)
+
+
+def test_region_tables_are_open_so_they_print(screened):
+    html = (screened / "report.html").read_text(encoding="utf-8")
+    assert html.count("<details") >= 1 and html.count("<details") == html.count("<details open>")
+
+
 def test_patients_sorted_by_risk(screened):
     html = (screened / "report.html").read_text(encoding="utf-8")
     df = S.read_results_csv(screened / "results.csv")

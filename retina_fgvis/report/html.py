@@ -23,7 +23,7 @@ NOTICE = "Research use only, not a diagnosis."
 MAX_REGION_ROWS = 15
 
 _CSS = """
-:root{--fg:#1d232a;--muted:#5b6670;--line:#d8dee4;--bg:#f6f8fa;--ref:#b42318;--ok:#1a7f37;--warn:#9a6700}
+:root{--fg:#1d232a;--muted:#5b6670;--line:#d8dee4;--bg:#f6f8fa;--ref:#b42318;--ok:#166c2f;--warn:#8a5c00}
 *{box-sizing:border-box}
 body{font:15px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,Helvetica,Arial,sans-serif;color:var(--fg);margin:0;background:#fff}
 main{max-width:1180px;margin:0 auto;padding:0 20px 40px}
@@ -238,7 +238,8 @@ def _region_table(rec: Any) -> str:
     if len(regions) > MAX_REGION_ROWS:
         more = f'<p class="sub">{len(regions) - MAX_REGION_ROWS} more regions in lesions.csv.</p>'
     return (
-        f"<details{' open' if len(regions) <= 6 else ''}><summary>{len(regions)} region"
+        # open: a printed report (how many clinics review) shows no closed <details>' content
+        f"<details open><summary>{len(regions)} region"
         f"{'s' if len(regions) != 1 else ''} (pixels on the original photograph)</summary>"
         "<table><thead><tr><th class=num>#</th><th>kind</th><th class=num>area px</th>"
         "<th class=num>centre x, y</th><th class=num>importance</th></tr></thead><tbody>"
