@@ -108,6 +108,30 @@ def test_region_tables_are_open_so_they_print(screened):
     assert html.count("<details") >= 1 and html.count("<details") == html.count("<details open>")
 
 
+def test_overlay_images_carry_their_size(screened):
+    """Lazy images without a size are 0 px tall until loaded: a long report jumps while it is
+    read. Every <img> names the overlay file's own width and height."""
+    from PIL import Image
+
+    html = (screened / "report.html").read_text(encoding="utf-8")
+    tags = re.findall(r'<img src="([^"]+)" width=(\d+) height=(\d+) loading="lazy"', html)
+    assert tags and len(tags) == html.count("<img ")
+    for src, width, height in tags:
+        assert Image.open(screened / src).size == (int(width), int(height))
+
+
+def test_embedding_is_refused_for_a_large_run_before_any_work(tmp_path, monkeypatch, capsys):
+    from retina_fgvis.commands import screen as screen_command
+
+    monkeypatch.setattr(screen_command, "MAX_EMBEDDED_IMAGES", 2)
+    make_folder(tmp_path / "in", 3)  # 3 images
+    code = run_screen(inputs=[tmp_path / "in"], out=tmp_path / "out", device="cpu", embed_images=True,
+                      classifier=FakeClassifier(), screener_kwargs={"explainer": FakeExplainer()})
+    assert code == 2 and not (tmp_path / "out").exists()
+    err = capsys.readouterr().err
+    assert "--embed-images" in err and "up to 2 images" in err
+
+
 def test_patients_sorted_by_risk(screened):
     html = (screened / "report.html").read_text(encoding="utf-8")
     df = S.read_results_csv(screened / "results.csv")

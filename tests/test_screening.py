@@ -74,6 +74,22 @@ def test_discovery_recursive_sorted_and_filtered(tmp_path):
     assert [i.file for i in items3] == ["b/X1_left.png", "c/IM0001", "in/a.png"]
 
 
+def test_nested_roots_key_files_by_the_first_root_given(tmp_path):
+    """A file under two given roots takes the first in argument order (the root lookup walks the
+    file's parents, once per file, instead of scanning every root for every file)."""
+    src = tmp_path / "in"
+    write_png(src / "b" / "x.png", fundus_rgb(1))
+    write_png(src / "a.png", fundus_rgb(2))
+    items, _ = S.discover_inputs([src / "b", src])
+    assert [i.file for i in items] == ["b/x.png", "in/a.png"]
+    items, _ = S.discover_inputs([src, src / "b"])
+    assert [i.file for i in items] == ["in/a.png", "in/b/x.png"]
+    many = [src / "a.png", *(write_png(tmp_path / f"p{k}" / "left.png", fundus_rgb(k)) or tmp_path / f"p{k}"
+                             for k in range(3))]
+    items, _ = S.discover_inputs(many)
+    assert [i.file for i in items] == ["in/a.png", "p0/left.png", "p1/left.png", "p2/left.png"]
+
+
 def test_group_from_name_rules():
     assert S.group_from_name("P001_right.png") == ("P001", "right")
     assert S.group_from_name("sub/10003_LEFT.jpeg") == ("10003", "left")

@@ -24,6 +24,9 @@ import typer
 
 NOTICE = "Research use only, not a diagnosis."
 DIST_TIMEOUT_HOURS = 72
+#: --embed-images above this many images is refused: the page holds every overlay in base64
+#: (1.33x the JPEGs' bytes; an overlay is up to 1600 px) and a browser does not open a page of hundreds of MB
+MAX_EMBEDDED_IMAGES = 200
 _OUTPUT_FILES = ("results.csv", "lesions.csv", "report.html", "run.json")
 
 
@@ -87,7 +90,7 @@ def screen_command(
     forget_missing: bool = typer.Option(False, "--forget-missing", help="With --resume: delete the records and overlays in OUT of files that are no longer among the inputs (e.g. a withdrawn patient)."),
     iterations: Optional[int] = typer.Option(None, "--iterations", help="Maximum iterations of the deletion game (default: the engine's)."),
     prune: bool = typer.Option(True, "--prune/--no-prune", help="Undo the game's faint changes that its goal does not need (default: sparser, more lesion-enriched maps); --no-prune keeps the denser optimised mask (larger regions, better coverage of lesion outlines)."),
-    embed_images: bool = typer.Option(False, "--embed-images", help="Inline the overlays in report.html (one file to share; larger)."),
+    embed_images: bool = typer.Option(False, "--embed-images", help=f"Inline the overlays in report.html (one file to share; up to {MAX_EMBEDDED_IMAGES} images)."),
     max_megapixels: float = typer.Option(50.0, "--max-megapixels", help="Reject larger images (checked before decoding)."),
     min_side: Optional[int] = typer.Option(None, "--min-side", min=1, help="Reject images whose shorter side is below this many pixels (default: half the classifier's input size, 256 px)."),
 ) -> None:
@@ -140,6 +143,11 @@ def run_screen(
         if not items:
             where = ", ".join(str(p) for p in inputs)
             raise _Usage(f"no fundus images found in {where} (looked for PNG, JPEG, TIFF, BMP, DICOM)")
+        if embed_images and len(items) > MAX_EMBEDDED_IMAGES:
+            raise _Usage(
+                f"--embed-images puts every overlay inside report.html, and {len(items)} of them make a page too "
+                f"large for a browser; it is for up to {MAX_EMBEDDED_IMAGES} images: share the output folder "
+                "(the report links its overlays) or screen a subset")
         try:
             table = S.load_manifest(manifest) if manifest is not None else None
         except S.ScreeningUsageError as exc:

@@ -198,6 +198,21 @@ def _img_src(out: Path, rel: str, embed: bool) -> str | None:
     return f"data:{mime};base64," + base64.b64encode(path.read_bytes()).decode("ascii")
 
 
+def _img_size(path: Path) -> str:
+    """`` width=W height=H`` of a picture, read from its header (no decoding). Why: a lazy image
+    without a size is 0 px tall until it loads, so a report of thousands of eyes jumps while the
+    reader scrolls and the patient index lands in the wrong place; with the size the browser
+    reserves the space (the CSS still scales it to the column)."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as picture:
+            width, height = picture.size
+    except (OSError, ValueError):
+        return ""
+    return f" width={int(width)} height={int(height)}"
+
+
 def patient_groups(records: Sequence[Any]) -> list[tuple[str, list[Any]]]:
     """Records grouped by patient, sorted by what needs action: referable patients, then patients
     with an image that could not be screened (some eyes, then all), then the cleared ones; by the
@@ -271,10 +286,10 @@ def _eye_card(rec: Any, out: Path, threshold: float, embed: bool, pin: bool = Tr
     if src is None:
         img = '<div class="err">Overlay image missing.</div>'
     elif embed:
-        img = f'<img src="{src}" alt="overlay for {_e(label)}">'
+        img = f'<img src="{src}"{_img_size(out / rec.overlay)} alt="overlay for {_e(label)}">'
     else:
-        img = (f'<a href="{src}" title="open full size"><img src="{src}" loading="lazy" '
-               f'alt="overlay for {_e(label)}"></a>')
+        img = (f'<a href="{src}" title="open full size"><img src="{src}"{_img_size(out / rec.overlay)} '
+               f'loading="lazy" alt="overlay for {_e(label)}"></a>')
     date = f'<div class="file">study date {_e(rec.study_date)}</div>' if rec.study_date else ""
     note = ""
     if getattr(rec, "explained", None) is False:
@@ -319,7 +334,7 @@ def render_report(records: Sequence[Any], run_info: dict[str, Any], out: str | P
         '<meta name="robots" content="noindex">'
         f"<title>Fundus screening report — {NOTICE}</title><style>{_CSS}</style></head><body>"
         f'<div class="notice">{NOTICE} Findings are machine-generated explanations of a '
-        "classifier and must be reviewed by a qualified clinician.</div><main>"
+        "classifier and must be reviewed by a qualified clinician.</div><main id=\"top\">"
         "<h1>Fundus screening report</h1>"
         f'<p class="sub">Referable diabetic retinopathy classifier with FGVis deletion-game '
         f"explanations · model {_e(model.get('arch', '?'))}, weights sha256 "
@@ -436,5 +451,4 @@ def render_report(records: Sequence[Any], run_info: dict[str, Any], out: str | P
         "</footer>"
         "</main></body></html>\n"
     )
-    html_text = "".join(parts)
-    return html_text.replace("<main>", '<main id="top">', 1)
+    return "".join(parts)
