@@ -52,9 +52,14 @@ def main() -> None:
     click_errors = sys.modules[typer.BadParameter.__module__]
     try:
         code = app(standalone_mode=False)
+    except click_errors.UsageError as exc:
+        # one line, the whole reason on it: rich's error box wraps long paths across lines (copying
+        # the path and grepping logs break) and click's own form adds usage lines around it
+        ctx = exc.ctx
+        hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
+        typer.echo(f"Error: {exc.format_message()}{hint}", err=True)
+        sys.exit(exc.exit_code)
     except click_errors.ClickException as exc:
-        # click's plain form: the reason stays on one line (rich's error box wraps long paths
-        # across lines, which breaks copying the path and grepping logs)
         exc.show()
         sys.exit(exc.exit_code)
     except typer.Abort:

@@ -48,6 +48,8 @@ def test_explain_writes_fig2_pictures_and_json(tmp_path: Path) -> None:
     assert info["source"] == str(image) and info["game"] == "deletion"
     assert 0 <= info["p_referable_after"] <= 1 and info["iterations"] <= 5
     assert "Research use only" in info["research_use_only"]
+    assert result.output.rstrip().splitlines()[-1] == "Research use only, not a diagnosis."
+    assert "% of pixels changed by more than half" in result.output and "mean mask change" in result.output
     for kind, name in info["files"].items():
         img = np.asarray(Image.open(out / name))
         assert img.shape[:2] == (90, 120), kind  # the original grid, not the model's 64 px
@@ -91,3 +93,53 @@ def test_predict_csv_is_safe_to_open_in_a_spreadsheet(tmp_path: Path, monkeypatc
     assert res.exit_code == 0, res.output
     rows = (tmp_path / "p.csv").read_text().splitlines()
     assert rows[1].startswith("'=1+1.png,") and not any(r.startswith("=") for r in rows)
+
+
+def test_explain_takes_max_iterations_as_the_evaluations_spell_it(tmp_path: Path) -> None:
+    weights = tmp_path / "m.pt"
+    save_checkpoint(build_model("tiny"), META, weights)
+    image = tmp_path / "eye.png"
+    _fundus(image)
+    res = CliRunner().invoke(app, ["explain", str(image), "--out", str(tmp_path / "out"), "--weights",
+                                   str(weights), "--max-iterations", "2"])
+    assert res.exit_code == 0, res.output
+    info = json.loads(next((tmp_path / "out").glob("*.json")).read_text())
+    assert info["iterations"] <= 2 and info["settings"]["max_iterations"] == 2
+
+
+def test_a_blank_frame_is_called_blank_not_grey_scale(tmp_path: Path) -> None:
+    """An all-black export (a failed capture) was refused as "grey-scale", which sends the reader
+    looking for a red-free setting instead of a missing photograph."""
+    weights = tmp_path / "m.pt"
+    save_checkpoint(build_model("tiny"), META, weights)
+    black = tmp_path / "black.png"
+    Image.fromarray(np.zeros((90, 120, 3), np.uint8)).save(black)
+    res = CliRunner().invoke(app, ["predict", str(black), "--weights", str(weights)])
+    assert res.exit_code == 1
+    (line,) = [x for x in res.output.splitlines() if x.startswith("error:")]
+    assert "black.png" in line and "blank image" in line and "grey-scale" not in line
+
+
+def test_predict_fails_only_the_row_of_an_image_the_model_cannot_take(tmp_path: Path, monkeypatch) -> None:
+    """A file that reads but breaks in preparation or in the model (a ValueError or torch's
+    RuntimeError) was a traceback that ended the run; now it is one error line and the others are scored."""
+    from retina_fgvis.classifier import model as model_module
+
+    weights = tmp_path / "m.pt"
+    save_checkpoint(build_model("tiny"), META, weights)
+    good, odd = tmp_path / "good.png", tmp_path / "odd.png"
+    _fundus(good)
+    _fundus(odd, 91, 121)
+    real_prepare = model_module.Classifier.prepare
+
+    def prepare(self, rgb):
+        if rgb.shape[0] == 91:
+            raise RuntimeError("simulated failure in the model")
+        return real_prepare(self, rgb)
+
+    monkeypatch.setattr(model_module.Classifier, "prepare", prepare)
+    res = CliRunner().invoke(app, ["predict", str(odd), str(good), "--weights", str(weights)])
+    assert res.exit_code == 1, res.output
+    assert "good.png\tp(referable)=" in res.output
+    (line,) = [x for x in res.output.splitlines() if x.startswith("error:")]
+    assert "odd.png" in line and "simulated failure" in line

@@ -189,3 +189,30 @@ def test_embedded_report_is_one_file(tmp_path):
     parser = _Links()
     parser.feed(html)
     assert all(link.startswith(("#", "data:")) for link in parser.links)
+
+
+def test_lesions_csv_carries_the_contrast_behind_each_kind(screened):
+    """`kind` is the sign of the region's green contrast; a region at -0.007 is "red" by a hair,
+    so the number is a column beside the label."""
+    from retina_fgvis.report.tables import read_csv
+
+    table = read_csv(screened / "lesions.csv")
+    assert len(table)
+    for _, row in table.iterrows():
+        region = next(g for g in S.read_record(screened, row["file"]).regions if int(g["id"]) == int(row["region"]))
+        assert float(row["green_contrast"]) == pytest.approx(region["contrast"], abs=5e-5)
+        assert row["kind"] == ("bright" if region["contrast"] > 0 else "red")
+
+
+def test_the_last_console_line_counts_eyes_patients_failures_and_skipped_files():
+    from types import SimpleNamespace as R
+
+    from retina_fgvis.commands.screen import _summary_line
+
+    records = [R(status="ok", referable=True, patient="a"), R(status="ok", referable=False, patient="a"),
+               R(status="ok", referable=True, patient="c"), R(status="error", referable=None, patient="b")]
+    assert _summary_line(records, ["notes.txt"], 2, 12.3) == (
+        "4 images of 3 patients in 12 s (2 finished by an earlier run): 3 screened, 1 failed; "
+        "2 referable eyes in 2 patients; 1 non-image file skipped.")
+    assert _summary_line(records[:1], [], 0, 0.4) == (
+        "1 image of 1 patient in 0 s: 1 screened, 0 failed; 1 referable eye in 1 patient.")

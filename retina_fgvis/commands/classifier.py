@@ -122,17 +122,16 @@ def register(app: typer.Typer, evaluate_app: typer.Typer) -> None:
 
     @app.command("predict")
     def predict_cmd(
-        images: list[Path] = typer.Argument(..., help="Fundus photographs (PNG/JPEG/TIFF...)."),
+        images: list[Path] = typer.Argument(..., help="Fundus photographs (PNG/JPEG/TIFF/BMP/DICOM)."),
         weights: Optional[Path] = typer.Option(None, help="Checkpoint (default: shipped weights or $RETINA_FGVIS_WEIGHTS)."),
         csv: Optional[Path] = typer.Option(None, help="Also write a CSV here."),
-        device: str = typer.Option("cpu"),
+        device: str = typer.Option("cpu", help="cpu (default: one forward pass per image needs no GPU) | cuda | auto"),
         min_side: Optional[int] = typer.Option(None, "--min-side", min=1, help="Refuse images whose shorter side is below this many pixels (default: half the classifier's input size)."),
     ) -> None:
         """p(referable DR) per image, and the decision at the shipped operating threshold.
         Exit code 1 when any image could not be scored (its error line says why).
         Research use only, not a diagnosis."""
         import pandas as pd
-        import torch
 
         from retina_fgvis.classifier.model import WeightsError, load_classifier
         from retina_fgvis.commands.checks import output_file, resolve_device
@@ -143,7 +142,6 @@ def register(app: typer.Typer, evaluate_app: typer.Typer) -> None:
         device = resolve_device(device)
         if csv:
             output_file(csv, "--csv")
-        torch.set_num_threads(2)
         try:
             clf = load_classifier(weights, device=device)
         except WeightsError as exc:
@@ -163,7 +161,9 @@ def register(app: typer.Typer, evaluate_app: typer.Typer) -> None:
                 failed += 1
                 rows.append({"file": str(path), "p_referable": None, "decision": "", "error": str(exc)})
                 typer.echo(f"error: {exc}", err=True)
-            except (ImageRejected, NoFundusError) as exc:
+            except (ImageRejected, NoFundusError, OSError, ValueError, RuntimeError) as exc:
+                # as explain: a file the readers let through but the preparation or the model
+                # cannot take (torch's errors are RuntimeErrors) fails its row, not the run
                 failed += 1
                 rows.append({"file": str(path), "p_referable": None, "decision": "",
                              "error": f"{path}: {exc}"})

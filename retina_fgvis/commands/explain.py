@@ -28,7 +28,7 @@ def register(app: typer.Typer, evaluate_app: typer.Typer) -> None:
         defense: bool = typer.Option(True, "--defense/--no-defense", help="Eq. 6 gradient clipping."),
         weights: Optional[Path] = typer.Option(None, help="Classifier weights (default: shipped)."),
         device: str = typer.Option("auto", help="auto | cpu | cuda"),
-        iterations: Optional[int] = typer.Option(None, min=1, help="Iteration cap (default: engine default)."),
+        iterations: Optional[int] = typer.Option(None, "--iterations", "--max-iterations", min=1, help="Iteration cap (default: the engine's, 200)."),
         prune: bool = typer.Option(True, "--prune/--no-prune", help="Undo faint changes the goal does not need (default)."),
         min_side: Optional[int] = typer.Option(None, "--min-side", min=1, help="Refuse images whose shorter side is below this many pixels (default: half the classifier's input size)."),
     ) -> None:
@@ -106,7 +106,9 @@ def register(app: typer.Typer, evaluate_app: typer.Typer) -> None:
             typer.echo(
                 f"{path} -> {out / name}.*: p(referable) {summary['p_referable_before']:.3f} -> "
                 f"{summary['p_referable_after']:.3f}, {summary['iterations']} iterations, "
-                f"{100 * summary['changed_fraction']:.2f} % pixels changed, goal "
+                f"{100 * summary['changed_fraction']:.2f} % of pixels changed by more than half, "
+                f"mean mask change {100 * summary['removed_mass']:.3f} %, goal "
                 f"{'reached' if summary['goal_reached'] else 'NOT reached'} ({seconds:.1f} s)"
             )
+        typer.echo("Research use only, not a diagnosis.")
         raise typer.Exit(1 if failures else 0)

@@ -88,14 +88,15 @@ def screen_command(
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run in OUT: finished images are skipped."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Discard a previous run's records and outputs in OUT and start again."),
     forget_missing: bool = typer.Option(False, "--forget-missing", help="With --resume: delete the records and overlays in OUT of files that are no longer among the inputs (e.g. a withdrawn patient)."),
-    iterations: Optional[int] = typer.Option(None, "--iterations", help="Maximum iterations of the deletion game (default: the engine's)."),
+    iterations: Optional[int] = typer.Option(None, "--iterations", "--max-iterations", help="Maximum iterations of the deletion game (default: the engine's, 200; fewer for a quick look)."),
     prune: bool = typer.Option(True, "--prune/--no-prune", help="Undo the game's faint changes that its goal does not need (default: sparser, more lesion-enriched maps); --no-prune keeps the denser optimised mask (larger regions, better coverage of lesion outlines)."),
     embed_images: bool = typer.Option(False, "--embed-images", help=f"Inline the overlays in report.html (one file to share; up to {MAX_EMBEDDED_IMAGES} images)."),
     max_megapixels: float = typer.Option(50.0, "--max-megapixels", help="Reject larger images (checked before decoding)."),
     min_side: Optional[int] = typer.Option(None, "--min-side", min=1, help="Reject images whose shorter side is below this many pixels (default: half the classifier's input size, 256 px)."),
 ) -> None:
     """Screen fundus photographs: p(referable), FGVis deletion-game evidence, lesion regions,
-    per-patient overlays, results.csv / lesions.csv / report.html. Research use only, not a diagnosis."""
+    per-patient overlays, results.csv / lesions.csv / report.html. Exit code 1 when any image
+    failed (its row and error line say why), 2 for a usage error. Research use only, not a diagnosis."""
     code = run_screen(
         inputs=inputs, out=out, weights=weights, device=device, batch_size=batch_size,
         manifest=manifest, resume=resume, overwrite=overwrite, iterations=iterations,
@@ -243,13 +244,9 @@ def run_screen(
         if unnamed:
             err.print(f"removed {unnamed} overlay(s) that no record names (replaced on this run, or left by an "
                       "earlier version or an interrupted run)")
+        err.print(_summary_line(records, skipped, summary.reused if world == 1 else 0, wall)
+                  + f" Report: {escape(str(out / 'report.html'))}")
         failed = sum(r.status != "ok" for r in records)
-        n_ref = sum(1 for r in records if r.status == "ok" and r.referable)
-        n_pat = len({r.patient for r in records})
-        err.print(
-            f"Screened {len(records)} images of {n_pat} patients in {wall:.0f} s: "
-            f"{n_ref} referable, {failed} failed. Report: {escape(str(out / 'report.html'))}"
-        )
         err.print(f"[bold yellow]{NOTICE}[/]")
         code = 1 if failed else 0
     if dist is not None:
@@ -310,6 +307,21 @@ def _run_with_progress(screener: Any, items: list, resume: bool, rank: int, worl
             return screener.run(items, resume=resume, progress=on_record, rank=rank, world_size=world)
         finally:
             screener.on_step = None
+
+
+def _summary_line(records: list, skipped: list, reused: int, wall: float) -> str:
+    """The run's last line: what was screened, what failed, what was left out; referable counted
+    in eyes and in patients (the report leads with patients, results.csv has eyes)."""
+    def count(n: int, word: str) -> str:
+        return f"{n} {word}" if n == 1 else f"{n} {word}s"
+
+    n_ok = sum(r.status == "ok" for r in records)
+    referable = [r for r in records if r.status == "ok" and r.referable]
+    return (f"{count(len(records), 'image')} of {count(len({r.patient for r in records}), 'patient')} "
+            f"in {wall:.0f} s" + (f" ({reused} finished by an earlier run)" if reused else "")
+            + f": {n_ok} screened, {len(records) - n_ok} failed; {count(len(referable), 'referable eye')} in "
+              f"{count(len({r.patient for r in referable}), 'patient')}"
+            + (f"; {count(len(skipped), 'non-image file')} skipped" if skipped else "") + ".")
 
 
 def _run_info(S: Any, classifier: Any, screener: Any, inputs: list, out: Path, manifest: Any,

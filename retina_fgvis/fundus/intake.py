@@ -123,6 +123,8 @@ def check_fundus_pixels(rgb: np.ndarray, *, max_pixels: int = DEFAULT_MAX_PIXELS
                             f"at least {min_side} px, --min-side)")
     if rgb.shape[0] * rgb.shape[1] > max_pixels:
         raise ImageRejected(f"image too large ({rgb.shape[1]}x{rgb.shape[0]})")
+    if int(rgb.max()) - int(rgb.min()) <= 10:
+        raise ImageRejected("blank image (all pixels the same dark or light value): no photograph in it")
     if is_greyscale(rgb):
         raise ImageRejected("grey-scale image (all colour channels equal): a colour fundus photograph is needed")
 

@@ -31,7 +31,7 @@ RESULTS_COLUMNS = [
 ]
 LESIONS_COLUMNS = [
     "file", "patient", "eye", "region", "kind", "area_px", "centroid_row", "centroid_col",
-    "row0", "col0", "row1", "col1", "mean_importance", "mean_r", "mean_g", "mean_b", "overlay",
+    "row0", "col0", "row1", "col1", "mean_importance", "mean_r", "mean_g", "mean_b", "green_contrast", "overlay",
 ]
 
 
@@ -90,6 +90,9 @@ def lesions_frame(records: Sequence[Any]) -> pd.DataFrame:
                 "row0": bbox[0], "col0": bbox[1], "row1": bbox[2], "col1": bbox[3],
                 "mean_importance": _fmt(reg.get("mean_importance"), 4),
                 "mean_r": _fmt(rgb[0], 1), "mean_g": _fmt(rgb[1], 1), "mean_b": _fmt(rgb[2], 1),
+                # the number behind `kind` (bright: > 0, red: <= 0), so a reader can see that a
+                # region at -0.007 is "red" by a hair
+                "green_contrast": _fmt(reg.get("contrast"), 4),
                 "overlay": r.overlay or "",
             })
     return pd.DataFrame(rows, columns=LESIONS_COLUMNS)
