@@ -216,3 +216,21 @@ def test_the_last_console_line_counts_eyes_patients_failures_and_skipped_files()
         "2 referable eyes in 2 patients; 1 non-image file skipped.")
     assert _summary_line(records[:1], [], 0, 0.4) == (
         "1 image of 1 patient in 0 s: 1 screened, 0 failed; 1 referable eye in 1 patient.")
+
+
+def test_report_numbers_match_the_csvs(screened):
+    """The report showed the flagged area with 2 decimals (0.06 %) where results.csv has 3 (0.065)
+    and region importance with 2 (0.0309 and 0.0276 both 0.03)."""
+    from retina_fgvis.report.tables import read_csv
+
+    html = (screened / "report.html").read_text(encoding="utf-8")
+    results = read_csv(screened / "results.csv")
+    pd_ok = results[results.status == "ok"]
+    for value in pd_ok.flagged_area_pct:
+        assert f"flagged {value:.3f}% of the field" in html
+    from retina_fgvis.report.html import MAX_REGION_ROWS
+
+    shown = read_csv(screened / "lesions.csv").query("region <= @MAX_REGION_ROWS")  # the table's rows
+    assert len(shown)
+    for value in shown.mean_importance:
+        assert f"<td class=num>{value:.4f}</td>" in html

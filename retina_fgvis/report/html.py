@@ -247,7 +247,7 @@ def _region_table(rec: Any) -> str:
             f'<td><span class="sw" style="background:{colour}"></span>{_e(kind)}</td>'
             f"<td class=num>{int(g.get('area', 0))}</td>"
             f"<td class=num>{float(cen[1]):.0f}, {float(cen[0]):.0f}</td>"
-            f"<td class=num>{float(g.get('mean_importance') or 0):.2f}</td></tr>"
+            f"<td class=num>{float(g.get('mean_importance') or 0):.4f}</td></tr>"  # as lesions.csv
         )
     more = ""
     if len(regions) > MAX_REGION_ROWS:
@@ -273,7 +273,7 @@ def _eye_card(rec: Any, out: Path, threshold: float, embed: bool, pin: bool = Tr
     after = getattr(rec, "target_prob_after", None)
     counts = (
         f"<span>{int(rec.n_red)} red · {int(rec.n_bright)} bright</span>"
-        f"<span>flagged {float(rec.flagged_area_pct or 0):.2f}% of the field</span>"
+        f"<span>flagged {float(rec.flagged_area_pct or 0):.3f}% of the field</span>"  # as results.csv
         + (f"<span>p(referable) with the evidence removed {_pct(after, threshold)}</span>" if after is not None else "")
         if explained else ""
     )
@@ -367,8 +367,10 @@ def render_report(records: Sequence[Any], run_info: dict[str, Any], out: str | P
         "(outlined in this colour): brighter, as exudates and cotton-wool spots are.</li></ul>"
         "Eyes below the threshold are not explained (no outlines, regions “–”). Absent outlines do "
         "not mean a healthy eye, and outlined regions are not confirmed lesions. Regions are "
-        "numbered as in the table under each picture; small ones are ringed. Click a picture "
-        "for full size.</div>"
+        "numbered as in the table under each picture; small ones are ringed. In the table, "
+        "<i>importance</i> is how much of the region the explanation removed on average (0 = kept, "
+        "1 = removed entirely); the label follows the sign of the region's green contrast, a "
+        "column of lesions.csv (near 0 the label is a toss-up). Click a picture for full size.</div>"
     )
 
     # index
