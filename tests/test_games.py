@@ -202,6 +202,26 @@ def test_missed_goal_returns_the_snapshot_closest_to_it() -> None:
     assert float(r.target_prob_after[0]) == pytest.approx(min(r.prob_trajectory[0]), abs=1e-6)
 
 
+def test_a_missed_game_gives_up_after_patience_checks_without_a_nearer_iterate() -> None:
+    """The parabola's p bottoms out at the first step (m = 0.5, evaluated at iteration 2) and the
+    sign steps then oscillate: with give_up_patience=2 the game stops 3 checks later (iteration 5)
+    with the same answer as the whole budget; without it, it runs all 40 iterations. A game that
+    reaches its goal is not affected."""
+    x = torch.ones(1, 3, 4, 4)
+    settings = dict(optimizer="sign", lr=0.5, max_iterations=40, check_every=1, goal_level=1e-3, prune_levels=())
+    full = FGVis(_Parabola(), defense=False, **settings).attribute(x, target=1, game="deletion")
+    quick = FGVis(_Parabola(), defense=False, give_up_patience=2, **settings).attribute(x, target=1, game="deletion")
+    assert int(full.iterations[0]) == 40 and int(quick.iterations[0]) == 5
+    assert not bool(quick.goal_reached[0])
+    assert torch.equal(quick.mask, full.mask) and torch.equal(quick.target_prob_after, full.target_prob_after)
+    reachable = dict(settings, goal_level=0.6, patience=1)
+    a = FGVis(_Parabola(), defense=False, **reachable).attribute(x, target=1, game="deletion")
+    b = FGVis(_Parabola(), defense=False, give_up_patience=0, **reachable).attribute(x, target=1, game="deletion")
+    assert bool(a.goal_reached[0]) and torch.equal(a.mask, b.mask) and int(a.iterations[0]) == int(b.iterations[0])
+    with pytest.raises(ValueError, match="give_up_patience"):
+        FGVis(_Parabola(), defense=False, give_up_patience=-1)
+
+
 def test_pruning_undoes_faint_changes_and_keeps_the_goal() -> None:
     model = trained_blob_cnn()
     x, _, blobs = make_blobs(4, seed=22, positive=True)

@@ -116,6 +116,11 @@ class FGVisSettings:
     goal_level: float = 0.5
     goal_fraction: float = 0.1
     patience: int = 3  # checks without improvement tolerated after the goal is reached; the next one stops
+    # a game that has NOT reached its goal: checks in a row without a nearer-to-goal iterate after
+    # which it stops and returns the nearest one (None: it runs its whole budget). Why: under the
+    # defence a missed game's p often bottoms out early and drifts up for the rest of the budget
+    # (the SYNB sample: lowest p by iteration 10, the 190 iterations after it change nothing)
+    give_up_patience: int | None = None
     # which iterates are snapshot candidates: "checks" (every check_every steps), "closest_every_iteration"
     # (the goal-reaching snapshot from checks, the closest-to-goal one from every iteration) or
     # "every_iteration" (both from every iteration). Under the defence p swings by ±0.1 between
@@ -157,6 +162,8 @@ class FGVisSettings:
             raise ValueError(f"lambda_calibration_quantile must be in (0, 1), got {q}")
         if any(not 0.0 < level < 1.0 for level in self.prune_levels):
             raise ValueError(f"prune_levels must lie in (0, 1), got {self.prune_levels}")
+        if self.give_up_patience is not None and not (_is_int(self.give_up_patience) and self.give_up_patience >= 0):
+            raise ValueError(f"give_up_patience must be None or an integer >= 0, got {self.give_up_patience!r}")
         for name, low in (("max_iterations", 1), ("check_every", 1), ("warmup_iterations", 0), ("patience", 0)):
             value = getattr(self, name)
             if not (_is_int(value) and value >= low):
@@ -594,6 +601,8 @@ class FGVis:
                 goal = self._goal(spec, p_before, ref, target, x, fov)
                 p_start = p_before if m0 == 1.0 else self._probs(m0 * x + (1 - m0) * ref, target)
                 closest_p = p_start.clone()
+                closest_at_check = closest_p.clone()  # give_up_patience counts from it
+                since_closer = torch.zeros(B, dtype=torch.long, device=device)
                 # deletion / generation: m0 costs nothing (sparsity 0), so a sample whose goal already
                 # holds at m0 is done, and no later snapshot can beat it; it never enters the loop.
                 # (preservation / repression start at the most expensive mask and must optimise.)
@@ -676,6 +685,12 @@ class FGVis:
                         if snapshot is not None:
                             snapshot(t, active.cpu(), m_used.cpu(), p_now.cpu())
                         finished = reached[active] & (since_best[active] > s.patience)
+                        if s.give_up_patience is not None and t > 1:  # iteration 1 evaluates the start mask
+                            cp = closest_p[active]
+                            closer = cp < closest_at_check[active] if spec.removes_evidence else cp > closest_at_check[active]
+                            closest_at_check[active] = cp
+                            since_closer[active] = torch.where(closer, 0, since_closer[active] + 1)
+                            finished |= ~reached[active] & (since_closer[active] > s.give_up_patience)
                         active = active[~finished]
                     if progress is not None:
                         progress(t, len(active))
