@@ -23,7 +23,7 @@ def register(app: typer.Typer, evaluate_app: typer.Typer) -> None:
     @app.command("explain")
     def explain_cmd(
         images: List[Path] = typer.Argument(..., help="Fundus photographs (PNG/JPEG/TIFF/DICOM)."),
-        out: Path = typer.Option(..., "--out", help="Output folder."),
+        out: Path = typer.Option(..., "--out", "-o", help="Output folder (files of the same image are replaced)."),
         game: str = typer.Option("deletion", help="deletion | preservation | generation | repression"),
         defense: bool = typer.Option(True, "--defense/--no-defense", help="Eq. 6 gradient clipping."),
         weights: Optional[Path] = typer.Option(None, help="Classifier weights (default: shipped)."),
