@@ -50,8 +50,13 @@ def main() -> None:
     compile_defence_masks()  # one compiled kernel per defence mask on the CPU (compiled on first use)
     # the click that typer uses (typer >= 0.20 vendors its own copy as typer._click)
     click_errors = sys.modules[typer.BadParameter.__module__]
+    # "no arguments: here is the help" is a UsageError with an empty message (click >= 8.2)
+    no_args_help = getattr(click_errors, "NoArgsIsHelpError", ())
     try:
         code = app(standalone_mode=False)
+    except no_args_help as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
     except click_errors.UsageError as exc:
         # one line, the whole reason on it: rich's error box wraps long paths across lines (copying
         # the path and grepping logs break) and click's own form adds usage lines around it

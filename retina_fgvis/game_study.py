@@ -57,7 +57,7 @@ CANDIDATES: dict[str, dict[str, Any]] = {
     "sgdn-logodds-lr0.3-every-iteration": dict(optimizer="sgd_normalized", lr=0.3, similarity="log_odds",
                                                snapshots="every_iteration"),
     # take back steps that made the objective worse, halve the step (measured: stalls, see README)
-    # a missed game stops after 3 checks without a nearer-to-goal iterate (the default runs its budget)
+    # a missed game stops at the 4th check without a nearer-to-goal iterate (the default runs its budget)
     "sgdn-logodds-lr0.3-giveup3": dict(optimizer="sgd_normalized", lr=0.3, similarity="log_odds",
                                        give_up_patience=3),
     "sgdn-logodds-lr0.3-backtrack": dict(optimizer="sgd_normalized", lr=0.3, similarity="log_odds",

@@ -91,13 +91,18 @@ class InputItem:
     grouping: str = "file"  # "manifest" | "filename" | "file" ("dicom" decided after reading)
 
 
+def nfc(value: str) -> str:
+    """Unicode NFC form. Why: one name can be written with composed or decomposed accents ("José"
+    as é or as e + U+0301; macOS file systems and some PACS exports decompose, spreadsheets
+    compose). Byte-wise they differ, so one patient would become two (two folders, two report
+    sections) and a manifest typed in a spreadsheet would match no decomposed file name. File
+    names and paths go through this (not stripped: " scan.png" and "scan.png" are two files)."""
+    return unicodedata.normalize("NFC", value)
+
+
 def canonical_text(value: str) -> str:
-    """Unicode NFC form, stripped. Why: one name can be written with composed or decomposed
-    accents ("José" as é or as e + U+0301; macOS file systems and some PACS exports decompose,
-    spreadsheets compose). Byte-wise they differ, so one patient would become two (two folders,
-    two report sections) and a manifest typed in a spreadsheet would match no decomposed file
-    name. Patient IDs and the file names a manifest is matched against go through this."""
-    return unicodedata.normalize("NFC", value).strip()
+    """:func:`nfc`, stripped: a patient ID or a manifest cell (a spreadsheet's stray spaces)."""
+    return nfc(value).strip()
 
 
 def normalise_eye(value: Any) -> str | None:
@@ -278,29 +283,29 @@ def assign_groups(
     manifest keys that matched no input (for a warning)."""
     # names compared in NFC (canonical_text): a manifest typed in a spreadsheet must match a
     # file whose name a Mac wrote decomposed
-    manifest = {canonical_text(k): (canonical_text(p) if p else p, e) for k, (p, e) in (manifest or {}).items()}
+    manifest = {nfc(k): (canonical_text(p) if p else p, e) for k, (p, e) in (manifest or {}).items()}
     by_abs: dict[str, str] = {}
     by_name: dict[str, list[str]] = {}
     for key in manifest:
         kp = Path(key)
         if kp.is_absolute():
-            by_abs[canonical_text(str(kp.resolve()))] = key
+            by_abs[nfc(str(kp.resolve()))] = key
         else:
             for base in base_dirs:
-                by_abs.setdefault(canonical_text(str((Path(base) / kp).resolve())), key)
+                by_abs.setdefault(nfc(str((Path(base) / kp).resolve())), key)
         by_name.setdefault(kp.name, []).append(key)
     used: set[str] = set()
     out: list[InputItem] = []
     for it in items:
         key = None
-        file, path, name = canonical_text(it.file), canonical_text(str(it.path)), canonical_text(it.path.name)
+        file, path, name = nfc(it.file), nfc(str(it.path)), nfc(it.path.name)
         if file in manifest:
             key = file
         elif path in by_abs:
             key = by_abs[path]
         elif len(by_name.get(name, [])) == 1 and "/" not in by_name[name][0]:
             key = by_name[name][0]
-        name_patient, name_eye = group_from_name(file, folder=canonical_text(it.path.parent.name))
+        name_patient, name_eye = group_from_name(file, folder=nfc(it.path.parent.name))
         if key is not None and manifest[key][0]:
             used.add(key)
             patient, eye = manifest[key]
@@ -313,8 +318,11 @@ def assign_groups(
     # one patient per file: two files that differ only in their suffix (scan01.png, scan01.jpg)
     # are two patients, so they keep their suffix rather than merge into one
     stems = Counter(it.patient for it in out if it.grouping == "file")
-    out = [_replace(it, patient=canonical_text(it.file)) if it.grouping == "file" and stems[it.patient] > 1 else it
+    out = [_replace(it, patient=nfc(it.file)) if it.grouping == "file" and stems[it.patient] > 1 else it
            for it in out]
+    # two files whose names differ only in their Unicode form (possible on Linux) stay two as well
+    names = Counter(it.patient for it in out if it.grouping == "file")
+    out = [_replace(it, patient=it.file) if it.grouping == "file" and names[it.patient] > 1 else it for it in out]
     unmatched = sorted(set(manifest) - used)
     return out, unmatched
 
@@ -625,7 +633,12 @@ class Screener:
         the header, so an eye that differs is not a change there)."""
         patient = item.patient or item.file
         same_patient = (rec.patient, rec.grouping) == (patient, item.grouping)
-        if rec.grouping == "dicom" or (same_patient and (item.is_dicom or rec.eye == item.eye)):
+        if rec.grouping == "dicom":
+            # a header's ID, as an earlier version stored it: compared in NFC since session 16
+            canonical = canonical_text(rec.patient)
+            changed, rec.patient = canonical != rec.patient, canonical
+            return self._renamed(rec, regrouped=changed)
+        if same_patient and (item.is_dicom or rec.eye == item.eye):
             return self._renamed(rec, regrouped=False)
         if item.is_dicom:
             return None

@@ -97,3 +97,27 @@ def test_the_package_lists_its_lazy_api_and_names_missing_attributes() -> None:
     assert callable(retina_fgvis.load_classifier)
     with pytest.raises(AttributeError, match="module 'retina_fgvis' has no attribute 'nope'"):
         retina_fgvis.nope  # noqa: B018
+
+
+def test_no_arguments_prints_the_help_without_an_error_line() -> None:
+    """Typer's "no arguments: help" is a UsageError with an empty message; the one-line error rule
+    printed "Error:  (see ...)" under the help."""
+    for args in ([], ["evaluate"]):
+        proc = subprocess.run([sys.executable, "-c", "from retina_fgvis.cli import main; main()", *args],
+                              capture_output=True, text=True, timeout=120)
+        assert "Usage" in proc.stdout + proc.stderr and "Error" not in proc.stdout + proc.stderr, args
+
+
+def test_iteration_options_take_both_spellings_and_state_the_engines_default() -> None:
+    import re
+
+    import typer.main
+
+    from retina_fgvis.cli import app
+    from retina_fgvis.fgvis.games import FGVisSettings
+
+    commands = typer.main.get_command(app).commands
+    for name in ("screen", "explain"):
+        (option,) = [p for p in commands[name].params if p.name == "iterations"]
+        assert {"--iterations", "--max-iterations"} <= set(option.opts)
+        assert re.search(r"default: the engine's, (\d+)", option.help).group(1) == str(FGVisSettings().max_iterations)

@@ -134,7 +134,7 @@ def test_predict_fails_only_the_row_of_an_image_the_model_cannot_take(tmp_path: 
 
     def prepare(self, rgb):
         if rgb.shape[0] == 91:
-            raise RuntimeError("simulated failure in the model")
+            raise RuntimeError("simulated failure in the model\nsecond line of a torch message")
         return real_prepare(self, rgb)
 
     monkeypatch.setattr(model_module.Classifier, "prepare", prepare)
@@ -143,3 +143,37 @@ def test_predict_fails_only_the_row_of_an_image_the_model_cannot_take(tmp_path: 
     assert "good.png\tp(referable)=" in res.output
     (line,) = [x for x in res.output.splitlines() if x.startswith("error:")]
     assert "odd.png" in line and "simulated failure" in line
+    assert "second line" not in res.output  # one line per failed image
+
+
+def test_predict_lets_a_programming_error_through(tmp_path: Path, monkeypatch) -> None:
+    from retina_fgvis.classifier import model as model_module
+
+    weights = tmp_path / "m.pt"
+    save_checkpoint(build_model("tiny"), META, weights)
+    _fundus(tmp_path / "eye.png")
+
+    def prepare(self, rgb):
+        raise NotImplementedError("a bug, not a bad image")
+
+    monkeypatch.setattr(model_module.Classifier, "prepare", prepare)
+    res = CliRunner().invoke(app, ["predict", str(tmp_path / "eye.png"), "--weights", str(weights)])
+    assert isinstance(res.exception, NotImplementedError)
+
+
+def test_the_blank_rule_refuses_a_uniform_frame_and_keeps_a_dark_photograph() -> None:
+    from retina_fgvis.fundus.intake import ImageRejected, check_fundus_pixels
+
+    for value in (0, 128, 255):
+        frame = np.full((90, 120, 3), value, np.uint8)
+        frame[::7, ::5] += np.uint8(4 if value < 250 else 0)  # sensor noise stays "nearly one value"
+        try:
+            check_fundus_pixels(frame)
+        except ImageRejected as err:
+            assert "blank image" in str(err)
+        else:
+            raise AssertionError(f"uniform frame {value} accepted")
+    dark = np.zeros((90, 120, 3), np.uint8)
+    yy, xx = np.mgrid[:90, :120]
+    dark[(yy - 45) ** 2 + (xx - 60) ** 2 <= 35 ** 2] = (30, 14, 6)  # underexposed, but a colour disc
+    check_fundus_pixels(dark)

@@ -183,6 +183,41 @@ def test_a_dicom_patient_id_is_compared_in_nfc(tmp_path):
     assert len({r.patient_dir for r in recs}) == 1
 
 
+def test_names_that_differ_in_spaces_or_only_in_unicode_form_stay_two_patients(tmp_path):
+    """File names are compared in NFC but not stripped: " scan.png" and "scan.png" are two
+    photographs, and so are two names that differ only in their Unicode form (Linux keeps both)."""
+    import unicodedata
+
+    src = tmp_path / "in"
+    names = [" scan.png", "scan.png", unicodedata.normalize("NFC", "Zoë.png"), unicodedata.normalize("NFD", "Zoë.png")]
+    for k, name in enumerate(names):
+        write_png(src / name, fundus_rgb(k + 1))
+    grouped, _ = S.assign_groups(S.discover_inputs([src])[0])
+    assert len({it.patient for it in grouped}) == 4
+
+
+def test_resume_puts_an_earlier_versions_decomposed_dicom_patient_with_its_other_images(tmp_path):
+    """A record of an earlier version kept a DICOM's decomposed patient ID; a resume compares it in
+    NFC, as this version reads the header, so the patient is one report section and one folder."""
+    import unicodedata
+
+    composed, decomposed = unicodedata.normalize("NFC", "Zoë"), unicodedata.normalize("NFD", "Zoë")
+    src = tmp_path / "in"
+    write_dicom(src / "IM0001", fundus_rgb(1), patient_id=composed, eye="left", compression=None)
+    write_png(src / f"{composed}_right.png", fundus_rgb(2))
+    out = tmp_path / "out"
+    assert _screen([src], out) == 0
+    old = S.read_record(out, "IM0001")
+    old.patient, old.patient_dir = decomposed, "p-from-an-earlier-version"
+    S.write_record(out, old)
+    ex = FakeExplainer()
+    assert _screen([src], out, explainer=ex, resume=True) == 0
+    assert ex.images == 0
+    records = [S.read_record(out, f) for f in ("IM0001", f"{composed}_right.png")]
+    assert {r.patient for r in records} == {composed} and len({r.patient_dir for r in records}) == 1
+    assert all((out / r.overlay).is_file() for r in records)
+
+
 def test_manifest_errors_are_usage_errors(tmp_path):
     make_folder(tmp_path / "in", 1)
     bad = tmp_path / "bad.csv"

@@ -161,13 +161,16 @@ def register(app: typer.Typer, evaluate_app: typer.Typer) -> None:
                 failed += 1
                 rows.append({"file": str(path), "p_referable": None, "decision": "", "error": str(exc)})
                 typer.echo(f"error: {exc}", err=True)
+            except (NotImplementedError, RecursionError):
+                raise  # programming errors (RuntimeError subclasses): a traceback, not an error row
             except (ImageRejected, NoFundusError, OSError, ValueError, RuntimeError) as exc:
                 # as explain: a file the readers let through but the preparation or the model
                 # cannot take (torch's errors are RuntimeErrors) fails its row, not the run
                 failed += 1
-                rows.append({"file": str(path), "p_referable": None, "decision": "",
-                             "error": f"{path}: {exc}"})
-                typer.echo(f"error: {path}: {exc}", err=True)
+                reason = (str(exc).splitlines() or [type(exc).__name__])[0]  # torch's are multi-line
+                line = reason if str(path) in reason else f"{path}: {reason}"
+                rows.append({"file": str(path), "p_referable": None, "decision": "", "error": line})
+                typer.echo(f"error: {line}", err=True)
         unverified = "" if clf.verified else f"; not verified: no {clf.path.name}.sha256 beside it"
         typer.echo(f"threshold {clf.threshold:.4f} (weights {clf.path.name}, sha256 {clf.sha256[:12]}{unverified}). "
                    f"{RESEARCH}")

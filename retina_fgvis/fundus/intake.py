@@ -1,7 +1,7 @@
 """Reading one fundus photograph for the classifier, with the checks every command shares.
 
 Why one place: ``screen``, ``explain`` and ``predict`` must refuse the same inputs for the same
-reasons, in one line each -- a grey-scale or red-free photograph, a thumbnail, a decompression
+reasons, in one line each -- a blank frame, a grey-scale or red-free photograph, a thumbnail, a decompression
 bomb, a FIFO or a broken link -- rather than each command handing the classifier whatever its
 reader could decode (a 40-px thumbnail gets a confident p and an "explanation" of nothing).
 """
@@ -115,7 +115,7 @@ def read_fundus_file(path: str | Path, *, is_dicom: bool | None = None,
 
 def check_fundus_pixels(rgb: np.ndarray, *, max_pixels: int = DEFAULT_MAX_PIXELS, min_side: int = 0) -> None:
     """Refuse decoded pixels the classifier must not judge: a thumbnail, an image over the size
-    limit (for formats whose header did not say), a grey-scale or red-free photograph. Separate
+    limit (for formats whose header did not say), a blank frame, a grey-scale or red-free photograph. Separate
     from reading so that a caller can keep what the file says (a DICOM's patient and eye, the
     size) for the error row of a refused image."""
     if min(rgb.shape[:2]) < min_side:
@@ -124,7 +124,7 @@ def check_fundus_pixels(rgb: np.ndarray, *, max_pixels: int = DEFAULT_MAX_PIXELS
     if rgb.shape[0] * rgb.shape[1] > max_pixels:
         raise ImageRejected(f"image too large ({rgb.shape[1]}x{rgb.shape[0]})")
     if int(rgb.max()) - int(rgb.min()) <= 10:
-        raise ImageRejected("blank image (all pixels the same dark or light value): no photograph in it")
+        raise ImageRejected("blank image (all pixels nearly the same value): no photograph in it")
     if is_greyscale(rgb):
         raise ImageRejected("grey-scale image (all colour channels equal): a colour fundus photograph is needed")
 

@@ -2,7 +2,7 @@
 does it save? (session 16)
 
 Runs the defended deletion game (engine default) with the whole budget and with
-``give_up_patience=3`` (stop after 3 checks, 30 iterations, without a nearer-to-goal iterate) on
+``give_up_patience=3`` (stop at the 4th check, 40 iterations, without a nearer-to-goal iterate) on
 the DiaretDB1 training images that missed their goal in the recorded 28-image game study
 (`evaluation/game-study/per_image.csv`), one image at a time, and prints per image: iterations,
 seconds, p after, goal reached, enrichment, top-1 % precision, the largest difference of the two
