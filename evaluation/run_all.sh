@@ -20,7 +20,7 @@
 #                                                  summed over its 40 results (run.json seconds_in_results; the committed
 #                                                  results were computed in sessions 8 and 14 and reused)
 #   defence, ImageNet sample                       defense/imagenet/                               103.4 s (run.json)
-#   defence, RDR, 8 eyes                           defense/rdr/                                    538.2 s = 9.0 min (run.json)
+#   defence, RDR, 32 eyes                          defense/rdr/                                    1886.8 s = 31.4 min (run.json)
 #   screening of the bundled samples               samples/ (README "Screening the bundled samples")  87 s (run.json)
 #   only with RDR60=1: faithfulness, RDR, 60 eyes  faithfulness/rdr-cpu-shipped-60/                hours: its run.json sums
 #                                                  32710.5 s = 9.1 h of compute over 480 results (sessions 6-9 and 14, partly
@@ -91,8 +91,8 @@ retina-fgvis evaluate faithfulness --model imagenet \
 step "defence, ImageNet sample (record: evaluation/defense/imagenet/run.json's command)"
 retina-fgvis evaluate defense --model imagenet --device auto --batch-size 4 --examples 4 --out "$R/defense-imagenet"
 
-step "defence, RDR, 8 eyes (record: evaluation/defense/rdr/run.json's command)"
-retina-fgvis evaluate defense --model rdr --limit 8 --data-root "$DATA" --device auto --batch-size 4 \
+step "defence, RDR, 32 eyes (record: evaluation/defense/rdr/run.json's command)"
+retina-fgvis evaluate defense --model rdr --limit 32 --data-root "$DATA" --device cpu --batch-size 4 \
     --max-p-referable 0.05 --examples 4 --out "$R/defense-rdr"
 
 if [ "${RDR60:-0}" = 1 ]; then
