@@ -54,18 +54,14 @@ def main() -> None:
     no_args_help = getattr(click_errors, "NoArgsIsHelpError", ())
     try:
         code = app(standalone_mode=False)
-    except no_args_help as exc:
-        exc.show()
-        sys.exit(exc.exit_code)
-    except click_errors.UsageError as exc:
-        # one line, the whole reason on it: rich's error box wraps long paths across lines (copying
-        # the path and grepping logs break) and click's own form adds usage lines around it
-        ctx = exc.ctx
-        hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
-        typer.echo(f"Error: {exc.format_message()}{hint}", err=True)
-        sys.exit(exc.exit_code)
     except click_errors.ClickException as exc:
-        exc.show()
+        if isinstance(exc, click_errors.UsageError) and not isinstance(exc, no_args_help):
+            # one line, the whole reason on it: rich's error box wraps long paths across lines
+            # (copying the path and grepping logs break) and click's own form adds usage lines
+            hint = f" (see '{exc.ctx.command_path} --help')" if exc.ctx is not None else ""
+            typer.echo(f"Error: {exc.format_message()}{hint}", err=True)
+        else:
+            exc.show()
         sys.exit(exc.exit_code)
     except typer.Abort:
         typer.echo("Aborted!", err=True)

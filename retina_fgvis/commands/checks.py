@@ -42,6 +42,13 @@ def fail(message: str) -> NoReturn:
     raise typer.Exit(2)
 
 
+def image_error_line(path: Path, exc: BaseException) -> str:
+    """One line for an image a command could not take: the reason's first line (torch's messages
+    run over several), prefixed with the file unless the reason already names it."""
+    reason = (str(exc).splitlines() or [type(exc).__name__])[0]
+    return reason if str(path) in reason else f"{path}: {reason}"
+
+
 def output_folder(path: Path, option: str = "--out") -> Path:
     """A folder the command may create or write into: not an existing file, and no existing file
     on the way to it."""

@@ -134,7 +134,7 @@ def register(app: typer.Typer, evaluate_app: typer.Typer) -> None:
         import pandas as pd
 
         from retina_fgvis.classifier.model import WeightsError, load_classifier
-        from retina_fgvis.commands.checks import output_file, resolve_device
+        from retina_fgvis.commands.checks import image_error_line, output_file, resolve_device
         from retina_fgvis.fundus.intake import ImageRejected, min_side_for, read_checked_fundus
         from retina_fgvis.fundus.io import FundusReadError
         from retina_fgvis.fundus.preprocess import NoFundusError
@@ -157,18 +157,13 @@ def register(app: typer.Typer, evaluate_app: typer.Typer) -> None:
                              "decision": "referable" if p >= clf.threshold else "non-referable",
                              "error": ""})
                 typer.echo(f"{path}\tp(referable)={p:.4f}\t{rows[-1]['decision']}")
-            except FundusReadError as exc:
-                failed += 1
-                rows.append({"file": str(path), "p_referable": None, "decision": "", "error": str(exc)})
-                typer.echo(f"error: {exc}", err=True)
             except (NotImplementedError, RecursionError):
                 raise  # programming errors (RuntimeError subclasses): a traceback, not an error row
-            except (ImageRejected, NoFundusError, OSError, ValueError, RuntimeError) as exc:
+            except (FundusReadError, ImageRejected, NoFundusError, OSError, ValueError, RuntimeError) as exc:
                 # as explain: a file the readers let through but the preparation or the model
                 # cannot take (torch's errors are RuntimeErrors) fails its row, not the run
                 failed += 1
-                reason = (str(exc).splitlines() or [type(exc).__name__])[0]  # torch's are multi-line
-                line = reason if str(path) in reason else f"{path}: {reason}"
+                line = image_error_line(path, exc)
                 rows.append({"file": str(path), "p_referable": None, "decision": "", "error": line})
                 typer.echo(f"error: {line}", err=True)
         unverified = "" if clf.verified else f"; not verified: no {clf.path.name}.sha256 beside it"

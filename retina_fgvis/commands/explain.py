@@ -14,7 +14,7 @@ from typing import List, Optional
 
 import typer
 
-from retina_fgvis.commands.checks import output_folder, resolve_device
+from retina_fgvis.commands.checks import image_error_line, output_folder, resolve_device
 
 GAME_CHOICES = ("deletion", "preservation", "generation", "repression")
 
@@ -69,8 +69,7 @@ def register(app: typer.Typer, evaluate_app: typer.Typer) -> None:
                 prepared = clf.prepare(fundus.rgb)
             except (FundusReadError, ImageRejected, NoFundusError, OSError, ValueError) as err:
                 failures += 1
-                msg = str(err) if str(path) in str(err) else f"{path}: {err}"
-                typer.echo(f"error: {msg}", err=True)
+                typer.echo(f"error: {image_error_line(path, err)}", err=True)
                 continue
             start = time.perf_counter()
             try:
