@@ -243,10 +243,10 @@ def load_manifest(path: str | Path) -> dict[str, tuple[str | None, str | None]]:
         )
     out: dict[str, tuple[str | None, str | None]] = {}
     for _, row in df.iterrows():
-        key = canonical_text(str(row["file"]))
+        key = str(row["file"]).strip()  # NFC in assign_groups, which every manifest goes through
         if not key:
             continue
-        patient = canonical_text(str(row["patient"])) or None
+        patient = str(row["patient"]).strip() or None
         eye = normalise_eye(row["eye"]) if "eye" in df.columns else None
         out[key] = (patient, eye)
     return out
@@ -686,10 +686,9 @@ class Screener:
         try:
             fundus = read_fundus_file(item.path, is_dicom=item.is_dicom, max_pixels=self.settings.max_pixels)
             if item.is_dicom:
-                patient_id = canonical_text(fundus.patient_id or "")
-                if patient_id:
-                    rec.patient = patient_id
-                    rec.patient_dir = patient_dir_name(patient_id, self.naming_key)
+                if fundus.patient_id:  # in NFC from the reader (fundus.dicom)
+                    rec.patient = fundus.patient_id
+                    rec.patient_dir = patient_dir_name(fundus.patient_id, self.naming_key)
                     rec.grouping = "dicom"
                 if fundus.eye:
                     rec.eye = fundus.eye
@@ -1056,16 +1055,24 @@ def forget_records(out: str | Path, record_files: Iterable[Path]) -> int:
     return n
 
 
-def remove_unnamed_overlays(out: str | Path) -> int:
+def remove_unnamed_overlays(out: str | Path, records: Sequence[ImageRecord] | None = None,
+                            other_record_files: Iterable[Path] = ()) -> int:
     """Delete overlays under ``OUT/patients`` that no record in ``OUT/records`` names (and
     patient folders left empty); returns how many went.
 
     Why: an image redone on ``--resume`` (new settings, a changed file) gets its overlay under
     today's name, and the earlier one -- possibly named by an earlier version's reversible plain
     hash -- would stay beside it for ever; an interrupted move leaves one too. Records of inputs
-    no longer given still name theirs, so those are kept (``--forget-missing`` removes them)."""
+    no longer given still name theirs, so those are kept (``--forget-missing`` removes them).
+
+    ``records``: the run's records, already read (:func:`collect_records`), with the record files
+    of the other inputs (:func:`records_of_other_inputs`): only those are read again. None reads
+    every record file."""
     out = Path(out)
-    named = {_record_overlay(path) for path in records_dir(out).glob("*.json")}
+    if records is None:
+        named = {_record_overlay(path) for path in records_dir(out).glob("*.json")}
+    else:
+        named = {r.overlay for r in records} | {_record_overlay(path) for path in other_record_files}
     n = 0
     for folder in sorted((out / "patients").glob("*")):
         if not folder.is_dir():

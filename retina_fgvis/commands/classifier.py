@@ -202,7 +202,7 @@ def register(app: typer.Typer, evaluate_app: typer.Typer) -> None:
         from retina_fgvis.classifier.data import build_split, load_labels, split_mismatch
         from retina_fgvis.classifier.metrics import summarise
         from retina_fgvis.classifier.model import WeightsError, load_classifier
-        from retina_fgvis.commands.checks import output_folder, resolve_device
+        from retina_fgvis.commands.checks import fail, output_folder, resolve_device
         from retina_fgvis.fundus.io import FundusReadError, read_fundus
         from retina_fgvis.fundus.preprocess import NoFundusError
 
@@ -237,8 +237,7 @@ def register(app: typer.Typer, evaluate_app: typer.Typer) -> None:
                         < int(meta["max_images_per_source"])].reset_index(drop=True)
             mismatch = split_mismatch(df, meta)
             if mismatch:
-                typer.echo(f"error: {mismatch}", err=True)
-                raise typer.Exit(2)
+                fail(mismatch)
             parts.append(df[df["val"]])
         if external or overrides:
             for name, folder in overrides.items():

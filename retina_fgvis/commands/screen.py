@@ -240,7 +240,7 @@ def run_screen(
             err.print(f"[yellow]warning[/] {len(others)} earlier image record(s) in {escape(str(out / 'records'))} "
                       "belong to files no longer among the inputs: they are in no table or report of this "
                       "run but are kept, with their overlays; --resume --forget-missing deletes them")
-        unnamed = S.remove_unnamed_overlays(out)
+        unnamed = S.remove_unnamed_overlays(out, records, others)  # forgotten ones read as naming none
         if unnamed:
             err.print(f"removed {unnamed} overlay(s) that no record names (replaced on this run, or left by an "
                       "earlier version or an interrupted run)")

@@ -340,6 +340,8 @@ class FGVis:
         Why: torch's own errors (``Input type (double) and bias type (float) should be the
         same``) do not say what to pass, and a NaN/inf pixel runs every iteration and returns NaN.
         """
+        if x.dim() != 4:
+            raise ValueError(f"inputs must be (B, C, H, W), got shape {tuple(x.shape)}")
         if not x.is_floating_point():
             raise ValueError(f"inputs must be a floating-point tensor, normalised as the model expects, got "
                              f"{x.dtype} (a uint8 image must be prepared first, e.g. Classifier.prepare)")
@@ -515,8 +517,6 @@ class FGVis:
         of by an arbitrary rule. One forward and one backward pass.
         """
         x = inputs.detach()
-        if x.dim() != 4:
-            raise ValueError(f"inputs must be (B, C, H, W), got shape {tuple(x.shape)}")
         self._check_inputs(x)
         target = _target_tensor(target, x.shape[0], x.device)
         ref = self._reference_for(x, reference)
@@ -553,8 +553,6 @@ class FGVis:
         """
         if game not in GAMES:
             raise ValueError(f"unknown game '{game}' (choose from {', '.join(GAMES)})")
-        if inputs.dim() != 4:
-            raise ValueError(f"inputs must be (B, C, H, W), got shape {tuple(inputs.shape)}")
         spec, s = GAMES[game], self.settings
         x = inputs.detach()
         self._check_inputs(x)
@@ -689,7 +687,7 @@ class FGVis:
                         finished = reached[active] & (since_best[active] > s.patience)
                         if s.give_up_patience is not None and t > 1:  # iteration 1 evaluates the start mask
                             cp = closest_p[active]
-                            closer = cp < closest_at_check[active] if spec.removes_evidence else cp > closest_at_check[active]
+                            closer = cp != closest_at_check[active]  # _track_closest only moves it nearer
                             closest_at_check[active] = cp
                             since_closer[active] = torch.where(closer, 0, since_closer[active] + 1)
                             finished |= ~reached[active] & (since_closer[active] > s.give_up_patience)

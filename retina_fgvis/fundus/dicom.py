@@ -103,7 +103,11 @@ def _study_date(ds) -> str | None:
 
 
 def _patient_id(ds) -> str | None:
-    value = str(ds.get("PatientID", "") or "").strip()
+    """The header's PatientID in Unicode NFC (as screening compares IDs: a decomposed "Zoë" from
+    one PACS and a composed one from a manifest are one patient), None when empty."""
+    import unicodedata
+
+    value = unicodedata.normalize("NFC", str(ds.get("PatientID", "") or "")).strip()
     return value or None
 
 

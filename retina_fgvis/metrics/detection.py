@@ -34,6 +34,7 @@ fraction against false-positive regions per image, one point per region threshol
 """
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
@@ -210,8 +211,8 @@ def _lesion_types(scores: Sequence[ImageScore], lesion_types: Sequence[str] | No
 def _all_lesions(scores: Sequence[ImageScore]) -> pd.DataFrame:
     """Every image's GT-lesion rows in one table. The tables join hits to images by name, so
     names must be unique and non-empty: two unnamed images would share their hits."""
-    names = [s.image for s in scores]
-    dup = next((n for n in names if not n or names.count(n) > 1), None)
+    counts = Counter(s.image for s in scores)
+    dup = next((n for n, k in counts.items() if not n or k > 1), None)
     if dup is not None:
         raise ValueError(f"image names must be unique and non-empty to score images together; got {dup!r} "
                          f"{'twice' if dup else '(empty)'}")

@@ -285,18 +285,16 @@ def _eye_card(rec: Any, out: Path, threshold: float, embed: bool, pin: bool = Tr
     src = _img_src(out, rec.overlay, embed) if rec.overlay else None
     if src is None:
         img = '<div class="err">Overlay image missing.</div>'
-    elif embed:
-        img = f'<img src="{src}"{_img_size(out / rec.overlay)} alt="overlay for {_e(label)}">'
     else:
-        img = (f'<a href="{src}" title="open full size"><img src="{src}"{_img_size(out / rec.overlay)} '
-               f'loading="lazy" alt="overlay for {_e(label)}"></a>')
+        tag = f'<img src="{src}"{_img_size(out / rec.overlay)}'
+        img = (f'{tag} alt="overlay for {_e(label)}">' if embed else
+               f'<a href="{src}" title="open full size">{tag} loading="lazy" alt="overlay for {_e(label)}"></a>')
     date = f'<div class="file">study date {_e(rec.study_date)}</div>' if rec.study_date else ""
     note = ""
-    if getattr(rec, "explained", None) is False:
+    if not explained:
         note = ('<p class="note">No explanation computed: p(referable) is already below the '
                 "referral threshold, so no evidence has to be removed.</p>")
     elif getattr(rec, "goal_reached", None) is False:
-        after = getattr(rec, "target_prob_after", None)
         note = ('<p class="note warn">The explanation did not reach its goal'
                 + (f" in {int(rec.iterations)} iterations" if rec.iterations else "")
                 + (f" (p(referable) still {_pct(after, threshold)})" if after is not None else "")
@@ -324,8 +322,9 @@ def render_report(records: Sequence[Any], run_info: dict[str, Any], out: str | P
     n_ok = sum(r.status == "ok" for r in records)
     n_ref = sum(1 for r in records if r.status == "ok" and r.referable)
     n_err = n_img - n_ok
-    n_ref_pat = sum(1 for _, recs in groups if any(r.status == "ok" and r.referable for r in recs))
-    n_manual = sum(1 for _, recs in groups if patient_status(recs) in ("incomplete", None))
+    status = {pid: patient_status(recs) for pid, recs in groups}
+    n_ref_pat = sum(1 for flag in status.values() if flag is True)
+    n_manual = sum(1 for flag in status.values() if flag in ("incomplete", None))
 
     parts: list[str] = []
     parts.append(
@@ -380,7 +379,7 @@ def render_report(records: Sequence[Any], run_info: dict[str, Any], out: str | P
         ok = [r for r in recs if r.status == "ok"]
         ps = [float(r.p_referable) for r in ok if r.p_referable is not None]
         best = max(ps) if ps else None
-        flag = patient_status(recs)
+        flag = status[pid]
         eyes = " · ".join(
             f"{'R' if r.eye == 'right' else 'L' if r.eye == 'left' else '?'} "
             + ((_pct(r.p_referable, threshold) + (" referable" if r.referable else "")) if r.status == "ok"
@@ -407,7 +406,7 @@ def render_report(records: Sequence[Any], run_info: dict[str, Any], out: str | P
     # patients
     for pid, recs in groups:
         anchor = recs[0].patient_dir
-        flag = patient_status(recs)
+        flag = status[pid]
         dates = sorted({r.study_date for r in recs if r.study_date})
         meta = f"{len(recs)} image{'s' if len(recs) != 1 else ''}"
         if dates:
