@@ -188,6 +188,18 @@ def _plain(obj: Any) -> Any:
     return str(obj)
 
 
+def stored_state(model: nn.Module, half: bool = True) -> dict[str, torch.Tensor]:
+    """The state dict as :func:`save_checkpoint` stores it: on the CPU, floating tensors in fp16
+    when ``half``. One rule for the file and for training's threshold (``train.as_saved``)."""
+    state = {}
+    for k, v in model.state_dict().items():
+        v = v.detach().cpu()
+        if half and v.is_floating_point():
+            v = v.half()
+        state[k] = v.contiguous().clone()
+    return state
+
+
 def save_checkpoint(model: nn.Module, metadata: dict, path: str | Path, half: bool = True) -> str:
     """Write ``path`` (atomically) and ``path.sha256``; return the sha256 hex digest.
 
@@ -200,12 +212,7 @@ def save_checkpoint(model: nn.Module, metadata: dict, path: str | Path, half: bo
     missing = [k for k in REQUIRED_METADATA if k not in metadata]
     if missing:
         raise ValueError(f"checkpoint metadata lacks {missing}")
-    state = {}
-    for k, v in model.state_dict().items():
-        v = v.detach().cpu()
-        if half and v.is_floating_point():
-            v = v.half()
-        state[k] = v.contiguous().clone()
+    state = stored_state(model, half)
     meta = _plain(dict(metadata))
     meta.setdefault("class_names", CLASS_NAMES)
     meta.setdefault("num_classes", len(meta["class_names"]))

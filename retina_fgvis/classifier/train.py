@@ -33,7 +33,7 @@ from torch import nn
 from retina_fgvis.classifier.data import (AugmentSettings, CachedFundusDataset, build_cache,
                                           build_split, label_fingerprint, split_fingerprint)
 from retina_fgvis.classifier.metrics import pick_threshold, roc_auc
-from retina_fgvis.classifier.model import (CLASS_NAMES, build_model, default_normalisation,
+from retina_fgvis.classifier.model import (CLASS_NAMES, build_model, default_normalisation, stored_state,
                                            save_checkpoint)
 
 
@@ -185,10 +185,7 @@ def as_saved(model: nn.Module) -> nn.Module:
     import copy
 
     rounded = copy.deepcopy(model)
-    with torch.no_grad():
-        for t in rounded.state_dict().values():
-            if t.is_floating_point():
-                t.copy_(t.half().to(t.dtype))
+    rounded.load_state_dict(stored_state(model))  # fp16 values copied back into the model's dtype
     return rounded
 
 
