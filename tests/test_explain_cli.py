@@ -177,3 +177,21 @@ def test_the_blank_rule_refuses_a_uniform_frame_and_keeps_a_dark_photograph() ->
     yy, xx = np.mgrid[:90, :120]
     dark[(yy - 45) ** 2 + (xx - 60) ** 2 <= 35 ** 2] = (30, 14, 6)  # underexposed, but a colour disc
     check_fundus_pixels(dark)
+
+
+def test_explain_refuses_a_damaged_naming_key_before_loading_the_weights(tmp_path: Path, monkeypatch) -> None:
+    """Like `screen`: a damaged key is a usage error, reported before the classifier is loaded."""
+    import retina_fgvis.classifier.model as model
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the classifier was loaded before the naming key was checked")
+
+    monkeypatch.setattr(model, "load_classifier", no_load)
+    image = tmp_path / "eye.png"
+    _fundus(image)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / ".naming-key").write_text("not a key\n")
+    res = CliRunner().invoke(app, ["explain", str(image), "--out", str(out)])
+    assert res.exit_code == 2, res.output
+    assert "not a naming key" in res.output and ".naming-key" in res.output

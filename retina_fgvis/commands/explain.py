@@ -48,19 +48,14 @@ def register(app: typer.Typer, evaluate_app: typer.Typer) -> None:
             raise typer.BadParameter(f"--game must be one of {', '.join(GAME_CHOICES)}")
         dev = resolve_device(device)
         output_folder(out)
-        try:
+        try:  # a damaged key is a usage error: say so before the weights take seconds to load
+            key = naming_key(out)
             clf = load_classifier(weights, device=dev)
-        except WeightsError as err:
+        except (NamingKeyError, WeightsError) as err:
             typer.echo(f"error: {err}", err=True)
             raise typer.Exit(2) from None
         fgvis = fundus_fgvis(clf, defense=defense, max_iterations=iterations,
                              **({} if prune else {"prune_levels": ()}))
-        out.mkdir(parents=True, exist_ok=True)
-        try:
-            key = naming_key(out)
-        except NamingKeyError as err:
-            typer.echo(f"error: {err}", err=True)
-            raise typer.Exit(2) from None
         failures = 0
         for path in images:
             name = f"image-{keyed_hex(key, str(path))[:12]}"
