@@ -21,7 +21,7 @@
 #                                                  results were computed in sessions 8 and 14 and reused)
 #   defence, ImageNet sample                       defense/imagenet/                               103.4 s (run.json)
 #   defence, RDR, 32 eyes                          defense/rdr/                                    1886.8 s = 31.4 min (run.json)
-#   screening of the bundled samples               samples/ (README "Screening the bundled samples")  87 s (run.json)
+#   screening of the bundled samples               samples/ (README "Screening the bundled samples")  114 s (run.json)
 #   only with RDR60=1: faithfulness, RDR, 60 eyes  faithfulness/rdr-cpu-shipped-60/                hours: its run.json sums
 #                                                  32710.5 s = 9.1 h of compute over 480 results (sessions 6-9 and 14, partly
 #                                                  on a shared CPU); ~4.4 h estimated: 60 eyes x (~4.1 min for the seven

@@ -171,9 +171,9 @@ def use_compiled_masks(enabled: bool = True) -> None:
 
     Why: the eager mask makes four passes over every activation and was what remained of the
     defence's cost on a CPU (~75 ms of a 716-ms batch-4 iteration); Inductor fuses it into one
-    loop, 2.4x faster per activation (`evaluation/bench/probes/compiled_mask.py`). The values are
+    loop, 2.3x faster per activation (`evaluation/bench/probes/compiled_mask.py`). The values are
     the same 0/1 (comparisons are exact). Costs a C++ compile at the first defended call (~18 s
-    cold, ~3 s with Inductor's on-disk cache), so the CLI turns it on and the library leaves it
+    cold, 3.6 s with Inductor's on-disk cache), so the CLI turns it on and the library leaves it
     off. Without a working compiler it warns once and falls back to the eager mask.
     """
     global _compiled_mask
