@@ -2,7 +2,8 @@
 # The README's checks on the bundled samples beside the screening record (evaluation/samples/):
 #   1. the SYNB game's p at each check (explain's JSON, prob_trajectory);
 #   2. `screen --iterations 20`: the same results.csv and lesions.csv as the 200-iteration record?
-#   3. `screen --no-prune`: how many regions and how much of the FOV without pruning.
+#   3. `screen --no-prune`: how many regions and how much of the FOV without pruning;
+#   4. where the regions lie relative to the lesions drawn into the phantom (drawn_lesions.py).
 # Usage, from the repository root (~5 min on a 2-core CPU):
 #   bash evaluation/samples/checks.sh [OUT]      # OUT: scratch folder (default: a new temporary one)
 # The log and the small files it quotes land in OUT/checks/; the committed copy is
@@ -59,4 +60,6 @@ for label, folder in (("no pruning", sys.argv[1]), ("record (pruned)", sys.argv[
         print(f"{label}: {row.file}: {int(row.n_regions)} regions ({int(row.n_red)} red, {int(row.n_bright)} bright), "
               f"{float(row.flagged_area_pct):.3f} % of the FOV, p after {float(row.p_referable_after):.3f}")
 EOF
+# 4. where the regions lie relative to the drawn lesions (the phantom is generated: known exactly)
+python evaluation/samples/drawn_lesions.py "$REC/lesions.csv" "$OUT/checks/no-prune-lesions.csv" | tee -a "$LOG"
 say "done: $OUT"
