@@ -22,6 +22,7 @@
 #   defence, ImageNet sample                       defense/imagenet/                               103.4 s (run.json)
 #   defence, RDR, 32 eyes                          defense/rdr/                                    1886.8 s = 31.4 min (run.json)
 #   screening of the bundled samples               samples/ (README "Screening the bundled samples")  114 s (run.json)
+#   checks on the samples (explain, 20 its, no prune) samples/checks/checks.log                  ~12 min under load (checks.log)
 #   only with RDR60=1: faithfulness, RDR, 60 eyes  faithfulness/rdr-cpu-shipped-60/                hours: its run.json sums
 #                                                  32710.5 s = 9.1 h of compute over 480 results (sessions 6-9 and 14, partly
 #                                                  on a shared CPU); ~4.4 h estimated: 60 eyes x (~4.1 min for the seven
@@ -82,6 +83,9 @@ retina-fgvis evaluate classifier --weights weights/rdr-effnet-lite0.pt \
 step "screening of the bundled samples (record: evaluation/samples/)"
 mkdir -p "$R/samples" && cp evaluation/samples/.naming-key "$R/samples/"   # the record's folder names
 retina-fgvis screen data/samples --out "$R/samples" --device cpu || echo "screen exited with status $? (see its failed lines)"
+
+step "checks on the bundled samples (record: evaluation/samples/checks/checks.log)"
+bash evaluation/samples/checks.sh "$R/samples-checks"
 
 step "faithfulness, ImageNet sample (record: evaluation/faithfulness/imagenet/run.json's command)"
 retina-fgvis evaluate faithfulness --model imagenet \
