@@ -6,6 +6,8 @@ independent.
 """
 from __future__ import annotations
 
+import errno
+
 import typer
 
 app = typer.Typer(
@@ -35,10 +37,15 @@ def user_error_line(exc: BaseException) -> str | None:
 
     if isinstance(exc, (WeightsError, DiaretDB1Error, FundusReadError, NamingKeyError)):
         return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-    if isinstance(exc, (FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError, PermissionError)):
+    if isinstance(exc, (FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError, PermissionError)) or (
+            isinstance(exc, OSError) and exc.errno in _STORAGE_ERRNOS):
         where = exc.filename if exc.filename is not None else ""
         return f"{where}: {exc.strerror}" if where and exc.strerror else str(exc).splitlines()[0]
     return None
+
+
+#: storage the user must fix: a read-only mount, a full disk, an exhausted quota
+_STORAGE_ERRNOS = frozenset({errno.EROFS, errno.ENOSPC, errno.EDQUOT})
 
 
 def main() -> None:

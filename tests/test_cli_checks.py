@@ -121,3 +121,26 @@ def test_iteration_options_take_both_spellings_and_state_the_engines_default() -
         (option,) = [p for p in commands[name].params if p.name == "iterations"]
         assert {"--iterations", "--max-iterations"} <= set(option.opts)
         assert re.search(r"default: the engine's, (\d+)", option.help).group(1) == str(FGVisSettings().max_iterations)
+
+
+def test_a_failed_atomic_write_names_the_file_asked_for_not_the_temporary_one(tmp_path, monkeypatch) -> None:
+    """A full disk during an atomic write: the error names the target (the hidden temporary
+    file's name meant nothing), the temporary file is gone, and the CLI makes it one line."""
+    import errno
+    import os
+
+    from retina_fgvis.report import files
+
+    def disk_full(fd: int, data: bytes) -> None:
+        os.close(fd)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(files, "_write_fsynced", disk_full)
+    target = tmp_path / "metrics.json"
+    with pytest.raises(OSError) as info:
+        files.atomic_write_text(target, "{}")
+    assert info.value.errno == errno.ENOSPC and info.value.filename == str(target)
+    assert list(tmp_path.iterdir()) == []  # no temporary file left behind
+    assert user_error_line(info.value) == f"{target}: No space left on device"
+    assert user_error_line(OSError(errno.EROFS, "Read-only file system", "/mnt/x")) == "/mnt/x: Read-only file system"
+    assert user_error_line(OSError(errno.EIO, "Input/output error", "/mnt/x")) is None  # hardware: keep the traceback

@@ -80,3 +80,58 @@ def test_bench_weights_that_are_not_a_checkpoint_are_one_line(tmp_path) -> None:
 def test_explain_iteration_cap_below_one_is_refused(tmp_path, wide_errors) -> None:
     r = CliRunner().invoke(app, ["explain", str(SAMPLE), "--out", str(tmp_path / "o"), "--iterations", "0"])
     assert r.exit_code == 2 and "Invalid value for '--iterations'" in r.output
+
+
+@pytest.fixture()
+def write_protected(tmp_path, monkeypatch):
+    """A folder in which no file can be created. Root ignores permission bits, so the creation
+    test is made to fail there the way a read-only mount or an immutable folder fails it."""
+    import tempfile
+
+    folder = tmp_path / "protected"
+    folder.mkdir()
+    real = tempfile.TemporaryFile
+
+    def refuse(*args, dir=None, **kwargs):
+        if dir is not None and Path(dir) == folder:
+            raise PermissionError(13, "Permission denied", str(folder))
+        return real(*args, dir=dir, **kwargs)
+
+    monkeypatch.setattr(tempfile, "TemporaryFile", refuse)
+    return folder
+
+
+@pytest.mark.parametrize("command", ["evaluate diaretdb1", "evaluate game-study", "evaluate faithfulness",
+                                     "evaluate defense", "explain", "bench"])
+def test_a_write_protected_out_is_refused_before_any_work(tmp_path, wide_errors, write_protected, command) -> None:
+    """Before: the whole benchmark or evaluation ran, then writing its results failed, naming a
+    hidden temporary file."""
+    args = _commands(tmp_path, write_protected / "results")[command]
+    r = CliRunner().invoke(app, [*args, "--device", "cpu"])
+    assert r.exit_code == 2, r.output
+    assert f"Invalid value for --out: {write_protected}: not writable (Permission denied)" in r.output
+    assert "Hardware:" not in r.output  # bench: nothing was measured first
+    assert not (write_protected / "results").exists()
+
+
+def test_a_truly_read_only_folder_is_refused(tmp_path) -> None:
+    """The same check on the real file system (permission bits; root bypasses them: skipped)."""
+    import os
+
+    import typer
+
+    from retina_fgvis.commands.checks import output_file, output_folder
+
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    folder.chmod(0o555)
+    try:
+        if os.access(folder, os.W_OK):
+            pytest.skip("running as root: permission bits do not stop writes")
+        with pytest.raises(typer.BadParameter, match="not writable"):
+            output_folder(folder / "out")
+        with pytest.raises(typer.BadParameter, match="not writable"):
+            output_file(folder / "bench.md")
+    finally:
+        folder.chmod(0o755)
+    output_folder(folder / "out")  # writable again: accepted

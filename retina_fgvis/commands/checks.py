@@ -7,6 +7,7 @@ naming the option) so every command fails the same way, at once.
 """
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 from typing import NoReturn
 
@@ -50,13 +51,27 @@ def image_error_line(path: Path, exc: BaseException) -> str:
 
 
 def output_folder(path: Path, option: str = "--out") -> Path:
-    """A folder the command may create or write into: not an existing file, and no existing file
-    on the way to it."""
+    """A folder the command may create or write into: not an existing file, no existing file on
+    the way to it, and writable where it exists (or, where it does not yet, its nearest existing
+    parent): a write-protected ``--out`` used to surface only when the results were written,
+    after the whole benchmark, evaluation or training had run."""
     path = Path(path)
     for p in (path, *path.parents):
         if p.exists() and not p.is_dir():
             raise typer.BadParameter(f"{p}: exists and is not a folder", param_hint=option)
+    _check_writable(next(p for p in (path, *path.parents) if p.exists()), option)
     return path
+
+
+def _check_writable(folder: Path, option: str) -> None:
+    """Create (and drop) an unnamed file in ``folder``: the one test that also holds for root, for
+    read-only mounts and for immutable folders, where permission bits (``os.access``) say yes."""
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        raise typer.BadParameter(f"{folder}: not writable ({reason})", param_hint=option) from None
 
 
 def output_file(path: Path, option: str = "--out") -> Path:

@@ -177,20 +177,27 @@ def record_name(file_key: str) -> str:
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
-    """Write ``data`` to ``path`` atomically (temp file in the same folder + os.replace)."""
+    """Write ``data`` to ``path`` atomically (temp file in the same folder + os.replace).
+
+    A failure (no permission, disk full, read-only mount) is raised naming ``path``: the hidden
+    temporary file's name means nothing to the user."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = None
     try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         _write_fsynced(fd, data)
         os.chmod(tmp, FILE_MODE)
         os.replace(tmp, path)
         _fsync_folder(path.parent)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
+    except BaseException as exc:
+        if tmp is not None:
+            try:
+                os.unlink(tmp)
+            except FileNotFoundError:
+                pass
+        if isinstance(exc, OSError) and exc.errno is not None:
+            raise type(exc)(exc.errno, exc.strerror, str(path)) from exc
         raise
     return path
 
