@@ -304,8 +304,13 @@ def test_a_non_checkpoint_file_gets_a_short_readable_reason(tmp_path: Path) -> N
     text.write_text("notackpt\n")
     with pytest.raises(WeightsError) as e:
         load_classifier(text)
-    assert str(e.value) == (f"{text}: not a retina-fgvis checkpoint (torch.load could not read it: "
-                            f"Unsupported operand 110)")
+    # before: "(torch.load could not read it: Unsupported operand 110)", the pickle opcode of 'n'
+    assert str(e.value) == f"{text}: not a retina-fgvis checkpoint (not a file written by torch.save)"
+    cut = tmp_path / "cut.pt"  # a torch.save archive cut short: torch.load's own reason
+    torch.save({"state_dict": {}}, cut)
+    cut.write_bytes(cut.read_bytes()[:64])
+    with pytest.raises(WeightsError, match=r"cut.pt: not a retina-fgvis checkpoint \(torch.load could not read it: "):
+        load_classifier(cut)
     empty = tmp_path / "empty.pt"
     empty.write_bytes(b"")
     with pytest.raises(WeightsError, match=r"empty.pt: not a retina-fgvis checkpoint \(empty file\)$"):
@@ -360,3 +365,78 @@ def test_init_from_a_checkpoint_of_another_split_is_refused(tmp_path: Path, trai
     assert r.exit_code == 0, r.output
     r = _invoke(base + ["--out", str(tmp_path / "o3.pt"), "--checkpoint-dir", str(tmp_path / "ck3")])
     assert r.exit_code == 0, r.output  # same split: accepted
+
+
+# --------------------------------------------------------------------------- 11. found by the session-17 audit
+
+
+def test_an_unknown_architecture_is_refused_before_the_cache_is_built(tmp_path: Path) -> None:
+    """Before: the whole image cache (hours on a full data set) was built first."""
+    data = _source(tmp_path, "srcA", n_patients=2)
+    ck = tmp_path / "ck"
+    r = _invoke(["train", "--data", str(data), "--val-fraction", "0.5", "--out", str(tmp_path / "o.pt"),
+                 "--checkpoint-dir", str(ck), "--arch", "bogusnet", "--stages", "64:1:3e-3", "--threads", "1"])
+    assert r.exit_code == 2 and "unknown architecture 'bogusnet'" in r.output
+    assert "cache:" not in r.output
+    assert not (ck / "cache").exists() or not any((ck / "cache").iterdir())
+
+
+def test_stages_that_are_not_numbers_are_one_line_naming_the_stage(tmp_path: Path) -> None:
+    data = _source(tmp_path, "srcS", n_patients=2)
+    r = _invoke(["train", "--data", str(data), "--out", str(tmp_path / "o.pt"), "--arch", "tiny",
+                 "--stages", "abc:1:1e-3"])
+    assert r.exit_code == 2, r.output
+    assert "stage 'abc:1:1e-3' is not size:epochs:lr" in _flat(r.output)
+    assert "invalid literal" not in r.output
+
+
+def test_a_damaged_resume_checkpoint_is_named(tmp_path: Path) -> None:
+    data = _source(tmp_path, "srcR", n_patients=2)
+    ck = tmp_path / "ck"
+    ck.mkdir()
+    (ck / "resume.ckpt").write_text("garbage\n")
+    r = _invoke(["train", "--data", str(data), "--val-fraction", "0.5", "--out", str(tmp_path / "o.pt"),
+                 "--checkpoint-dir", str(ck), *TINY])
+    assert r.exit_code == 2, r.output
+    last = r.output.strip().splitlines()[-1]
+    assert last.startswith(f"error: {ck / 'resume.ckpt'}: not a readable resume checkpoint (")
+    assert last.endswith("delete it to start this training anew")
+    assert not (tmp_path / "o.pt").exists()
+
+
+def test_a_missing_init_from_gets_no_hint_about_the_default_weights(tmp_path: Path, monkeypatch) -> None:
+    data = _source(tmp_path, "srcI", n_patients=2)
+    r = _invoke(["train", "--data", str(data), "--val-fraction", "0.5", "--out", str(tmp_path / "o.pt"),
+                 "--init-from", str(tmp_path / "nope.pt"), *TINY])
+    assert r.exit_code == 2
+    assert f"{tmp_path / 'nope.pt'}: weights file not found" in r.output and "RETINA_FGVIS_WEIGHTS" not in r.output
+    monkeypatch.setenv("RETINA_FGVIS_WEIGHTS", str(tmp_path / "missing-default.pt"))
+    with pytest.raises(WeightsError, match="set RETINA_FGVIS_WEIGHTS"):  # the default's hint stays
+        load_classifier()
+
+
+def test_a_file_given_as_data_folder_is_called_not_a_folder(tmp_path: Path) -> None:
+    afile = tmp_path / "afile.txt"
+    afile.write_text("x")
+    r = _invoke(["train", "--data", str(afile), "--out", str(tmp_path / "o.pt"), *TINY])
+    assert r.exit_code == 2
+    assert r.output.strip().splitlines()[-1] == f"error: {afile}: not a folder (a data folder holds labels.csv and the images)"
+
+
+def test_evaluate_names_each_image_without_a_field_of_view(tmp_path: Path, trained) -> None:
+    """Before: only a count ("2 image(s) without a detectable FOV were skipped"), and error cells
+    without the file."""
+    weights, _ = trained
+    ext = _source(tmp_path, "extF", n_patients=2, seed=3)
+    black = ext / "black.png"
+    Image.fromarray(np.zeros((72, 72, 3), np.uint8)).save(black)
+    with open(ext / "labels.csv", "a") as fh:
+        fh.write("black.png,0,98\n")
+    out = tmp_path / "ev"
+    r = _invoke(["evaluate", "classifier", "--weights", str(weights), "--data", str(ext), "--external",
+                 "--n-boot", "5", "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    warnings = [ln for ln in r.output.splitlines() if ln.startswith("warning:")]
+    assert len(warnings) == 1 and warnings[0].startswith(f"warning: {black}: ") and warnings[0].endswith("(skipped)")
+    pred = pd.read_csv(out / "predictions.csv")
+    assert pred.loc[pred["file"] == "black.png", "error"].iloc[0].startswith(f"{black}: ")

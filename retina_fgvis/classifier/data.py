@@ -38,6 +38,8 @@ def load_labels(folder: str | Path) -> pd.DataFrame:
     ``--data`` folders is wrong, nor where.
     """
     folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"{folder}: not a folder (a data folder holds labels.csv and the images)")
     csv = folder / "labels.csv"
     if not csv.is_file():
         raise FileNotFoundError(f"{csv}: labels.csv not found (expected columns file,rdr,patient)")

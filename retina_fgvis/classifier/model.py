@@ -323,12 +323,13 @@ def load_classifier(path: str | Path | None = None, device: str = "cpu",
     pipeline for one size get a clear error instead of silently wrong predictions).
     Every problem raises a one-line :class:`WeightsError`.
     """
+    chosen = path is not None  # a named file: the default's hint (train one, the variable) does not apply
     if path is None:
         path = os.environ.get("RETINA_FGVIS_WEIGHTS") or DEFAULT_WEIGHTS
     p = Path(path)
     if not p.exists():
-        raise WeightsError(p, "weights file not found (train one with `retina-fgvis train` or set "
-                              "RETINA_FGVIS_WEIGHTS)")
+        raise WeightsError(p, "weights file not found" + ("" if chosen else " (train one with `retina-fgvis "
+                                                                        "train` or set RETINA_FGVIS_WEIGHTS)"))
     if not p.is_file():
         raise WeightsError(p, "is a folder, not a weights file" if p.is_dir() else "not a regular file")
     digest = sha256_file(p)
@@ -340,6 +341,10 @@ def load_classifier(path: str | Path | None = None, device: str = "cpu",
                                   f"{expected[:12]}…): the file is corrupt or was replaced")
     if p.stat().st_size == 0:
         raise WeightsError(p, "not a retina-fgvis checkpoint (empty file)")
+    with open(p, "rb") as f:
+        head = f.read(4)
+    if not (head == b"PK\x03\x04" or head[:1] == b"\x80"):  # torch.save's zip archive, or its legacy pickle
+        raise WeightsError(p, "not a retina-fgvis checkpoint (not a file written by torch.save)")
     try:
         ckpt = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001

@@ -49,9 +49,13 @@ def parse_stages(text: str) -> list[Stage]:
     out = []
     for part in text.split(","):
         bits = part.strip().split(":")
-        if len(bits) != 3:
-            raise ValueError(f"stage '{part}' is not size:epochs:lr")
-        out.append(Stage(int(bits[0]), int(bits[1]), float(bits[2])))
+        try:
+            if len(bits) != 3:
+                raise ValueError
+            out.append(Stage(int(bits[0]), int(bits[1]), float(bits[2])))
+        except ValueError:
+            raise ValueError(f"stage '{part}' is not size:epochs:lr (integer px : integer epochs : "
+                             "learning rate, e.g. 384:2:5e-4)") from None
     if not out or any(s.epochs < 1 or s.size < 16 or s.lr <= 0 for s in out):
         raise ValueError(f"invalid stages '{text}'")
     return out
@@ -245,6 +249,8 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print,
             f"({va['patient'].nunique()} patients, {int(va['rdr'].sum())} referable)")
     assert not (set(df.loc[df["val"], "patient"]) & set(df.loc[~df["val"], "patient"]))
 
+    # the architecture is checked (and the model built) before the cache, which can take hours
+    model = build_model(cfg.arch, num_classes=2, pretrained=cfg.pretrained).to(device)
     cache_size = max(s.size for s in stages)
     t0 = time.time()
     cache = build_cache(df["path"].tolist(), cache_size, cfg.resolved_cache_dir(),
@@ -259,7 +265,6 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print,
     weights = torch.from_numpy(sample_weights(df_tr))
     labels = df["rdr"].to_numpy()
 
-    model = build_model(cfg.arch, num_classes=2, pretrained=cfg.pretrained).to(device)
     prior: dict | None = None
     if start is not None:
         model.load_state_dict(start.model.state_dict())
@@ -283,7 +288,12 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print,
     sched = None
     resume_path = ckpt_dir / "resume.ckpt"
     if resume_path.exists():
-        state = torch.load(resume_path, map_location="cpu", weights_only=False)
+        try:
+            state = torch.load(resume_path, map_location="cpu", weights_only=False)
+        except Exception as exc:  # noqa: BLE001 - any unreadable file: one line naming it
+            reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:120]
+            raise ValueError(f"{resume_path}: not a readable resume checkpoint ({reason}); delete it to "
+                             "start this training anew") from None
         if state.get("config_key") == _config_key(cfg):
             model.load_state_dict(state["model"])
             opt.load_state_dict(state["optimizer"])

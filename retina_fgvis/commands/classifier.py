@@ -202,7 +202,7 @@ def register(app: typer.Typer, evaluate_app: typer.Typer) -> None:
         from retina_fgvis.classifier.data import build_split, load_labels, split_mismatch
         from retina_fgvis.classifier.metrics import summarise
         from retina_fgvis.classifier.model import WeightsError, load_classifier
-        from retina_fgvis.commands.checks import fail, output_folder, resolve_device
+        from retina_fgvis.commands.checks import fail, image_error_line, output_folder, resolve_device
         from retina_fgvis.fundus.io import FundusReadError, read_fundus
         from retina_fgvis.fundus.preprocess import NoFundusError
 
@@ -268,8 +268,9 @@ def register(app: typer.Typer, evaluate_app: typer.Typer) -> None:
             try:
                 batch.append(clf.prepare(read_fundus(path).rgb).tensor)
                 where.append(i)
-            except NoFundusError as exc:
-                errors[i] = str(exc)
+            except NoFundusError as exc:  # named like an unreadable file: which of 1000 images is it?
+                errors[i] = image_error_line(Path(path), exc)
+                typer.echo(f"warning: {errors[i]} (skipped)", err=True)
             except FundusReadError as exc:  # "<file>: <reason>"
                 errors[i] = str(exc)
                 unreadable[i] = True
