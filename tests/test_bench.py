@@ -37,3 +37,45 @@ def test_flagged_iou():
     assert flagged_iou(b, b) == 1.0
     assert np.isclose(flagged_iou(b, c), 1 / 3)
     assert flagged_iou(b, a) == 0.0
+
+
+def _tiny_weights(tmp_path):
+    from retina_fgvis.classifier.model import build_model, save_checkpoint
+
+    weights = tmp_path / "tiny.pt"
+    save_checkpoint(build_model("tiny"), {"arch": "tiny", "input_size": 64, "mean": [0.5] * 3, "std": [0.5] * 3,
+                                          "class_names": ["non-referable", "referable"], "threshold": 0.5}, weights)
+    return weights
+
+
+def test_bench_finds_the_bundled_samples_from_any_folder(tmp_path, monkeypatch):
+    """Before: the default `data/samples` was looked up in the current folder, so run elsewhere
+    the throughput line was silently missing and the table's last rows were printed twice."""
+    from typer.testing import CliRunner
+
+    from retina_fgvis.cli import app
+
+    weights = _tiny_weights(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    r = CliRunner().invoke(app, ["bench", "--device", "cpu", "--batch", "1", "--repeats", "1", "--weights", str(weights),
+                                 "--out", "bench.md"])
+    assert r.exit_code == 0, r.output
+    assert "Full defended deletion game, default settings, 3 images in one batch" in r.output
+    assert sum(line.startswith("| 1 |") for line in r.output.splitlines()) == 1  # the row printed once
+    assert "Full defended deletion game, default settings, 3 images" in (tmp_path / "bench.md").read_text()
+
+
+def test_bench_says_when_no_image_was_usable_and_names_each_once(tmp_path):
+    from typer.testing import CliRunner
+
+    from retina_fgvis.cli import app
+
+    weights = _tiny_weights(tmp_path)
+    missing = tmp_path / "nope.png"
+    r = CliRunner().invoke(app, ["bench", "--device", "cpu", "--batch", "1", "--repeats", "1", "--weights", str(weights),
+                                 "--images", str(missing)])
+    assert r.exit_code == 0, r.output
+    skip = [line for line in r.output.splitlines() if line.startswith("skip ")]
+    assert len(skip) == 1 and skip[0].count(str(missing)) == 1  # was "skip nope.png: nope.png: file not found"
+    assert "Full defended deletion game: not run, no readable image among the 1 given." in r.output
+    assert sum(line.startswith("| 1 |") for line in r.output.splitlines()) == 1

@@ -7,7 +7,7 @@ from typing import List, Optional
 
 import typer
 
-from retina_fgvis.commands.checks import output_file, resolve_device
+from retina_fgvis.commands.checks import image_error_line, output_file, resolve_device
 
 
 def register(app: typer.Typer, evaluate_app: typer.Typer) -> None:
@@ -35,6 +35,7 @@ def register(app: typer.Typer, evaluate_app: typer.Typer) -> None:
         from retina_fgvis.fgvis.defense import compiled_masks_enabled
         from retina_fgvis.runtime import allocator_mode
         from retina_fgvis.report.files import atomic_write_text
+        from retina_fgvis.samples import DEFAULT_DIR as SAMPLES_DIR
 
         # checked before anything runs: a benchmark takes minutes, and its table used to be lost
         # to an --out in the way only when it was written
@@ -67,16 +68,21 @@ def register(app: typer.Typer, evaluate_app: typer.Typer) -> None:
                     f"{row.ratio_game:.3f} | {row.ratio_defended:.3f} | {row.defended_ms / b:.1f} |")
             typer.echo(line)
             lines.append(line)
-        # full defended deletion game at the default settings on real photos
+        # full defended deletion game at the default settings on real photos (the bundled samples
+        # are found from the package, not from the folder the command is run in)
         paths = list(throughput_images) or sorted(
-            p for p in Path("data/samples").glob("*") if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".dcm"))
+            p for p in SAMPLES_DIR.glob("*") if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".dcm"))
         prepared = []
         for p in paths:
             try:
                 prepared.append(clf.prepare(read_fundus(p).rgb))
             except Exception as err:  # noqa: BLE001 - a benchmark skips unreadable inputs
-                typer.echo(f"skip {p}: {err}")
-        if prepared:
+                typer.echo(f"skip {image_error_line(p, err)}")
+        tail = len(lines)  # what is printed after the table
+        if not prepared:
+            lines += ["", f"Full defended deletion game: not run, no readable image among the {len(paths)} given"
+                          f"{'' if throughput_images else f' (default: {SAMPLES_DIR})'}."]
+        else:
             x, fov = stack_prepared(prepared, dev)
             fgvis = fundus_fgvis(clf, autocast=autocast, channels_last=nhwc)
             start = time.perf_counter()
@@ -91,7 +97,7 @@ def register(app: typer.Typer, evaluate_app: typer.Typer) -> None:
                 f"{float(result.iterations.float().mean()):.1f}; goal reached {int(result.goal_reached.sum())}/{len(prepared)}",
             ]
         lines.append(f"Peak memory: {peak_memory_mb(dev):.0f} MiB ({'CUDA allocated' if dev.type == 'cuda' else 'process max RSS'})")
-        for line in lines[-3:]:
+        for line in lines[tail:]:
             typer.echo(line)
         if out is not None:
             atomic_write_text(out, "\n".join(lines) + "\n")
