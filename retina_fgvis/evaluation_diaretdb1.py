@@ -31,7 +31,9 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 import pandas as pd
 
-from retina_fgvis.datasets.diaretdb1 import LESION_KIND, LESION_TYPES, DiaretDB1
+from retina_fgvis.datasets.diaretdb1 import (
+    LESION_KIND, LESION_TYPES, DiaretDB1, DiaretDB1Error, DiaretDB1Image, DiaretDB1ImageError,
+)
 from retina_fgvis.report.files import atomic_write_bytes, atomic_write_text
 from retina_fgvis.report.tables import NOTICE_LINE
 from retina_fgvis.lesions import RegionSettings, find_regions, label_regions, regions_table
@@ -44,7 +46,7 @@ from retina_fgvis.metrics.image_roc import image_roc_table
 
 __all__ = [
     "RESEARCH_ONLY", "CSV_NOTICE", "PAPER_TABLE3", "DEFAULT_FROC_THRESHOLDS", "Explanation",
-    "FGVisExplainer", "ImportanceCache", "EvalSettings", "EvalResult", "evaluate_diaretdb1",
+    "FGVisExplainer", "ImportanceCache", "EvalSettings", "EvalResult", "SkippedImage", "evaluate_diaretdb1",
     "threshold_sweep", "suggest_threshold",
     "write_outputs", "read_csv",
 ]
@@ -232,6 +234,23 @@ class EvalSettings:
 
 
 @dataclass
+class SkippedImage:
+    """An image of the split that could not be used (its photograph or a ground-truth map).
+
+    Why kept: a skipped image is left out of every number, so the tables and summary.md must
+    say which ones are missing, or a sensitivity over 27 images reads as one over 28.
+    """
+
+    image: str    # "image003"
+    file: str     # the unusable file, relative to the data set's resources folder when inside it
+    reason: str   # in words, e.g. "cannot read image: image file is truncated"
+
+    def line(self, full_path: str | None = None) -> str:
+        """The one console line: ``skipped <path>: <reason>`` (as `evaluate faithfulness` says)."""
+        return f"skipped {full_path or self.file}: {self.reason}"
+
+
+@dataclass
 class EvalResult:
     sensitivity: pd.DataFrame
     lesion_level: pd.DataFrame
@@ -245,22 +264,40 @@ class EvalResult:
     seconds_game: float
     n_cached: int
     files: list[Path] = field(default_factory=list)
+    skipped: list[SkippedImage] = field(default_factory=list)
 
 
 def _as_explanation(out: Explanation | np.ndarray) -> Explanation:
     return out if isinstance(out, Explanation) else Explanation(importance=np.asarray(out, dtype=np.float32))
 
 
+def _load_or_skip(dataset: DiaretDB1, fname: str) -> DiaretDB1Image | SkippedImage:
+    """The image, or why it cannot be used: one unreadable file must not stop a run of hours
+    (an unusable FOV mask concerns every image and still raises)."""
+    try:
+        return dataset.load(fname)
+    except DiaretDB1ImageError as exc:
+        try:
+            shown = str(Path(exc.path).relative_to(dataset.resources))
+        except ValueError:
+            shown = exc.path
+        return SkippedImage(image=Path(fname).stem, file=shown, reason=exc.reason)
+
+
 def evaluate_diaretdb1(dataset: DiaretDB1, explainer: Explainer | None, out_dir: str | Path,
                        identity: Mapping[str, Any] | None = None,
                        settings: EvalSettings | None = None, limit: int | None = None,
                        progress: Callable[[int, int, str], None] | None = None,
-                       meta: Mapping[str, Any] | None = None) -> EvalResult:
+                       meta: Mapping[str, Any] | None = None,
+                       on_skip: Callable[[str], None] | None = None) -> EvalResult:
     """Run (or re-use) explanations for the split, score them and write every output.
 
     ``identity`` keys the cache (defaults to ``explainer.identity``). ``explainer=None``
     re-scores from the cache only and fails on the first uncached image. ``progress(i, n,
     name)`` is called after each image. ``meta`` adds lines to summary.md (weights, split).
+    An image whose photograph or ground truth cannot be read is skipped: ``on_skip`` gets the
+    line ``skipped <path>: <reason>``, and per_image.csv (column ``skipped``) and summary.md
+    list it. When every image is skipped, :class:`DiaretDB1Error` is raised and nothing is written.
     """
     settings = settings or EvalSettings()
     out = Path(out_dir)
@@ -277,8 +314,17 @@ def evaluate_diaretdb1(dataset: DiaretDB1, explainer: Explainer | None, out_dir:
     scores: list[ImageScore] = []
     froc_scores: dict[float, list[ImageScore]] = {float(t): [] for t in settings.froc_thresholds}
     per_image_rows, region_frames = [], []
+    skipped: list[SkippedImage] = []
     for i, fname in enumerate(files, start=1):
-        img = dataset.load(fname)
+        img = _load_or_skip(dataset, fname)
+        if isinstance(img, SkippedImage):
+            skipped.append(img)
+            per_image_rows.append({"image": img.image, "skipped": f"{img.file}: {img.reason}"})
+            if on_skip is not None:
+                on_skip(img.line(str(dataset.resources / img.file)))
+            if progress is not None:
+                progress(i, len(files), img.image)
+            continue
         image_sha = _sha256_file(img.path)
         expl = cache.load(img.name, image_sha)
         cached = expl is not None
@@ -315,7 +361,7 @@ def evaluate_diaretdb1(dataset: DiaretDB1, explainer: Explainer | None, out_dir:
         agreement = lesion_scores(imp, gt_any, img.fov)
         red_ids = [r.id for r in regions if r.kind == "red"]
         bright_ids = [r.id for r in regions if r.kind == "bright"]
-        row = {"image": img.name, "cached": cached,
+        row = {"image": img.name, "skipped": "", "cached": cached,
                **{k: expl.info.get(k) for k in ("p_before", "p_after", "iterations", "goal_reached",
                                                 "changed_fraction", "prune_level", "game_seconds")},
                "n_regions": score.n_regions, "fp_regions": score.fp_regions,
@@ -345,15 +391,20 @@ def evaluate_diaretdb1(dataset: DiaretDB1, explainer: Explainer | None, out_dir:
         if progress is not None:
             progress(i, len(files), img.name)
 
+    if not scores:
+        raise DiaretDB1Error(dataset.image_dir, f"no usable images: all {len(files)} image(s) of split "
+                                                f"{dataset.split!r} were skipped (each reported above)")
     seconds_total = time.perf_counter() - t_start
     sens = image_sensitivity(scores, settings.overlaps, settings.modes, LESION_TYPES)
     ll = lesion_level(scores, settings.overlaps, settings.modes, LESION_TYPES)
     froc = froc_table(froc_scores, settings.overlaps, settings.modes, LESION_TYPES)
     per_image = pd.DataFrame(per_image_rows)
-    labels_df = pd.DataFrame({t: per_image[f"has_{t}"].astype(bool) for t in LESION_TYPES})
-    roc_plain = image_roc_table({t: per_image["flagged_fraction"].to_numpy() for t in LESION_TYPES},
+    per_image = per_image[[c for c in per_image.columns if c != "skipped"] + ["skipped"]]  # last, whatever came first
+    scored = per_image[per_image.skipped == ""].reset_index(drop=True)  # the ROC is over scored images only
+    labels_df = pd.DataFrame({t: scored[f"has_{t}"].astype(bool) for t in LESION_TYPES})
+    roc_plain = image_roc_table({t: scored["flagged_fraction"].to_numpy(dtype=float) for t in LESION_TYPES},
                                 labels_df, score_name="flagged_fraction")
-    typed = {t: per_image[f"{LESION_KIND[t]}_fraction"].to_numpy() for t in LESION_TYPES}
+    typed = {t: scored[f"{LESION_KIND[t]}_fraction"].to_numpy(dtype=float) for t in LESION_TYPES}
     roc_typed = image_roc_table(typed, labels_df, score_name="typed_fraction")
     roc = pd.concat([roc_plain, roc_typed], ignore_index=True)
     agree = type_agreement(scores, LESION_KIND)
@@ -361,8 +412,9 @@ def evaluate_diaretdb1(dataset: DiaretDB1, explainer: Explainer | None, out_dir:
 
     result = EvalResult(sensitivity=sens, lesion_level=ll, froc=froc, image_roc=roc,
                         type_agreement=agree, per_image=per_image, regions=regions_df, summary_md="",
-                        seconds_total=seconds_total, seconds_game=seconds_game, n_cached=n_cached)
-    result.summary_md = summary_markdown(result, settings, split=dataset.split, n_images=len(files),
+                        seconds_total=seconds_total, seconds_game=seconds_game, n_cached=n_cached,
+                        skipped=skipped)
+    result.summary_md = summary_markdown(result, settings, split=dataset.split, n_images=len(scores),
                                          identity=identity, meta=meta)
     result.files = write_outputs(result, out, settings)
     return result
@@ -424,7 +476,9 @@ def summary_markdown(res: EvalResult, settings: EvalSettings, split: str, n_imag
         f"**{RESEARCH_ONLY}.** Image-level sensitivity of lesion regions derived from the "
         "explanation of a referable-DR classifier; the classifier never saw a lesion label.",
         "",
-        f"- split: `{split}` ({n_images} image{'s' if n_images != 1 else ''})",
+        f"- split: `{split}` ({n_images} image{'s' if n_images != 1 else ''}"
+        + (f"; {len(res.skipped)} more skipped as unusable, listed under \"Skipped images\")"
+           if res.skipped else ")"),
     ]
     for k, v in (meta or {}).items():
         lines.append(f"- {k}: {v}")
@@ -512,12 +566,23 @@ def summary_markdown(res: EvalResult, settings: EvalSettings, split: str, n_imag
     lines += ["## Run time", "",
               f"- total {res.seconds_total:.1f} s for {n_images} image{'s' if n_images != 1 else ''}; FGVis games {res.seconds_game:.1f} s "
               f"({n_images - res.n_cached} run, {res.n_cached} from cache)",
-              "",
+              "", *_skipped_section(res.skipped),
               "Files: sensitivity.csv, lesion_level.csv, froc.csv (+ froc.png), image_roc.csv, "
               "per_image.csv, regions.csv, overlays/*.png (proposals filled: green = red guess, magenta = "
               "bright guess; GT outlines: H blue, HE yellow, SE white, RSD cyan).", "",
               f"*{RESEARCH_ONLY}.*", ""]
     return "\n".join(lines)
+
+
+def _skipped_section(skipped: Sequence[SkippedImage]) -> list[str]:
+    """summary.md lines naming each skipped image and why (none when nothing was skipped): the
+    numbers above leave these images out."""
+    if not skipped:
+        return []
+    return ["## Skipped images", "",
+            (f"{len(skipped)} image(s) could not be used and are left out of every number above "
+             "(per_image.csv lists them in its `skipped` column):"), "",
+            *[f"- {s.image}: `{s.file}`: {s.reason}" for s in skipped], ""]
 
 
 def froc_figure_png(froc: pd.DataFrame, mode: str, overlaps: Sequence[float]) -> bytes:

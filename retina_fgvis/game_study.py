@@ -16,6 +16,7 @@ Only the training split may be used to choose settings (the test split is the be
 """
 from __future__ import annotations
 
+import io
 import json
 import time
 from dataclasses import dataclass
@@ -64,6 +65,10 @@ CANDIDATES: dict[str, dict[str, Any]] = {
                                          step_control="backtrack"),
 }
 RECORDED = ["sgdn-logodds-lr0.3", "sgdn-logodds-lr0.1", "adam-prob-lr0.05"]  # first = engine default
+#: a per-image row's key: a re-run of the same key replaces the row, other rows of OUT stay
+KEY = ["setting", "defense", "image"]
+#: what made a row besides its key; rows that differ here are never merged into one table
+PROVENANCE = ["split", "weights_sha256", "max_iterations"]
 
 
 @dataclass
@@ -169,9 +174,72 @@ def run_setting(
     return rows, curve
 
 
+def is_skipped(rows: pd.DataFrame) -> pd.Series:
+    """Rows of images that could not be read (column ``skipped`` holds why; tables from before
+    that column have none)."""
+    if "skipped" not in rows.columns:
+        return pd.Series(False, index=rows.index)
+    return rows["skipped"].fillna("").astype(str) != ""
+
+
+def skipped_rows(setting: str, defense: bool, skipped: dict[str, str]) -> list[dict]:
+    """One row per skipped image (``skipped``: image name -> "file: reason") for one setting, so
+    that per_image.csv says which images a setting's numbers leave out."""
+    return [{"setting": setting, "defense": defense, "image": name, "skipped": why} for name, why in skipped.items()]
+
+
+def _key_text(rows: pd.DataFrame) -> pd.Series:
+    """Each row's (setting, defense, image) as one string (True read back from a CSV is "True" too)."""
+    return rows[KEY].astype(str).agg("\x1f".join, axis=1)
+
+
+def merge_rows(earlier: pd.DataFrame, new: pd.DataFrame, replaces: pd.DataFrame | None = None) -> pd.DataFrame:
+    """``earlier`` (rows of a study already in OUT) without the (setting, defense, image) keys of
+    ``replaces`` (default ``new``), followed by ``new``: a re-run replaces its own rows and keeps
+    every other one (before, each run overwrote per_image.csv with its rows alone). For the curves,
+    ``replaces`` is the new per-image rows: an image of a re-run may have no check at all."""
+    replaces = new if replaces is None else replaces
+    kept = earlier
+    if not earlier.empty and not replaces.empty:
+        kept = earlier[~_key_text(earlier).isin(set(_key_text(replaces)))]
+    frames = [f for f in (kept, new) if not f.empty]
+    merged = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+    if "skipped" in merged.columns:
+        merged = merged[[c for c in merged.columns if c != "skipped"] + ["skipped"]]
+    return merged
+
+
+def _provenance_text(value: Any) -> str:
+    """A provenance cell as text: empty for none, 5.0 read back from a CSV as 5."""
+    if value is None or value == "" or (isinstance(value, float) and np.isnan(value)):
+        return ""
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)
+
+
+def provenance_conflict(earlier: pd.DataFrame, provenance: dict[str, Any]) -> str | None:
+    """Why the rows of ``earlier`` must not be merged with rows made under ``provenance`` (another
+    classifier, split or iteration cap would be mixed into one summary line), or None."""
+    missing = [c for c in PROVENANCE if c not in earlier.columns]
+    if missing:
+        return "holds a study from before its rows recorded the classifier, split and iteration cap"
+    for column in PROVENANCE:
+        old = sorted({_provenance_text(v) for v in earlier[column]})
+        new = _provenance_text(provenance[column])
+        if old != [new]:
+            shown = ", ".join(v or "(none)" for v in old)
+            return f"holds rows made with another {column} ({shown}; this run: {new or '(none)'})"
+    return None
+
+
 def aggregate(rows: pd.DataFrame) -> pd.DataFrame:
-    """One line per (setting, defence): the numbers the acceptance criteria name."""
+    """One line per (setting, defence): the numbers the acceptance criteria name (skipped
+    images have no numbers and are left out)."""
     out = []
+    rows = rows[~is_skipped(rows)].copy()
+    for column in ("referable", "goal_reached"):  # object dtype when skipped rows left NaN beside them
+        rows[column] = rows[column].astype(bool)
     for (setting, defense), g in rows.groupby(["setting", "defense"], sort=False):
         ref = g[g.referable]
         out.append({
@@ -210,15 +278,33 @@ def plot_curves(curve: pd.DataFrame, setting: str, path: Path) -> None:
     ax.set_title(f"DiaretDB1 train, {setting}")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    buf = io.BytesIO()  # written whole or not at all: an interrupted run leaves no half PNG
+    fig.savefig(buf, format="png", dpi=120)
     plt.close(fig)
+    from retina_fgvis.report.files import atomic_write_bytes
+
+    atomic_write_bytes(path, buf.getvalue())
 
 
-def load_images(dataset: Any, limit: int | None = None) -> list[StudyImage]:
+def load_images(dataset: Any, limit: int | None = None,
+                on_skip: Callable[[str, Exception], None] | None = None) -> list[StudyImage]:
+    """The first ``limit`` files of the split (skipped ones count, so every run of a study means
+    the same images) as study images.
+
+    An image whose photograph or ground truth cannot be read (``DiaretDB1ImageError``) is passed
+    to ``on_skip(name, error)`` and left out; without ``on_skip`` it raises, as before (the probes).
+    """
+    from retina_fgvis.datasets.diaretdb1 import DiaretDB1ImageError
+
     images = []
-    for k, item in enumerate(dataset):
-        if limit is not None and k >= limit:
-            break
+    for fname in dataset.files[:limit]:
+        try:
+            item = dataset.load(fname)
+        except DiaretDB1ImageError as exc:
+            if on_skip is None:
+                raise
+            on_skip(Path(fname).stem, exc)
+            continue
         gt_any = np.zeros(item.fov.shape, bool)
         for mask in item.gt.values():
             gt_any |= mask

@@ -86,3 +86,28 @@ def test_real_training_split_counts():
     assert counts == {"HE": 18, "SE": 6, "RSD": 19, "H": 21}
     im = ds[0]
     assert im.rgb.shape == (1152, 1500, 3) and im.fov.shape == (1152, 1500)
+
+
+def test_unreadable_files_say_why_and_only_the_fov_mask_is_fatal(tmp_path):
+    """An unreadable image or GT map was `cannot read image (OSError)` (a class name, no reason) and
+    looked like any other DiaretDB1Error, so a run stopped; now it is a per-image error in words,
+    while a damaged FOV mask (every image needs it) stays a plain, fatal DiaretDB1Error."""
+    from retina_fgvis.datasets.diaretdb1 import DiaretDB1ImageError
+
+    root = _layout(tmp_path)
+    res = root / "diaretdb1_v_1_1" / "resources" / "images"
+    image = res / "ddb1_fundusimages" / "image001.png"
+    image.write_bytes(image.read_bytes()[:200])          # truncated PNG
+    (res / "ddb1_groundtruth" / "hardexudates" / "image002.png").write_text("not a png")
+    ds = DiaretDB1(root, "train")
+    with pytest.raises(DiaretDB1ImageError) as err:
+        ds.load("image001")
+    assert str(err.value) == f"{image}: cannot read image: image file is truncated"
+    with pytest.raises(DiaretDB1ImageError, match=r"hardexudates/image002.png: cannot read ground-truth map: "
+                                                  r"not an image file PIL can decode"):
+        ds.load("image002")
+    assert ds.load("image003").name == "image003"
+    (res / "ddb1_fundusmask" / "fmask.tif").write_text("not a tiff")
+    with pytest.raises(DiaretDB1Error, match="fmask.tif: cannot read FOV mask: not an image file") as err:
+        DiaretDB1(root, "train").load("image003")
+    assert not isinstance(err.value, DiaretDB1ImageError)

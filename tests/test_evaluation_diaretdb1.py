@@ -224,3 +224,64 @@ def _diaretdb1_app():
     app.add_typer(ev, name="evaluate")
     cmd.register(app, ev)
     return app
+
+
+def _break_files(dataset):
+    """image002's photograph truncated, image003's hard-exudate map a text file; paths returned."""
+    image = dataset.image_dir / "image002.png"
+    image.write_bytes(image.read_bytes()[:200])
+    gt = dataset.gt_dir / "hardexudates" / "image003.png"
+    gt.write_text("not a png")
+    return image, gt
+
+
+def test_unreadable_image_and_gt_map_are_skipped_and_listed(dataset, tmp_path):
+    """One truncated image stopped the whole run (`cannot read image (OSError)`, no tables); now
+    each unusable image is reported in one line, the rest is scored, and the outputs list it."""
+    image, gt = _break_files(dataset)
+    out, fake, lines = tmp_path / "out", FakeExplainer(), []
+    res = evaluate_diaretdb1(dataset, fake, out, settings=SETTINGS, on_skip=lines.append)
+    assert fake.calls == 1
+    assert lines == [f"skipped {image}: cannot read image: image file is truncated",
+                     (f"skipped {gt}: cannot read ground-truth map: not an image file PIL can decode "
+                      "(unknown format or damaged header)")]
+    assert [s.image for s in res.skipped] == ["image002", "image003"]
+    per = read_csv(out / "per_image.csv")
+    assert per.image.tolist() == ["image001", "image002", "image003"] and per.columns[-1] == "skipped"
+    assert per.skipped.isna().tolist() == [True, False, False]
+    assert per.skipped[1] == "images/ddb1_fundusimages/image002.png: cannot read image: image file is truncated"
+    assert per.skipped[2].startswith("images/ddb1_groundtruth/hardexudates/image003.png: cannot read")
+    sens = read_csv(out / "sensitivity.csv")
+    assert sens[sens.lesion == "H"].n_images.max() == 1 and sens[sens.lesion == "HE"].n_images.max() == 0
+    summary = (out / "summary.md").read_text()
+    assert "(1 image; 2 more skipped as unusable" in summary and "## Skipped images" in summary
+    assert "- image002: `images/ddb1_fundusimages/image002.png`: cannot read image: image file is truncated" \
+        in summary
+    assert "total" in summary and "for 1 image;" in summary
+
+
+def test_every_image_unusable_is_one_error_and_writes_no_table(dataset, tmp_path):
+    from retina_fgvis.datasets.diaretdb1 import DiaretDB1Error
+
+    for name in ("image001", "image002", "image003"):
+        (dataset.image_dir / f"{name}.png").write_text("x")
+    out = tmp_path / "out"
+    with pytest.raises(DiaretDB1Error, match="no usable images: all 3 image"):
+        evaluate_diaretdb1(dataset, FakeExplainer(), out, settings=SETTINGS)
+    assert not (out / "per_image.csv").exists() and not (out / "summary.md").exists()
+
+
+def test_cli_reports_each_skip_and_fails_in_one_line_when_none_is_left(dataset, tmp_path):
+    """The command prints `skipped <path>: <reason>` per unusable image; with none left it exits 2."""
+    weights = _tiny_weights(tmp_path / "tiny.pt")
+    for name in ("image001", "image002"):
+        (dataset.image_dir / f"{name}.png").write_text("x")
+    root = dataset.resources.parents[1]
+    r = CliRunner().invoke(_diaretdb1_app(), ["evaluate", "diaretdb1", "--data-dir", str(root), "--split", "train",
+                                              "--out", str(tmp_path / "o"), "--limit", "2", "--weights",
+                                              str(weights)])
+    assert r.exit_code == 2, r.output
+    lines = [ln for ln in r.output.splitlines() if ln.startswith(("skipped ", "error: "))]
+    assert lines[:2] == [f"skipped {dataset.image_dir / n}.png: cannot read image: not an image file PIL can "
+                         "decode (unknown format or damaged header)" for n in ("image001", "image002")]
+    assert lines[2].startswith("error: ") and "no usable images: all 2 image(s)" in lines[2] and len(lines) == 3

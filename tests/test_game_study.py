@@ -151,8 +151,11 @@ def test_study_refuses_data_set_and_weights_problems_in_one_line(tmp_path) -> No
     assert line.startswith(f"error: {bad}")
     image = root / "diaretdb1_v_1_1" / "resources" / "images" / "ddb1_fundusimages" / "image001.png"
     image.write_bytes(b"not a png")
-    line = _one_error_line(_study("--data-dir", str(root), "--limit", "1", *base))
-    assert "image001.png" in line and "cannot read image" in line
+    r = _study("--data-dir", str(root), "--limit", "1", *base)
+    assert r.exit_code == 2 and r.output.splitlines()[0] == (
+        f"skipped {image}: cannot read image: not an image file PIL can decode (unknown format or damaged header)")
+    assert r.output.splitlines()[1:] == [(f"error: {image.parent}: no usable images: all 1 image(s) of split "
+                                          "'train' were skipped (each reported above)")], r.output
     assert not out.exists()
 
 
@@ -179,3 +182,94 @@ def test_study_refuses_a_bad_out_device_or_summary_source(tmp_path, wide_errors)
     r = _study("--data-dir", str(tmp_path), "--out", str(tmp_path), "--summarise-only")
     line = _one_error_line(r)
     assert f"{tmp_path / 'per_image.csv'} does not exist" in line and "run the study first" in line
+
+
+def _quick(root, weights, out, *args: str):
+    """One cheap study run: the first image, two iterations, no undefended twin."""
+    return _study("--data-dir", str(root), "--out", str(out), "--weights", str(weights), "--device", "cpu",
+                  "--max-iterations", "2", "--undefended=", *args)
+
+
+def test_unreadable_image_is_skipped_and_listed(tmp_path) -> None:
+    """A ground-truth map that is a text file stopped the study up front; now the image is skipped
+    with one line, the rest is studied, and per_image.csv and summary.md name it."""
+    from retina_fgvis import game_study as gs
+
+    root, weights = _tiny_layout_and_weights(tmp_path, {"image001": {"H": [(20, 20, 26, 26, 189)]}, "image002": {}})
+    gt = root / "diaretdb1_v_1_1" / "resources" / "images" / "ddb1_groundtruth" / "hardexudates" / "image002.png"
+    gt.write_text("not a png")
+    out = tmp_path / "study"
+    r = _quick(root, weights, out, "--setting", "sgdn-logodds-lr0.3")
+    assert r.exit_code == 0, r.output
+    assert f"skipped {gt}: cannot read ground-truth map: not an image file PIL can decode" in r.output
+    rows = gs.read_csv(out / "per_image.csv")
+    assert rows.image.tolist() == ["image001", "image002"] and rows.columns[-1] == "skipped"
+    assert rows.skipped.isna().tolist() == [True, False]
+    assert rows.skipped[1].startswith("images/ddb1_groundtruth/hardexudates/image002.png: cannot read ground-truth")
+    assert gs.read_csv(out / "summary.csv").images.tolist() == [1]
+    summary = (out / "summary.md").read_text()
+    assert "## Skipped images" in summary and "- image002: images/ddb1_groundtruth/hardexudates/image002.png" in summary
+    assert "skipped " in (out / "study.log").read_text()
+
+
+def test_rerun_into_the_same_out_merges_rows_by_key(tmp_path) -> None:
+    """A second setting into the same --out overwrote per_image.csv with its rows alone (while
+    study.log kept both): rows are now merged by (setting, defense, image), a re-run replaces its
+    own row, the summary is rebuilt from the merged table, and another iteration cap is refused."""
+    from retina_fgvis import game_study as gs
+
+    root, weights = _tiny_layout_and_weights(tmp_path, {"image001": {"H": [(20, 20, 26, 26, 189)]}})
+    out = tmp_path / "gs1"
+    for setting in ("sgdn-logodds-lr0.3", "adam-prob-lr0.05", "sgdn-logodds-lr0.3"):
+        r = _quick(root, weights, out, "--setting", setting)
+        assert r.exit_code == 0, r.output
+    rows = gs.read_csv(out / "per_image.csv")
+    assert rows.setting.tolist() == ["adam-prob-lr0.05", "sgdn-logodds-lr0.3"]  # the re-run replaced its row
+    assert set(rows.max_iterations) == {2} and rows.weights_sha256.nunique() == 1 and set(rows.split) == {"train"}
+    assert gs.read_csv(out / "summary.csv").setting.tolist() == rows.setting.tolist()
+    before = (out / "per_image.csv").read_text()
+    r = _study("--data-dir", str(root), "--out", str(out), "--weights", str(weights), "--device", "cpu",
+               "--max-iterations", "3", "--undefended=", "--setting", "adam-prob-lr0.05")
+    line = _one_error_line(r)
+    assert f"{out / 'per_image.csv'}: holds rows made with another max_iterations (2; this run: 3)" in line
+    assert "use a new --out" in line and (out / "per_image.csv").read_text() == before
+
+
+def test_interrupted_run_keeps_earlier_rows_and_a_matching_summary(tmp_path, monkeypatch) -> None:
+    """Interrupted during its second setting, a run into a folder holding an earlier study left
+    per_image.csv with its one new row while summary.md/csv still showed the old table."""
+    from retina_fgvis import game_study as gs
+
+    root, weights = _tiny_layout_and_weights(tmp_path, {"image001": {"H": [(20, 20, 26, 26, 189)]}})
+    out = tmp_path / "gs1"
+    assert _quick(root, weights, out, "--setting", "sgdn-logodds-lr0.1").exit_code == 0
+    real = gs.run_setting
+
+    def interrupted(clf, images, name, *args, **kwargs):
+        if name == "adam-prob-lr0.05":
+            raise KeyboardInterrupt
+        return real(clf, images, name, *args, **kwargs)
+
+    monkeypatch.setattr(gs, "run_setting", interrupted)
+    r = _quick(root, weights, out, "--setting", "sgdn-logodds-lr0.3", "--setting", "adam-prob-lr0.05")
+    assert r.exit_code != 0
+    rows = gs.read_csv(out / "per_image.csv")
+    assert rows.setting.tolist() == ["sgdn-logodds-lr0.1", "sgdn-logodds-lr0.3"]
+    assert gs.read_csv(out / "summary.csv").setting.tolist() == rows.setting.tolist()
+    assert "sgdn-logodds-lr0.3" in (out / "summary.md").read_text()
+    assert not list(out.glob(".*.tmp"))
+
+
+def test_merge_rows_replaces_by_key_only() -> None:
+    import pandas as pd
+
+    from retina_fgvis import game_study as gs
+
+    earlier = pd.DataFrame({"setting": ["a", "a", "b"], "defense": [True, False, True], "image": ["i1"] * 3,
+                            "enrichment": [1.0, 2.0, 3.0]})
+    new = pd.DataFrame({"setting": ["a"], "defense": [True], "image": ["i1"], "enrichment": [9.0],
+                        "skipped": [""]})
+    merged = gs.merge_rows(earlier, new)
+    assert merged[["setting", "defense", "enrichment"]].values.tolist() == [["a", False, 2.0], ["b", True, 3.0],
+                                                                            ["a", True, 9.0]]
+    assert merged.columns[-1] == "skipped"

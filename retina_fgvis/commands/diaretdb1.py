@@ -129,7 +129,7 @@ def register(app: typer.Typer, evaluate_app: typer.Typer) -> None:
                 result = evaluate_diaretdb1(dataset, explainer, out, settings=settings, limit=limit,
                                             progress=lambda i, total, name: bar.update(
                                                 task, completed=i, description=f"{split} {name}"),
-                                            meta=meta)
+                                            meta=meta, on_skip=lambda line: typer.echo(line, err=True))
             except DiaretDB1Error as exc:
                 typer.echo(f"error: {exc}", err=True)
                 raise typer.Exit(2)
@@ -140,6 +140,7 @@ def register(app: typer.Typer, evaluate_app: typer.Typer) -> None:
             typer.echo(f"sensitivity @{100 * ov:g}% ({mode}): " +
                        "  ".join(f"{t} {100 * row.get(t, float('nan')):.1f}" for t in ("H", "HE", "SE", "RSD")))
         fp = float(result.lesion_level.fp_per_image.iloc[0]) if len(result.lesion_level) else float("nan")
+        skipped = f"; {len(result.skipped)} skipped (listed in summary.md)" if result.skipped else ""
         typer.echo(f"false-positive regions / image: {fp:.2f}; {result.seconds_total:.0f} s "
-                   f"({result.n_cached} cached)")
+                   f"({result.n_cached} cached){skipped}")
         typer.echo(f"wrote {out / 'summary.md'} — Research use only, not a diagnosis")

@@ -58,26 +58,28 @@ def register(app: typer.Typer, evaluate_app: typer.Typer) -> None:
         except WeightsError as exc:
             fail(str(exc))
         if summarise_only:
-            try:
-                rows_df = gs.read_csv(out / "per_image.csv")
-            except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError) as exc:
-                fail(f"{out / 'per_image.csv'}: not a game-study table ({type(exc).__name__})")
-            if not {"setting", "defense", "image", "enrichment"} <= set(rows_df.columns):
-                fail(f"{out / 'per_image.csv'}: not a game-study table (no setting/defense/image/enrichment "
-                      "columns)")
-            try:
-                curve_df = gs.read_csv(out / "curves.csv")
-            except (pd.errors.EmptyDataError, FileNotFoundError):  # no check was ever reached (every goal met)
-                curve_df = pd.DataFrame()
-            plain = sorted(set(rows_df.setting[~rows_df.defense.astype(bool)]))
-            header = f"{rows_df.image.nunique()} images; run time: see study.log"
-            _write_summary(out, rows_df, curve_df, plain, split, header, clf, dev)
+            _read_study_table(out / "per_image.csv")  # a one-line error when it is not a study table
+            _rebuild_summary(out, split, clf, dev)
             typer.echo(f"re-summarised -> {out / 'summary.md'}")
             return
+        provenance = {"split": split, "weights_sha256": clf.sha256, "max_iterations": max_iterations}
+        earlier_rows, earlier_curves = _earlier_study(out, provenance)  # refused before any image is read
+        skipped: dict[str, str] = {}  # image name -> "file: reason", for per_image.csv and summary.md
+        skip_lines: list[str] = []
+
+        def on_skip(name: str, exc: Exception) -> None:
+            skip_lines.append(f"skipped {exc}")
+            typer.echo(skip_lines[-1], err=True)
+            skipped[name] = f"{_relative(Path(exc.path), dataset.resources)}: {exc.reason}"
+
         try:  # the layout, the split and every image are read here, before OUT is made
-            images = gs.load_images(DiaretDB1(data_dir, split=split), limit=limit)
+            dataset = DiaretDB1(data_dir, split=split)
+            images = gs.load_images(dataset, limit=limit, on_skip=on_skip)
         except DiaretDB1Error as exc:
             fail(str(exc))
+        if not images:
+            fail(f"{dataset.image_dir}: no usable images: all {len(skipped)} image(s) of split {split!r} "
+                 "were skipped (each reported above)")
         out.mkdir(parents=True, exist_ok=True)
         with (out / "study.log").open("a", encoding="utf-8") as log_file:  # closed even when a game fails
 
@@ -86,6 +88,9 @@ def register(app: typer.Typer, evaluate_app: typer.Typer) -> None:
                 log_file.write(msg + "\n")
                 log_file.flush()
 
+            log_file.write("".join(line + "\n" for line in skip_lines))
+            if not earlier_rows.empty:
+                log(f"keeping {len(earlier_rows)} row(s) of an earlier study in {out} (a re-run row replaces its own)")
             rows, curves = [], []
             start = time.perf_counter()
             for name in names:
@@ -97,15 +102,86 @@ def register(app: typer.Typer, evaluate_app: typer.Typer) -> None:
                             if seed_diaretdb1 is not None and defense else None)
                     r, c = gs.run_setting(clf, images, name, overrides, defense, batch_size=batch_size, log=log,
                                           seed_cache=seed)
-                    rows += r
+                    rows += [{**row, **provenance} for row in r + gs.skipped_rows(name, defense, skipped)]
                     curves += c
-                    per_image = pd.DataFrame(rows)
-                    gs.write_csv(out / "per_image.csv", per_image)
-                    gs.write_csv(out / "curves.csv", pd.DataFrame(curves))
+                    _save_merged(out, earlier_rows, earlier_curves, pd.DataFrame(rows), pd.DataFrame(curves))
+                    _rebuild_summary(out, split, clf, dev)
             elapsed = time.perf_counter() - start
-            _write_summary(out, pd.DataFrame(rows), pd.DataFrame(curves), plain, split,
-                           f"{len(images)} images, total {elapsed / 60:.1f} min", clf, dev)
             log(f"done in {elapsed / 60:.1f} min -> {out / 'summary.md'}")
+
+
+def _relative(path: Path, resources: Path) -> str:
+    """``path`` below the data set's resources folder, as `evaluate diaretdb1` shows it: a committed
+    table names no machine's checkout (the console line names the full path)."""
+    try:
+        return str(path.relative_to(resources))
+    except ValueError:
+        return str(path)
+
+
+def _read_study_table(path: Path) -> Any:
+    """A study's per_image.csv, or a one-line error when it is not one."""
+    import pandas as pd
+
+    from retina_fgvis import game_study as gs
+
+    try:
+        rows = gs.read_csv(path)
+    except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError) as exc:
+        fail(f"{path}: not a game-study table ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})")
+    if not {"setting", "defense", "image", "enrichment"} <= set(rows.columns):
+        fail(f"{path}: not a game-study table (no setting/defense/image/enrichment columns)")
+    return rows
+
+
+def _earlier_study(out: Path, provenance: dict[str, Any]) -> tuple[Any, Any]:
+    """(per-image rows, curve rows) a study left in OUT, to be merged with this run's; empty when
+    there is none. Rows made with another classifier, split or iteration cap (or by a version that
+    did not record these) are refused in one line: merging would mix them in one summary line."""
+    import pandas as pd
+
+    from retina_fgvis import game_study as gs
+
+    if not (out / "per_image.csv").is_file():
+        return pd.DataFrame(), pd.DataFrame()
+    rows = _read_study_table(out / "per_image.csv")
+    conflict = gs.provenance_conflict(rows, provenance)
+    if conflict:
+        fail(f"{out / 'per_image.csv'}: {conflict}; use a new --out (or this study's options)")
+    try:
+        curves = gs.read_csv(out / "curves.csv")
+    except (pd.errors.EmptyDataError, FileNotFoundError):  # no check was ever reached (every goal met)
+        curves = pd.DataFrame()
+    return rows, curves
+
+
+def _save_merged(out: Path, earlier_rows: Any, earlier_curves: Any, rows: Any, curves: Any) -> None:
+    """Write the earlier study's rows merged with this run's (each file atomically); the curves
+    first, so that per_image.csv, which the summary is rebuilt from, is never ahead of them."""
+    from retina_fgvis import game_study as gs
+
+    gs.write_csv(out / "curves.csv", gs.merge_rows(earlier_curves, curves, replaces=rows))
+    gs.write_csv(out / "per_image.csv", gs.merge_rows(earlier_rows, rows))
+
+
+def _rebuild_summary(out: Path, split: str, clf: object, dev: str) -> None:
+    """summary.csv/md and the plots from OUT/per_image.csv and OUT/curves.csv as they are on disk,
+    so that the summary always agrees with the merged table (after each setting, and for
+    --summarise-only). The split shown is the rows' own where they record it."""
+    import pandas as pd
+
+    from retina_fgvis import game_study as gs
+
+    rows = gs.read_csv(out / "per_image.csv")
+    try:
+        curves = gs.read_csv(out / "curves.csv")
+    except (pd.errors.EmptyDataError, FileNotFoundError):  # no check was ever reached (every goal met)
+        curves = pd.DataFrame()
+    scored = rows[~gs.is_skipped(rows)]
+    plain = sorted(set(scored.setting[~scored.defense.astype(bool)]))
+    splits = sorted(set(rows["split"].dropna().astype(str))) if "split" in rows.columns else []
+    _write_summary(out, rows, curves, plain, ", ".join(splits) or split,
+                   f"{scored.image.nunique()} images; run time: see study.log", clf, dev)
 
 
 def _write_summary(out: Path, rows: Any, curves: Any, plain: list[str], split: str,
@@ -129,6 +205,21 @@ def _write_summary(out: Path, rows: Any, curves: Any, plain: list[str], split: s
         "<= max(the classifier's threshold, p of the fully deleted image); 'referable' = images the classifier "
         "calls referable. `enrichment_goal_reached` / `_missed`: medians over the images whose goal was / was not "
         "reached.", "",
-        table.to_markdown(index=False, floatfmt=".3g"), "",
+        table.to_markdown(index=False, floatfmt=".3g"), "", *_skipped_lines(rows),
     ]
     atomic_write_text(out / "summary.md", "\n".join(md))
+
+
+def _skipped_lines(rows: Any) -> list[str]:
+    """summary.md lines naming each image skipped as unreadable and why (none when nothing was):
+    the table above leaves these images out."""
+    from retina_fgvis import game_study as gs
+
+    gone = rows[gs.is_skipped(rows)]
+    if gone.empty:
+        return []
+    lines = ["## Skipped images", "", ("Could not be read and are left out of the settings named "
+                                       "(per_image.csv, column `skipped`):"), ""]
+    for (image, why), g in gone.groupby(["image", "skipped"], sort=False):
+        lines.append(f"- {image}: {why} ({', '.join(dict.fromkeys(g.setting.astype(str)))})")
+    return lines + [""]

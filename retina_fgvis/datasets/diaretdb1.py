@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Iterator
 
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 __all__ = [
     "LESION_TYPES",
@@ -37,6 +37,7 @@ __all__ = [
     "GT_MAX_VALUE",
     "SPLITS",
     "DiaretDB1Error",
+    "DiaretDB1ImageError",
     "DiaretDB1Image",
     "DiaretDB1",
     "binarise_gt",
@@ -76,6 +77,26 @@ class DiaretDB1Error(ValueError):
         self.path = str(path)
         self.reason = reason
         super().__init__(f"{path}: {reason}")
+
+
+class DiaretDB1ImageError(DiaretDB1Error):
+    """One image (its photograph or one of its ground-truth maps) cannot be used.
+
+    Why a subclass: a run over a split skips such an image and goes on with the rest, while a
+    plain :class:`DiaretDB1Error` (layout, split list, the shared FOV mask) concerns every
+    image and stays fatal.
+    """
+
+
+def _reason(exc: BaseException, path: Path) -> str:
+    """Why PIL could not read ``path``, in words: the message's first line without the path
+    PIL repeats in it (the error names the file already), the class name only when PIL gave
+    no message."""
+    if isinstance(exc, UnidentifiedImageError):
+        return "not an image file PIL can decode (unknown format or damaged header)"
+    first = (str(exc).splitlines() or [""])[0]
+    first = first.replace(f"'{path}'", "").replace(str(path), "").strip(" :")
+    return first or exc.__class__.__name__
 
 
 def binarise_gt(grey: np.ndarray, fov: np.ndarray | None = None,
@@ -153,20 +174,24 @@ class DiaretDB1Image:
         return bool(self.gt[lesion].any())
 
 
+#: what PIL raises for a file it cannot decode (a decompression bomb is no OSError)
+_PIL_ERRORS = (OSError, ValueError, Image.DecompressionBombError)
+
+
 def _read_rgb(path: Path) -> np.ndarray:
     try:
         with Image.open(path) as im:
             return np.asarray(im.convert("RGB"), dtype=np.uint8)
-    except (OSError, ValueError) as exc:
-        raise DiaretDB1Error(path, f"cannot read image ({exc.__class__.__name__})") from None
+    except _PIL_ERRORS as exc:
+        raise DiaretDB1ImageError(path, f"cannot read image: {_reason(exc, path)}") from None
 
 
 def _read_grey(path: Path) -> np.ndarray:
     try:
         with Image.open(path) as im:
             arr = np.asarray(im)
-    except (OSError, ValueError) as exc:
-        raise DiaretDB1Error(path, f"cannot read ground-truth map ({exc.__class__.__name__})") from None
+    except _PIL_ERRORS as exc:
+        raise DiaretDB1ImageError(path, f"cannot read ground-truth map: {_reason(exc, path)}") from None
     if arr.ndim == 3:
         arr = arr[..., :3].max(axis=2)
     return arr
@@ -228,8 +253,8 @@ class DiaretDB1:
             try:
                 with Image.open(self.fov_path) as im:
                     arr = np.asarray(im)
-            except (OSError, ValueError) as exc:
-                raise DiaretDB1Error(self.fov_path, f"cannot read FOV mask ({exc.__class__.__name__})") from None
+            except _PIL_ERRORS as exc:  # every image needs it: fatal, not skipped
+                raise DiaretDB1Error(self.fov_path, f"cannot read FOV mask: {_reason(exc, self.fov_path)}") from None
             if arr.ndim == 3:
                 arr = arr.max(axis=2)
             self._fov = arr > 0
@@ -246,14 +271,18 @@ class DiaretDB1:
             yield self.load(fname)
 
     def load(self, fname: str) -> DiaretDB1Image:
-        """Load one image (file name with or without ``.png``)."""
+        """Load one image (file name with or without ``.png``).
+
+        A file of this image that cannot be used raises :class:`DiaretDB1ImageError` (callers
+        skip the image); an unusable FOV mask raises a plain :class:`DiaretDB1Error`.
+        """
         if not fname.endswith(".png"):
             fname = f"{fname}.png"
         path = self.image_dir / fname
         rgb = _read_rgb(path)
         fov = self.fov
         if fov.shape != rgb.shape[:2]:
-            raise DiaretDB1Error(path, f"image size {rgb.shape[1]}x{rgb.shape[0]} does not match "
+            raise DiaretDB1ImageError(path, f"image size {rgb.shape[1]}x{rgb.shape[0]} does not match "
                                        f"the FOV mask {fov.shape[1]}x{fov.shape[0]}")
         gt: dict[str, np.ndarray] = {}
         gt_paths: dict[str, Path] = {}
@@ -261,7 +290,7 @@ class DiaretDB1:
             gpath = self.gt_dir / GT_FOLDERS[lesion] / fname
             grey = _read_grey(gpath)
             if grey.shape != fov.shape:
-                raise DiaretDB1Error(gpath, f"ground-truth size {grey.shape[1]}x{grey.shape[0]} "
+                raise DiaretDB1ImageError(gpath, f"ground-truth size {grey.shape[1]}x{grey.shape[0]} "
                                             f"does not match the image")
             gt[lesion] = binarise_gt(grey, fov, self.threshold)
             gt_paths[lesion] = gpath
