@@ -31,7 +31,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Collection, Sequence
 
 import numpy as np
 import pandas as pd
@@ -247,19 +247,78 @@ def list_images(folder: str | Path) -> list[Path]:
     return files
 
 
+@dataclass(frozen=True)
+class SkippedImage:
+    """An input file left out of a run, and why.
+
+    Why a value and not only a printed line: the outputs (summary.md, run.json) have to say which
+    files a run left out, or its numbers look like they cover the whole folder.
+    ``str()`` is the console line, so a plain ``echo`` callback prints it unchanged.
+    """
+
+    file: str
+    reason: str
+
+    def __str__(self) -> str:
+        return f"skipped {self.file}: {self.reason}"
+
+    def to_json(self) -> dict[str, str]:
+        return {"file": self.file, "reason": self.reason}
+
+
+#: called with each image a loader skips (:class:`SkippedImage`)
+OnSkip = Callable[[SkippedImage], None]
+
+
+def _read_rgb(path: Path) -> np.ndarray:
+    """An image file as (H, W, 3) uint8; ``ValueError("<path>: <reason>")`` (one line) when PIL
+    cannot read it (not an image, truncated, too large): one bad file must not end a run."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            return np.asarray(im.convert("RGB"))
+    except UnidentifiedImageError:
+        raise ValueError(f"{path}: not an image file PIL can read") from None
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        reason = (str(exc).splitlines() or [""])[0] or type(exc).__name__
+        raise ValueError(f"{path}: cannot decode image ({reason})") from None
+
+
+def _skip(on_error: OnSkip | None, path: str | Path, exc: Exception) -> None:
+    """Report a skipped file; the reason without the path the message may start with."""
+    reason = getattr(exc, "reason", None) or str(exc)
+    prefix = f"{path}: "
+    reason = reason[len(prefix):] if reason.startswith(prefix) else reason
+    if on_error:
+        on_error(SkippedImage(file=str(path), reason=reason))
+
+
 def imagenet_images(em: EvalModel, folder: str | Path | None = None,
-                    limit: int | None = None) -> list[EvalImage]:
-    """The scikit-image sample (``folder=None``) or every image in ``folder``."""
+                    limit: int | None = None, on_error: OnSkip | None = None) -> list[EvalImage]:
+    """The scikit-image sample (``folder=None``) or every image in ``folder`` (at most ``limit``).
+
+    A file PIL cannot read is skipped and reported via ``on_error``, as :func:`rdr_images` does;
+    without ``on_error`` its one-line ``ValueError`` is raised.
+    """
     if folder is None:
         items = skimage_photographs()
-    else:
-        from PIL import Image
-
-        items = [(str(p.relative_to(folder)), np.asarray(Image.open(p).convert("RGB")))
-                 for p in list_images(folder)]
-    items = items[:limit] if limit else items
-    return [EvalImage(name=n, tensor=imagenet_tensor(rgb, em.mean, em.std, em.input_size),
-                      source="skimage.data" if folder is None else str(folder)) for n, rgb in items]
+        items = items[:limit] if limit else items
+        return [EvalImage(name=n, tensor=imagenet_tensor(rgb, em.mean, em.std, em.input_size),
+                          source="skimage.data") for n, rgb in items]
+    out: list[EvalImage] = []
+    for path in list_images(folder):
+        if limit and len(out) >= limit:
+            break
+        try:
+            tensor = imagenet_tensor(_read_rgb(path), em.mean, em.std, em.input_size)
+        except ValueError as exc:
+            if on_error is None:  # a caller without a handler (the probes) is not skipped silently
+                raise
+            _skip(on_error, path, exc)
+            continue
+        out.append(EvalImage(name=str(path.relative_to(folder)), tensor=tensor, source=str(folder)))
+    return out
 
 
 def _rdr_image(em: EvalModel, path: str | Path, name: str, label: int | None, source: str) -> EvalImage:
@@ -327,7 +386,7 @@ def sample_rdr(table: pd.DataFrame, n: int | None, seed: int = 0, balanced: bool
 
 
 def rdr_images(em: EvalModel, table_or_folder: pd.DataFrame | str | Path,
-               limit: int | None = None, on_error: Progress | None = None) -> list[EvalImage]:
+               limit: int | None = None, on_error: OnSkip | None = None) -> list[EvalImage]:
     """Prepare RDR images from a labels table (``path, rdr``) or every image in a folder.
 
     Unreadable images and images without a detectable FOV are skipped (reported via ``on_error``).
@@ -345,8 +404,7 @@ def rdr_images(em: EvalModel, table_or_folder: pd.DataFrame | str | Path,
         try:
             out.append(_rdr_image(em, path, name, label, source))
         except ValueError as exc:  # FundusReadError, NoFundusError
-            if on_error:
-                on_error(f"skipped {exc}" if str(exc).startswith(str(path)) else f"skipped {name}: {exc}")
+            _skip(on_error, path, exc)
     return out
 
 
@@ -863,6 +921,7 @@ class DefenseRun:
     zero_image_probs: np.ndarray
     model_kind: str = ""
     notes: list[str] = field(default_factory=list)
+    resumed: int = 0                   # (image, game) results taken from earlier records
 
 
 def defense_cases(em: EvalModel, images: Sequence[EvalImage], min_confidence: float = 0.0,
@@ -919,67 +978,183 @@ def defense_cases(em: EvalModel, images: Sequence[EvalImage], min_confidence: fl
     return cases, zclass, zprobs.numpy(), notes
 
 
+#: The protocol's two generation games, in the order they run (the row's column prefixes).
+DEFENSE_GAMES: tuple[str, ...] = ("undefended", "defended")
+
+
+def case_fingerprint(case: DefenseCase) -> str:
+    """SHA-256 of what a defence game sees: the image tensor, its FOV and the target class.
+
+    Why not the image name (as the faithfulness records use): a record must not be reused for
+    another picture that happens to carry the same name (a re-exported folder, a changed
+    preprocessing), and the target depends on the model's prediction.
+    """
+    import hashlib
+
+    h = hashlib.sha256()
+    h.update(case.image.tensor.detach().float().cpu().contiguous().numpy().tobytes())
+    fov = case.image.fov
+    h.update(b"no-fov" if fov is None else fov.cpu().numpy().astype(np.uint8).tobytes())
+    h.update(f"target={int(case.target)}".encode())
+    return h.hexdigest()
+
+
+@dataclass
+class DefenseRecord:
+    """One generation game's result (with or without the defence) on one image.
+
+    Why this unit: a defence run takes half an hour and more; the CLI writes each record as soon
+    as its game is done on its batch, so an interrupted run (Ctrl-C, a lost machine) keeps every
+    finished game and the same command continues where it stopped. ``fields`` are the row's
+    ``<game>_*`` columns; ``fingerprint`` (:func:`case_fingerprint`) ties the record to its input.
+    """
+
+    image: str
+    game: str
+    fingerprint: str
+    fields: dict[str, Any]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"image": self.image, "game": self.game, "fingerprint": self.fingerprint, "fields": self.fields}
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> "DefenseRecord":
+        game = str(d["game"])
+        if game not in DEFENSE_GAMES:
+            raise KeyError(f"unknown game {game!r}")
+        return cls(image=str(d["image"]), game=game, fingerprint=str(d["fingerprint"]), fields=dict(d["fields"]))
+
+
+def _defense_game(em: EvalModel, cases: Sequence[DefenseCase], settings: dict[str, Any], defended: bool):
+    """One generation game on a batch: (FGVis result, probabilities on the explanations, seconds per image)."""
+    from retina_fgvis.fgvis.games import FGVis
+
+    x, fov = stack_images([c.image for c in cases], em.device)
+    target = torch.tensor([c.target for c in cases], device=em.device)
+    _sync(em.device)
+    t0 = time.perf_counter()
+    res = FGVis(em.model, defense=defended, **settings).attribute(x, target, game="generation", fov_mask=fov)
+    _sync(em.device)
+    seconds = (time.perf_counter() - t0) / len(cases)
+    return res, predict(em, res.explanation), seconds
+
+
+def _game_fields(em: EvalModel, game: str, case: DefenseCase, res, probs: Tensor, i: int,
+                 seconds: float) -> dict[str, Any]:
+    """The row's ``<game>_*`` columns for image ``i`` of a batch."""
+    top = int(probs[i].argmax())
+    return {
+        f"{game}_success": bool(top == case.target),
+        f"{game}_confident": bool(float(probs[i, case.target]) >= CONFIDENT_LEVEL),
+        f"{game}_p_target": float(probs[i, case.target]),
+        f"{game}_top_class": em.class_name(top),
+        f"{game}_iterations": int(res.iterations[i]),
+        f"{game}_changed_fraction": float(res.changed_fraction[i]),
+        f"{game}_seconds": seconds,
+    }
+
+
+def _defense_row(em: EvalModel, case: DefenseCase, games: dict[str, DefenseRecord]) -> dict[str, Any]:
+    """One image's row: the case, then each game's columns (undefended first, as always)."""
+    row: dict[str, Any] = {
+        "image": case.image.name, "label": case.image.label, "predicted": case.predicted,
+        "predicted_name": em.class_name(case.predicted), "p_predicted": case.p_predicted,
+        "target": case.target, "target_name": em.class_name(case.target), "p_target_image": case.p_target,
+    }
+    for game in DEFENSE_GAMES:
+        row.update(games[game].fields)
+    return row
+
+
+def _defense_line(em: EvalModel, case: DefenseCase, row: dict[str, Any]) -> str:
+    said = lambda game: "generated" if row[f"{game}_success"] else "not generated"  # noqa: E731
+    return (f"{case.image.name}: c_A = {em.class_name(case.target)}; without defence "
+            f"p = {row['undefended_p_target']:.3f} ({said('undefended')}), "
+            f"with defence p = {row['defended_p_target']:.3f} ({said('defended')})")
+
+
 def run_defense(em: EvalModel, cases: Sequence[DefenseCase], fgvis_settings: dict[str, Any] | None = None,
                 batch_size: int = 4, n_examples: int = 4, progress: Progress | None = None,
                 zero_image_class: int = -1, zero_image_probs: np.ndarray | None = None,
-                notes: Sequence[str] = ()) -> DefenseRun:
-    """Generation game for c_A with and without the defence; success = c_A becomes the top class."""
-    from retina_fgvis.fgvis.games import FGVis
+                notes: Sequence[str] = (), previous: Sequence[DefenseRecord] = (),
+                on_record: Callable[[DefenseRecord], None] | None = None,
+                on_example: Callable[[dict[str, Any]], None] | None = None,
+                examples_done: Collection[str] = ()) -> DefenseRun:
+    """Generation game for c_A with and without the defence; success = c_A becomes the top class.
 
+    ``previous``: records of earlier runs with the same model and settings (the caller checks
+    that); a game whose record matches its case (:func:`case_fingerprint`) is not played again.
+    ``on_record`` is called with each new record as soon as its game is done on its batch.
+    Examples (figures) are made for the first ``n_examples`` cases: their arrays are not in the
+    records, so such a case is played again unless its fingerprint is in ``examples_done`` (its
+    figure was kept); each new example is passed to ``on_example`` when made.
+    """
     settings = {**DEFENSE_FGVIS_SETTINGS, **(fgvis_settings or {})}
-    rows: list[dict[str, Any]] = []
+    cases = list(cases)
+    prints = [case_fingerprint(c) for c in cases]
+    wanted = {c.image.name: fp for c, fp in zip(cases, prints)}
+    known = {(r.image, r.game): r for r in previous
+             if wanted.get(r.image) == r.fingerprint and r.game in DEFENSE_GAMES}
+    need_example = [i < n_examples and prints[i] not in examples_done for i in range(len(cases))]
+    to_play = {i: [g for g in DEFENSE_GAMES if need_example[i] or (c.image.name, g) not in known]
+               for i, c in enumerate(cases)}
+    todo = [i for i in range(len(cases)) if to_play[i]]
+    resumed = sum(1 for i, c in enumerate(cases) for g in DEFENSE_GAMES
+                  if (c.image.name, g) in known and g not in to_play[i])
+    if progress and resumed:
+        progress(f"resuming: {resumed} (image, game) results of earlier runs reused; "
+                 f"{len(todo)} of {len(cases)} images still have games to play")
     examples: list[dict[str, Any]] = []
-    for batch in _batches(list(cases), batch_size):
-        x, fov = stack_images([c.image for c in batch], em.device)
-        target = torch.tensor([c.target for c in batch], device=em.device)
-        out: dict[bool, Any] = {}
-        times: dict[bool, float] = {}
-        for defended in (False, True):
-            _sync(em.device)
-            t0 = time.perf_counter()
-            res = FGVis(em.model, defense=defended, **settings).attribute(x, target, game="generation",
-                                                                        fov_mask=fov)
-            _sync(em.device)
-            times[defended] = (time.perf_counter() - t0) / len(batch)
-            out[defended] = (res, predict(em, res.explanation))
-        for i, c in enumerate(batch):
-            row: dict[str, Any] = {
-                "image": c.image.name, "label": c.image.label, "predicted": c.predicted,
-                "predicted_name": em.class_name(c.predicted), "p_predicted": c.p_predicted,
-                "target": c.target, "target_name": em.class_name(c.target), "p_target_image": c.p_target,
-            }
-            for defended in (False, True):
-                res, probs = out[defended]
-                key = "defended" if defended else "undefended"
-                top = int(probs[i].argmax())
-                row.update({
-                    f"{key}_success": bool(top == c.target),
-                    f"{key}_confident": bool(float(probs[i, c.target]) >= CONFIDENT_LEVEL),
-                    f"{key}_p_target": float(probs[i, c.target]),
-                    f"{key}_top_class": em.class_name(top),
-                    f"{key}_iterations": int(res.iterations[i]),
-                    f"{key}_changed_fraction": float(res.changed_fraction[i]),
-                    f"{key}_seconds": times[defended],
-                })
-            rows.append(row)
-            if len(examples) < n_examples:
-                examples.append({
-                    "name": c.image.name, "image": c.image.tensor.cpu(),
-                    "target_name": em.class_name(c.target), "predicted_name": em.class_name(c.predicted),
-                    **{f"{k}_{field_}": (getattr(out[d][0], field_)[i].cpu())
-                       for d, k in ((False, "undefended"), (True, "defended"))
-                       for field_ in ("explanation", "mean_mask")},
-                    "undefended_p": float(out[False][1][i, c.target]),
-                    "defended_p": float(out[True][1][i, c.target]),
-                })
+    for batch in _batches(todo, batch_size):
+        arrays: dict[tuple[int, str], dict[str, Tensor]] = {}
+        for game in DEFENSE_GAMES:
+            sub = [i for i in batch if game in to_play[i]]
+            if not sub:
+                continue
+            res, probs, seconds = _defense_game(em, [cases[i] for i in sub], settings, game == "defended")
+            for j, i in enumerate(sub):
+                rec = DefenseRecord(cases[i].image.name, game, prints[i],
+                                    _game_fields(em, game, cases[i], res, probs, j, seconds))
+                known[(rec.image, game)] = rec
+                if on_record is not None:
+                    on_record(rec)
+                if need_example[i]:
+                    arrays[(i, game)] = {"explanation": res.explanation[j].cpu(), "mean_mask": res.mean_mask[j].cpu()}
+        for i in batch:
+            c = cases[i]
+            row = _defense_row(em, c, {g: known[(c.image.name, g)] for g in DEFENSE_GAMES})
+            if need_example[i]:
+                examples.append(_defense_example(em, c, prints[i], row, arrays, i))
+                if on_example is not None:
+                    on_example(examples[-1])
             if progress:
-                progress(f"{c.image.name}: c_A = {em.class_name(c.target)}; without defence "
-                         f"p = {row['undefended_p_target']:.3f} ({'generated' if row['undefended_success'] else 'not generated'}), "
-                         f"with defence p = {row['defended_p_target']:.3f} "
-                         f"({'generated' if row['defended_success'] else 'not generated'})")
+                progress(_defense_line(em, c, row))
+    rows = [_defense_row(em, c, {g: known[(c.image.name, g)] for g in DEFENSE_GAMES}) for c in cases]
     return DefenseRun(per_image=pd.DataFrame(rows), examples=examples, zero_image_class=zero_image_class,
                       zero_image_probs=np.zeros(0) if zero_image_probs is None else zero_image_probs,
-                      model_kind=em.kind, notes=list(notes))
+                      model_kind=em.kind, notes=list(notes), resumed=resumed)
+
+
+def _defense_example(em: EvalModel, case: DefenseCase, fingerprint: str, row: dict[str, Any],
+                     arrays: dict[tuple[int, str], dict[str, Tensor]], i: int) -> dict[str, Any]:
+    """What :func:`defense_figure` draws for one case (both games were played in this batch)."""
+    return {
+        "name": case.image.name, "fingerprint": fingerprint, "image": case.image.tensor.cpu(),
+        "target_name": em.class_name(case.target), "predicted_name": em.class_name(case.predicted),
+        **{f"{game}_{key}": arrays[(i, game)][key] for game in DEFENSE_GAMES for key in ("explanation", "mean_mask")},
+        "undefended_p": row["undefended_p_target"], "defended_p": row["defended_p_target"],
+    }
+
+
+def skipped_note(skipped: Sequence[SkippedImage], shown: int = 5) -> str:
+    """One line for summary.md: how many input files a run skipped and which (the first
+    ``shown``; run.json lists every one with its reason). Empty when none was skipped."""
+    if not skipped:
+        return ""
+    names = ", ".join(s.file for s in skipped[:shown])
+    more = f" and {len(skipped) - shown} more" if len(skipped) > shown else ""
+    return (f"{len(skipped)} input file(s) skipped (unreadable, or no field of view): {names}{more}; "
+            "run.json lists each with its reason")
 
 
 def defense_markdown(run: DefenseRun, model_description: str, image_description: str,
@@ -999,6 +1174,8 @@ def defense_markdown(run: DefenseRun, model_description: str, image_description:
     ]
     if command:
         lines.append(f"- Command: `{command}`")
+    if run.resumed:
+        lines.append(f"- {run.resumed} (image, game) results taken from earlier runs with the same settings")
     lines += [*(f"- {note}" for note in run.notes), "",
               "| | images | generated without defence | generated with defence |", "|---|---|---|---|",
               f"| ours ({run.model_kind}) | {n} | {100 * rate('undefended_success'):.1f} % | "

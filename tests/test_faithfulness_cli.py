@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import importlib.util
+import io
 import json
 
 import numpy as np
@@ -41,6 +42,11 @@ def tiny_eval_model(kind: str = "imagenet", *_a, **_k) -> F.EvalModel:
 
 @pytest.fixture()
 def tiny_setup(tmp_path, monkeypatch):
+    return make_tiny_setup(tmp_path, monkeypatch)
+
+
+def make_tiny_setup(tmp_path, monkeypatch):
+    """(CLI app, a folder of 2 random 40x48 images, an --out path) with the tiny model patched in."""
     rng = np.random.default_rng(0)
     folder = tmp_path / "imgs"
     folder.mkdir()
@@ -417,15 +423,75 @@ def test_defense_with_no_readable_image_says_so(tmp_path, monkeypatch):
                                    "--device", "cpu", "--out", str(tmp_path / "out")])
     assert res.exit_code == 2, res.output
     lines = res.output.strip().splitlines()
-    assert lines[-1] == "error: no usable images" and lines[0].startswith("skipped"), res.output
+    assert lines[-1] == f"error: {folder}: no usable images (1 skipped, see above)", res.output
+    assert lines[0].startswith(f"skipped {folder / 'a.png'}: ")
     assert "selection rule" not in res.output and not (tmp_path / "out").exists()
 
 
+def _add_bad_images(folder) -> dict[str, str]:
+    """A text file named .png and a PNG cut in half beside the good images: file -> expected reason."""
+    (folder / "zz_bad.png").write_text("not an image")
+    buf = io.BytesIO()
+    Image.fromarray(np.full((40, 48, 3), 128, np.uint8)).save(buf, format="PNG")
+    (folder / "cut.png").write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
+    return {str(folder / "cut.png"): "cannot decode image (image file is truncated",
+            str(folder / "zz_bad.png"): "not an image file PIL can read"}
+
+
+TINY_RUN = {"faithfulness": ("--methods", "gradient", "--device", "cpu"),
+            "defense": ("--max-iterations", "2", "--examples", "0", "--device", "cpu")}
+
+
 @pytest.mark.parametrize("command", ["faithfulness", "defense"])
-def test_imagenet_folder_with_an_unreadable_image_is_one_line(tiny_setup, command):
+def test_imagenet_folder_skips_unreadable_images_and_the_outputs_name_them(tiny_setup, command):
+    """One bad file (not an image, truncated) used to end the whole run (exit 2, the truncated
+    one without its name): now each is skipped with a line naming it, and summary.md and
+    run.json say which files the numbers do not cover."""
     app, folder, out = tiny_setup
-    (folder / "broken.png").write_text("not an image")
-    res = _evaluate(app, command, folder, out, "--device", "cpu")
+    bad = _add_bad_images(folder)
+    res = _evaluate(app, command, folder, out, *TINY_RUN[command])
+    assert res.exit_code == 0, res.output
+    for file, reason in bad.items():
+        assert f"skipped {file}: {reason}" in res.output
+    meta = json.loads((out / "run.json").read_text())
+    assert [s["file"] for s in meta["skipped_images"]] == list(bad)
+    assert all(s["reason"].startswith(bad[s["file"]]) for s in meta["skipped_images"])
+    md = (out / "summary.md").read_text()
+    assert "2 input file(s) skipped" in md and "zz_bad.png" in md and "cut.png" in md
+    table = "auc_per_image.csv" if command == "faithfulness" else "defense_per_image.csv"
+    assert sorted(set(pd.read_csv(out / table)["image"])) == ["im0.png", "im1.png"]
+
+
+@pytest.mark.parametrize("command", ["faithfulness", "defense"])
+def test_imagenet_folder_without_a_usable_image_is_one_line_naming_it(tiny_setup, command):
+    app, folder, out = tiny_setup
+    for good in folder.glob("im*.png"):
+        good.unlink()
+    _add_bad_images(folder)
+    res = _evaluate(app, command, folder, out, *TINY_RUN[command])
     assert res.exit_code == 2, res.output
     lines = res.output.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: cannot identify image file") and "broken.png" in lines[0]
+    assert [x.split(":")[0] for x in lines[:-1]] == [f"skipped {folder / 'cut.png'}", f"skipped {folder / 'zz_bad.png'}"]
+    assert lines[-1] == f"error: {folder}: no usable images (2 skipped, see above)"
+    assert not out.exists()
+
+
+def test_rdr_faithfulness_outputs_name_the_skipped_images(tiny_rdr_data, tmp_path):
+    """--model rdr skipped bad files on the console only; summary.md and run.json said
+    "2 fundus images from ..." as if the folder held nothing else."""
+    import shutil
+
+    app, root, out = tiny_rdr_data
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    for name in ("0_left.jpg", "1_left.jpg"):
+        shutil.copy(root / "odir5k_512" / "images" / name, folder / name)
+    bad = _add_bad_images(folder)
+    res = CliRunner().invoke(app, ["evaluate", "faithfulness", "--model", "rdr", "--images", str(folder),
+                                   "--methods", "gradient", "--device", "cpu", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    meta = json.loads((out / "run.json").read_text())
+    assert sorted(s["file"] for s in meta["skipped_images"]) == sorted(bad)
+    assert all(s["reason"] for s in meta["skipped_images"])
+    assert "2 input file(s) skipped" in (out / "summary.md").read_text()
+    assert len(pd.read_csv(out / "auc_per_image.csv")) == 2

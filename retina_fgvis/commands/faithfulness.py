@@ -12,13 +12,16 @@ import json
 import platform
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import typer
 
 from retina_fgvis.commands.checks import fail, output_folder, resolve_device
 from retina_fgvis.commands.fgvis_options import check_fgvis_settings, parse_fgvis_settings
 from retina_fgvis.report.files import atomic_write_bytes, atomic_write_text
+
+if TYPE_CHECKING:  # the library imports torch: not at CLI import time
+    from retina_fgvis.faithfulness import SkippedImage
 
 MODEL_HELP = "Model to evaluate: 'rdr' (the referable-DR classifier) or 'imagenet' (EfficientNet-Lite0)."
 IMAGES_HELP = ("Folder of images. Default: rdr -> held-out validation images of ../shared/data "
@@ -84,30 +87,85 @@ def _load(model: str, weights: Optional[Path], device: str):
         fail(str(exc))
 
 
+class _Skips:
+    """The images the loaders skipped: each printed as it happens (``skipped <file>: <reason>``),
+    then named in the outputs, so a run's numbers never look like they cover the whole folder."""
+
+    def __init__(self) -> None:
+        self.items: list[SkippedImage] = []
+
+    def __call__(self, skip: SkippedImage) -> None:
+        self.items.append(skip)
+        _echo(str(skip))
+
+    def to_json(self) -> list[dict[str, str]]:
+        return [s.to_json() for s in self.items]
+
+    def no_usable_images(self, where: Path) -> str:
+        """The one-line error when nothing was left: which folder, and that the skips say why."""
+        return f"{where}: {NO_USABLE_IMAGES} ({len(self.items)} skipped, see above)"
+
+
 def _faithfulness_images(em, images: Optional[Path], data_root: Optional[Path], limit: Optional[int],
-                         seed: int):
+                         seed: int, skips: _Skips):
     from retina_fgvis import faithfulness as F
 
     if em.kind == "imagenet":
-        imgs = F.imagenet_images(em, images, limit)
+        imgs = F.imagenet_images(em, images, limit, on_error=skips)
         desc = (f"{len(imgs)} images from {images}" if images else
                 f"{len(imgs)} natural photographs from skimage.data ({', '.join(i.name for i in imgs)}): "
                 "a small sample, not the ImageNet validation set")
         return imgs, desc
     if images is not None:
-        imgs = F.rdr_images(em, images, limit, on_error=_echo)
+        imgs = F.rdr_images(em, images, limit, on_error=skips)
         return imgs, f"{len(imgs)} fundus images from {images}"
     table = F.rdr_validation_table(em.classifier.metadata, data_root)
     sample = F.sample_rdr(table, limit if limit else 60, seed=seed, balanced=True)
-    imgs = F.rdr_images(em, sample, on_error=_echo)
+    imgs = F.rdr_images(em, sample, on_error=skips)
     n_pos = sum(1 for i in imgs if i.label == 1)
     return imgs, (f"{len(imgs)} held-out validation images ({n_pos} referable, {len(imgs) - n_pos} not; "
                   f"the classifier's patient-wise held-out split, sample seed {seed})")
 
 
+def _image_source(images: Optional[Path], data_root: Optional[Path]) -> Path:
+    """Where the images came from (named by the 'no usable images' error)."""
+    from retina_fgvis import faithfulness as F
+
+    return images if images is not None else (data_root if data_root is not None else F.default_data_root())
+
+
 PROGRESS_DIR = "progress"
 #: when every image was skipped as unreadable (each skip is reported above this line)
 NO_USABLE_IMAGES = "no usable images"
+#: figures of the defence examples, one per case, kept beside its records (see _defense_figure_file)
+FIGURE_PREFIX = "figure-"
+
+
+def _model_id(em) -> str:
+    """The model in a record folder's identity: the checkpoint's hash, not its path (runs move)."""
+    return str(getattr(em.classifier, "sha256", "") or em.description)
+
+
+def _progress_folder(progress_dir: Path, name: str, identity: dict[str, Any]) -> Path:
+    """progress/NAME-HASH/ with its identity.json: the hash of everything a record depends on, so
+    a record is only ever reused by a run that would compute the same thing."""
+    import hashlib
+
+    identity = json.loads(json.dumps(identity, default=str, sort_keys=True))
+    digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:12]
+    folder = progress_dir / f"{name}-{digest}"
+    folder.mkdir(parents=True, exist_ok=True)
+    _write_text(folder / "identity.json", json.dumps(identity, indent=2) + "\n")
+    return folder
+
+
+def _full_fgvis_settings(options: dict[str, Any]) -> dict[str, Any]:
+    """Every engine setting, defaults included: a changed default is a new record folder."""
+    from dataclasses import asdict
+
+    from retina_fgvis.fgvis.games import FGVisSettings
+
+    return asdict(FGVisSettings(**options).validate())
 
 
 def _method_folder(progress_dir: Path, em, method: str, options: dict[str, Any], insertion: bool,
@@ -120,27 +178,15 @@ def _method_folder(progress_dir: Path, em, method: str, options: dict[str, Any],
     thing, and changing one method's settings (say FGVis's) leaves the other methods' records
     usable, so the expensive baselines are not recomputed.
     """
-    import hashlib
-
-    model_id = str(getattr(em.classifier, "sha256", "") or em.description)  # not the path: runs move
     from retina_fgvis.baselines import FGVIS_METHODS
 
     method_options = options.get(method, {})
-    if method in FGVIS_METHODS:  # every engine setting, defaults included: a changed default is a new folder
-        from dataclasses import asdict
-
-        from retina_fgvis.fgvis.games import FGVisSettings
-
-        method_options = asdict(FGVisSettings(**method_options).validate())
-    identity = {"model": model_id, "method": method, "options": method_options, "insertion": insertion}
+    if method in FGVIS_METHODS:
+        method_options = _full_fgvis_settings(method_options)
+    identity = {"model": _model_id(em), "method": method, "options": method_options, "insertion": insertion}
     if substrate != "zero":
         identity["substrate"] = substrate
-    identity = json.loads(json.dumps(identity, default=str, sort_keys=True))
-    digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:12]
-    folder = progress_dir / f"{method}-{digest}"
-    folder.mkdir(parents=True, exist_ok=True)
-    _write_text(folder / "identity.json", json.dumps(identity, indent=2) + "\n")
-    return folder
+    return _progress_folder(progress_dir, method, identity)
 
 
 def _record_file(folder: Path, image_name: str) -> Path:
@@ -150,21 +196,23 @@ def _record_file(folder: Path, image_name: str) -> Path:
     return folder / f"record-{hashlib.sha256(image_name.encode()).hexdigest()[:16]}.json"
 
 
+def _read_records(folder: Path, from_json) -> list:
+    """The records an earlier run left in ``folder``; an unreadable one is skipped (recomputed)."""
+    records = []
+    for f in sorted(folder.glob("record-*.json")):
+        try:
+            records.append(from_json(json.loads(f.read_text())))
+        except (OSError, ValueError, KeyError, TypeError) as exc:  # ValueError: bad JSON
+            _echo(f"warning: {f}: unreadable record ignored ({exc}); that result is computed again")
+    return records
+
+
 def _load_records(folders: dict[str, Path]) -> list:
     """Records earlier runs left in the methods' folders; an unreadable one is skipped (recomputed)."""
     from retina_fgvis.faithfulness import MethodRecord
 
-    records = []
-    for method, folder in folders.items():
-        for f in sorted(folder.glob("record-*.json")):
-            try:
-                rec = MethodRecord.from_json(json.loads(f.read_text()))
-            except (OSError, json.JSONDecodeError, KeyError, TypeError) as exc:
-                _echo(f"warning: {f}: unreadable record ignored ({exc}); that result is computed again")
-                continue
-            if rec.method == method:
-                records.append(rec)
-    return records
+    return [rec for method, folder in folders.items() for rec in _read_records(folder, MethodRecord.from_json)
+            if rec.method == method]
 
 
 def faithfulness_command(
@@ -230,12 +278,13 @@ def faithfulness_command(
     if fgvis_max_iterations is not None:
         fgvis_options["max_iterations"] = fgvis_max_iterations
     em = _load(model, weights, dev)
+    skips = _Skips()
     try:
-        imgs, image_desc = _faithfulness_images(em, images, data_root, limit, seed)
-    except (ValueError, OSError) as exc:  # OSError: an image PIL cannot identify (imagenet)
+        imgs, image_desc = _faithfulness_images(em, images, data_root, limit, seed, skips)
+    except (ValueError, OSError) as exc:  # a folder without images, RDR data not found
         fail(str(exc))
     if not imgs:
-        fail(NO_USABLE_IMAGES)
+        fail(skips.no_usable_images(_image_source(images, data_root)))
     options: dict[str, dict[str, Any]] = {
         "rise": {"n_masks": rise_masks},
         "lime": {"n_samples": lime_samples, "mean": em.mean, "std": em.std},  # SLIC on true colours
@@ -270,6 +319,8 @@ def faithfulness_command(
                                  channels_last=channels_last)
     except ValueError as exc:
         fail(str(exc))
+    if skips.items:
+        run.notes.append(F.skipped_note(skips.items))
     _write_csv(out / "auc_per_image.csv", run.per_image)
     summary = F.faithfulness_summary(run)
     _write_csv(out / "summary.csv", summary)
@@ -278,7 +329,7 @@ def faithfulness_command(
     _write_text(out / "summary.md", F.faithfulness_markdown(run, em.description, image_desc, cmd))
     _write_figure(out / "deletion_curves.png", F.curves_figure(run))
     meta = {"command": cmd, "model": em.description, "images": image_desc,
-            "image_names": [i.name for i in imgs],
+            "image_names": [i.name for i in imgs], "skipped_images": skips.to_json(),
             "images_evaluated": sorted(run.per_image["image"].unique().tolist()), "notes": run.notes,
             "images_from_earlier_runs": run.resumed,
             "methods": chosen, "method_options": options, "substrate": substrate,
@@ -294,14 +345,14 @@ def faithfulness_command(
 
 
 def _defense_cases(em, images: Optional[Path], data_root: Optional[Path], limit: Optional[int],
-                   seed: int, min_confidence: float, max_p_referable: float):
+                   seed: int, min_confidence: float, max_p_referable: float, skips: _Skips):
     from retina_fgvis import faithfulness as F
 
     if em.kind == "imagenet" or images is not None:
-        imgs = (F.imagenet_images(em, images) if em.kind == "imagenet"
-                else F.rdr_images(em, images, on_error=_echo))
+        imgs = (F.imagenet_images(em, images, on_error=skips) if em.kind == "imagenet"
+                else F.rdr_images(em, images, on_error=skips))
         if not imgs:  # every file was skipped: say so, not that the selection rule excluded them
-            raise ValueError(NO_USABLE_IMAGES)
+            raise ValueError(skips.no_usable_images(_image_source(images, data_root)))
         cases, zc, zp, notes = F.defense_cases(em, imgs, min_confidence=min_confidence,
                                                max_p_target=max_p_referable)
         cases = cases[:limit] if limit else cases
@@ -318,17 +369,70 @@ def _defense_cases(em, images: Optional[Path], data_root: Optional[Path], limit:
     for start in range(0, len(table), 16):
         if len(cases) >= want:
             break
-        imgs = F.rdr_images(em, table.iloc[start : start + 16], on_error=_echo)
+        imgs = F.rdr_images(em, table.iloc[start : start + 16], on_error=skips)
         seen += len(imgs)
         got, zc, zp, notes = F.defense_cases(em, imgs, max_p_target=max_p_referable)
         cases.extend(got)
     if not seen:
-        raise ValueError(NO_USABLE_IMAGES)
+        raise ValueError(skips.no_usable_images(_image_source(images, data_root)))
     cases = cases[:want]
     notes = [n for n in notes if "did not meet" not in n]
     desc = (f"{len(cases)} held-out validation eyes graded non-referable with p(referable) <= "
             f"{max_p_referable} (from {seen} examined; the classifier's patient-wise held-out split)")
     return cases, zc, zp, notes, desc
+
+
+def _defense_folder(out: Path, em, settings: dict[str, Any], resume: bool) -> Path:
+    """OUT/progress/defense-HASH/: the records of this model and these FGVis settings (every
+    engine setting, defaults included). ``--restart`` discards every defence folder (only
+    those: a faithfulness run may share OUT/progress)."""
+    import shutil
+
+    progress_dir = out / PROGRESS_DIR
+    if not resume:
+        for old in progress_dir.glob("defense-*"):
+            shutil.rmtree(old)
+    identity = {"model": _model_id(em), "protocol": "defense", "settings": _full_fgvis_settings(settings)}
+    return _progress_folder(progress_dir, "defense", identity)
+
+
+def _defense_figure_file(folder: Path, fingerprint: str) -> Path:
+    """A case's figure, named by its fingerprint (image, FOV, target), never by its file name."""
+    return folder / f"{FIGURE_PREFIX}{fingerprint[:16]}.png"
+
+
+def _publish_examples(out: Path, figures: list[Path]) -> None:
+    """OUT/examples/example-NN.png = the current run's figures, and only those: an
+    ``example-*.png`` of an earlier run with more ``--examples`` is removed (nothing else is)."""
+    folder = out / "examples"
+    current = set()
+    for i, src in enumerate(figures, 1):
+        name = f"example-{i:02d}.png"
+        if not src.is_file():
+            _echo(f"warning: {src}: figure missing; {name} not written (run again to redraw it)")
+            continue
+        atomic_write_bytes(folder / name, src.read_bytes())
+        current.add(name)
+    for stale in folder.glob("example-*.png") if folder.is_dir() else ():
+        if stale.name not in current:
+            stale.unlink()
+
+
+def _defense_meta(cmd: str, em, desc: str, settings: dict[str, Any], run, skips: _Skips, seconds: float,
+                  dev: str) -> dict[str, Any]:
+    """run.json of a defence run."""
+    from retina_fgvis import faithfulness as F
+
+    df = run.per_image
+    return {"command": cmd, "model": em.description, "images": desc, "fgvis_settings": settings,
+            "generated_without_defence": float(df["undefended_success"].mean()),
+            "generated_with_defence": float(df["defended_success"].mean()),
+            "confidently_generated_without_defence": float(df["undefended_confident"].mean()),
+            "confidently_generated_with_defence": float(df["defended_confident"].mean()),
+            "confident_level": F.CONFIDENT_LEVEL, "n": len(df),
+            "results_from_earlier_runs": run.resumed, "skipped_images": skips.to_json(),
+            "notes": run.notes, "seconds_total": round(seconds, 1),
+            "environment": _environment(dev), "note": F.RESEARCH_NOTE}
 
 
 def defense_command(
@@ -352,8 +456,14 @@ def defense_command(
                                                  "the protocol's lambda_schedule=fixed, lambda_init=0."),
     examples: int = typer.Option(4, "--examples", min=0, help="Figures (paper Fig. 3) for the first N images."),
     seed: int = typer.Option(0, "--seed", help="Sample seed (rdr)."),
+    resume: bool = typer.Option(True, "--resume/--restart",
+                                help="Reuse the games earlier runs left in OUT/progress for the same model, "
+                                     "FGVis settings and images (default), or discard them."),
 ) -> None:
     """Can FGVis generate a class with no evidence? Rate with and without the defence (paper Table 1).
+
+    Each (image, game) result is written to OUT/progress as soon as it is done, so an
+    interrupted run keeps it and the same command continues where it stopped.
     Research use only, not a diagnosis."""
     from retina_fgvis import faithfulness as F
 
@@ -365,13 +475,16 @@ def defense_command(
     if max_iterations is not None:
         settings["max_iterations"] = max_iterations
     em = _load(model, weights, dev)
+    skips = _Skips()
     try:
         cases, zc, zp, notes, desc = _defense_cases(em, images, data_root, limit, seed, min_confidence,
-                                                    max_p_referable)
-    except (ValueError, OSError) as exc:  # OSError: an image PIL cannot identify (imagenet)
+                                                    max_p_referable, skips)
+    except (ValueError, OSError) as exc:  # no usable image, a folder without images, RDR data not found
         fail(str(exc))
     if not cases:
         fail("no image meets the selection rule (see --min-confidence / --max-p-referable)")
+    if skips.items:
+        notes = [*notes, F.skipped_note(skips.items)]
     cmd = _command("defense", model=model, images=images, limit=limit, weights=weights, data_root=data_root,
                    device=device, batch_size=batch_size,
                    min_confidence=min_confidence if min_confidence else None,
@@ -380,25 +493,28 @@ def defense_command(
                    examples=examples, seed=seed if seed else None, out=out)
     _echo(f"{em.description}; {desc}; device {dev}")
     t0 = time.time()
+    folder = _defense_folder(out, em, settings, resume)
+    shown = [F.case_fingerprint(c) for c in cases[:examples]]  # the figures' cases
+    figures = [_defense_figure_file(folder, fp) for fp in shown]
+    drawn = {fp for fp, f in zip(shown, figures) if f.is_file()}  # kept by an earlier run
+
+    def keep(record) -> None:
+        _write_text(_record_file(folder, f"{record.game}/{record.image}"), json.dumps(record.to_json()) + "\n")
+
+    def draw(example: dict[str, Any]) -> None:
+        _write_figure(_defense_figure_file(folder, example["fingerprint"]), F.defense_figure(example, em.mean, em.std))
+
     run = F.run_defense(em, cases, settings, batch_size=batch_size, n_examples=examples, progress=_echo,
-                        zero_image_class=zc, zero_image_probs=zp, notes=notes)
-    out.mkdir(parents=True, exist_ok=True)
+                        zero_image_class=zc, zero_image_probs=zp, notes=notes,
+                        previous=_read_records(folder, F.DefenseRecord.from_json), on_record=keep, on_example=draw,
+                        examples_done=drawn)
     _write_csv(out / "defense_per_image.csv", run.per_image)
     _write_text(out / "summary.md", F.defense_markdown(run, em.description, desc, settings, cmd))
-    for i, ex in enumerate(run.examples, 1):
-        _write_figure(out / "examples" / f"example-{i:02d}.png", F.defense_figure(ex, em.mean, em.std))
-    df = run.per_image
-    meta = {"command": cmd, "model": em.description, "images": desc, "fgvis_settings": settings,
-            "generated_without_defence": float(df["undefended_success"].mean()),
-            "generated_with_defence": float(df["defended_success"].mean()),
-            "confidently_generated_without_defence": float(df["undefended_confident"].mean()),
-            "confidently_generated_with_defence": float(df["defended_confident"].mean()),
-            "confident_level": F.CONFIDENT_LEVEL, "n": len(df),
-            "notes": run.notes, "seconds_total": round(time.time() - t0, 1),
-            "environment": _environment(dev), "note": F.RESEARCH_NOTE}
+    _publish_examples(out, figures)
+    meta = _defense_meta(cmd, em, desc, settings, run, skips, time.time() - t0, dev)
     _write_text(out / "run.json", json.dumps(meta, indent=2, default=str) + "\n")
     _echo(f"adversarial class generated: without defence {100 * meta['generated_without_defence']:.1f} %, "
-          f"with defence {100 * meta['generated_with_defence']:.1f} % (n = {len(df)})")
+          f"with defence {100 * meta['generated_with_defence']:.1f} % (n = {meta['n']})")
     _echo(f"wrote {out}/summary.md")
 
 
