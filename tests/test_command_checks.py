@@ -135,3 +135,21 @@ def test_a_truly_read_only_folder_is_refused(tmp_path) -> None:
     finally:
         folder.chmod(0o755)
     output_folder(folder / "out")  # writable again: accepted
+
+
+def test_a_log_appended_in_place_and_a_read_only_cache_are_not_refused(write_protected) -> None:
+    """The write probe is for files made anew in a folder. An existing log is appended to in place
+    and a complete image cache is only read, so a protected folder holding them is fine (the
+    review found both refused)."""
+    import typer
+
+    from retina_fgvis.commands.checks import output_file, output_folder
+
+    log = write_protected / "train.log"
+    log.write_text("earlier\n")
+    assert output_file(log, "--log-file", appended=True) == log
+    with pytest.raises(typer.BadParameter, match="not writable"):
+        output_file(log, "--out")  # replaced atomically: a new file in the folder
+    with pytest.raises(typer.BadParameter, match="not writable"):
+        output_file(write_protected / "new.log", "--log-file", appended=True)  # made anew
+    assert output_folder(write_protected / "cache", "--cache-dir", writable=False) == write_protected / "cache"

@@ -50,16 +50,18 @@ def image_error_line(path: Path, exc: BaseException) -> str:
     return reason if str(path) in reason else f"{path}: {reason}"
 
 
-def output_folder(path: Path, option: str = "--out") -> Path:
+def output_folder(path: Path, option: str = "--out", writable: bool = True) -> Path:
     """A folder the command may create or write into: not an existing file, no existing file on
-    the way to it, and writable where it exists (or, where it does not yet, its nearest existing
-    parent): a write-protected ``--out`` used to surface only when the results were written,
-    after the whole benchmark, evaluation or training had run."""
+    the way to it, and (``writable``) writable where it exists (or, where it does not yet, its
+    nearest existing parent): a write-protected ``--out`` used to surface only when the results
+    were written, after the whole benchmark, evaluation or training had run. ``writable=False``
+    for a folder that may only be read (a complete, shared image cache)."""
     path = Path(path)
     for p in (path, *path.parents):
         if p.exists() and not p.is_dir():
             raise typer.BadParameter(f"{p}: exists and is not a folder", param_hint=option)
-    _check_writable(next(p for p in (path, *path.parents) if p.exists()), option)
+    if writable:
+        _check_writable(next(p for p in (path, *path.parents) if p.exists()), option)
     return path
 
 
@@ -74,10 +76,20 @@ def _check_writable(folder: Path, option: str) -> None:
         raise typer.BadParameter(f"{folder}: not writable ({reason})", param_hint=option) from None
 
 
-def output_file(path: Path, option: str = "--out") -> Path:
-    """A file the command may write: not an existing folder, and its folder can be made."""
+def output_file(path: Path, option: str = "--out", appended: bool = False) -> Path:
+    """A file the command may write: not an existing folder, and its folder can be made and written
+    (a file replaced atomically is a new file in that folder). An ``appended`` file that exists
+    (a log, ``/dev/stdout``) is written in place: it only has to open for appending."""
     path = Path(path)
     if path.is_dir():
         raise typer.BadParameter(f"{path}: is a folder, a file name is needed", param_hint=option)
+    if appended and path.exists():
+        try:
+            with open(path, "a"):
+                pass
+        except OSError as exc:
+            raise typer.BadParameter(f"{path}: not writable ({exc.strerror or type(exc).__name__})",
+                                     param_hint=option) from None
+        return path
     output_folder(path.parent, option)
     return path

@@ -98,7 +98,7 @@ def register(app: typer.Typer, evaluate_app: typer.Typer) -> None:
         if out.exists() and not overwrite:
             raise typer.BadParameter(f"{out}: exists; pass --overwrite to replace it", param_hint="--out")
         if log_file:
-            output_file(log_file, "--log-file")
+            output_file(log_file, "--log-file", appended=True)
 
         cfg = TrainConfig(data=[str(d) for d in data], out=str(out), val_fractions=list(val_fraction),
                           seed=seed, arch=arch, pretrained=not no_pretrained, stages=stages,
@@ -111,7 +111,9 @@ def register(app: typer.Typer, evaluate_app: typer.Typer) -> None:
                           delete_prob=delete_prob, blank_prob=blank_prob, overwrite=overwrite,
                           allow_other_split=allow_other_split)
         output_folder(cfg.resolved_checkpoint_dir(), "--checkpoint-dir")
-        output_folder(cfg.resolved_cache_dir(), "--cache-dir")  # default: inside the checkpoint folder
+        # default: inside the checkpoint folder; a complete cache is only read (a shared, read-only one
+        # is fine), and building one where no file can be written fails at its first file, in one line
+        output_folder(cfg.resolved_cache_dir(), "--cache-dir", writable=False)
         log = _log_factory(log_file)
         log(f"train: {json.dumps(cfg.__dict__)}")
         try:
