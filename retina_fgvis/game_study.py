@@ -223,13 +223,15 @@ def provenance_conflict(earlier: pd.DataFrame, provenance: dict[str, Any]) -> st
     classifier, split or iteration cap would be mixed into one summary line), or None."""
     missing = [c for c in PROVENANCE if c not in earlier.columns]
     if missing:
-        return "holds a study from before its rows recorded the classifier, split and iteration cap"
+        return ("holds a study from before its rows recorded the classifier, split and iteration cap, "
+                "so it cannot be added to; use a new --out (--summarise-only still re-summarises it)")
     for column in PROVENANCE:
         old = sorted({_provenance_text(v) for v in earlier[column]})
         new = _provenance_text(provenance[column])
         if old != [new]:
             shown = ", ".join(v or "(none)" for v in old)
-            return f"holds rows made with another {column} ({shown}; this run: {new or '(none)'})"
+            return (f"holds rows made with another {column} ({shown}; this run: {new or '(none)'}); use a new "
+                    "--out, or this study's options")
     return None
 
 

@@ -1,6 +1,8 @@
 """Threshold-free lesion scores of the game study, with hand-computed golden numbers."""
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 
@@ -273,3 +275,24 @@ def test_merge_rows_replaces_by_key_only() -> None:
     assert merged[["setting", "defense", "enrichment"]].values.tolist() == [["a", False, 2.0], ["b", True, 3.0],
                                                                             ["a", True, 9.0]]
     assert merged.columns[-1] == "skipped"
+
+
+def test_a_damaged_curves_table_or_an_old_study_folder_is_one_line_and_the_run_time_is_kept(tmp_path) -> None:
+    """Review of the merge: a damaged curves.csv in --out was a traceback; a folder of an older
+    study was told to try "this study's options", which cannot help; summary.md lost the run time."""
+    from retina_fgvis import game_study as gs
+
+    root, weights = _tiny_layout_and_weights(tmp_path, {"image001": {"H": [(20, 20, 26, 26, 189)]}})
+    out = tmp_path / "gs"
+    r = _quick(root, weights, out, "--setting", "sgdn-logodds-lr0.3")
+    assert r.exit_code == 0, r.output
+    assert re.search(r"1 images; run time: this run \d+\.\d min", (out / "summary.md").read_text())
+    good_curves = (out / "curves.csv").read_bytes()
+    (out / "curves.csv").write_bytes(b"\xff\xfe\x00garbage")
+    line = _one_error_line(_quick(root, weights, out, "--setting", "adam-prob-lr0.05"))
+    assert f"{out / 'curves.csv'}: not a game-study curves table" in line
+    (out / "curves.csv").write_bytes(good_curves)
+    rows = gs.read_csv(out / "per_image.csv")
+    gs.write_csv(out / "per_image.csv", rows.drop(columns=list(gs.PROVENANCE)))  # as written before the merge
+    line = _one_error_line(_quick(root, weights, out, "--setting", "adam-prob-lr0.05"))
+    assert "cannot be added to; use a new --out" in line and "this study's options" not in line

@@ -107,6 +107,8 @@ def register(app: typer.Typer, evaluate_app: typer.Typer) -> None:
                     _save_merged(out, earlier_rows, earlier_curves, pd.DataFrame(rows), pd.DataFrame(curves))
                     _rebuild_summary(out, split, clf, dev)
             elapsed = time.perf_counter() - start
+            _rebuild_summary(out, split, clf, dev, run_time=f"this run {elapsed / 60:.1f} min"
+                             + ("" if earlier_rows.empty else ", earlier runs' rows kept (their times: study.log)"))
             log(f"done in {elapsed / 60:.1f} min -> {out / 'summary.md'}")
 
 
@@ -147,12 +149,23 @@ def _earlier_study(out: Path, provenance: dict[str, Any]) -> tuple[Any, Any]:
     rows = _read_study_table(out / "per_image.csv")
     conflict = gs.provenance_conflict(rows, provenance)
     if conflict:
-        fail(f"{out / 'per_image.csv'}: {conflict}; use a new --out (or this study's options)")
+        fail(f"{out / 'per_image.csv'}: {conflict}")
+    return rows, _read_curves(out / "curves.csv")
+
+
+def _read_curves(path: Path) -> Any:
+    """A study's curves.csv (empty when no check was ever reached: every goal met at once), or a
+    one-line error when it is damaged."""
+    import pandas as pd
+
+    from retina_fgvis import game_study as gs
+
     try:
-        curves = gs.read_csv(out / "curves.csv")
-    except (pd.errors.EmptyDataError, FileNotFoundError):  # no check was ever reached (every goal met)
-        curves = pd.DataFrame()
-    return rows, curves
+        return gs.read_csv(path)
+    except (pd.errors.EmptyDataError, FileNotFoundError):
+        return pd.DataFrame()
+    except (pd.errors.ParserError, UnicodeDecodeError) as exc:
+        fail(f"{path}: not a game-study curves table ({type(exc).__name__}); move it away or use a new --out")
 
 
 def _save_merged(out: Path, earlier_rows: Any, earlier_curves: Any, rows: Any, curves: Any) -> None:
@@ -164,24 +177,20 @@ def _save_merged(out: Path, earlier_rows: Any, earlier_curves: Any, rows: Any, c
     gs.write_csv(out / "per_image.csv", gs.merge_rows(earlier_rows, rows))
 
 
-def _rebuild_summary(out: Path, split: str, clf: object, dev: str) -> None:
+def _rebuild_summary(out: Path, split: str, clf: object, dev: str, run_time: str = "see study.log") -> None:
     """summary.csv/md and the plots from OUT/per_image.csv and OUT/curves.csv as they are on disk,
     so that the summary always agrees with the merged table (after each setting, and for
-    --summarise-only). The split shown is the rows' own where they record it."""
-    import pandas as pd
-
+    --summarise-only). The split shown is the rows' own where they record it; ``run_time`` is
+    this run's, once it is known (earlier runs' times are in study.log)."""
     from retina_fgvis import game_study as gs
 
     rows = gs.read_csv(out / "per_image.csv")
-    try:
-        curves = gs.read_csv(out / "curves.csv")
-    except (pd.errors.EmptyDataError, FileNotFoundError):  # no check was ever reached (every goal met)
-        curves = pd.DataFrame()
+    curves = _read_curves(out / "curves.csv")
     scored = rows[~gs.is_skipped(rows)]
     plain = sorted(set(scored.setting[~scored.defense.astype(bool)]))
     splits = sorted(set(rows["split"].dropna().astype(str))) if "split" in rows.columns else []
     _write_summary(out, rows, curves, plain, ", ".join(splits) or split,
-                   f"{scored.image.nunique()} images; run time: see study.log", clf, dev)
+                   f"{scored.image.nunique()} images; run time: {run_time}", clf, dev)
 
 
 def _write_summary(out: Path, rows: Any, curves: Any, plain: list[str], split: str,
