@@ -32,9 +32,10 @@ import numpy as np
 import pandas as pd
 
 from retina_fgvis.datasets.diaretdb1 import (
-    LESION_KIND, LESION_TYPES, DiaretDB1, DiaretDB1Error, DiaretDB1Image, DiaretDB1ImageError,
+    LESION_KIND, LESION_TYPES, DiaretDB1, DiaretDB1Error,
 )
 from retina_fgvis.report.files import atomic_write_bytes, atomic_write_text
+from retina_fgvis.skipped import SkippedImage
 from retina_fgvis.report.tables import NOTICE_LINE
 from retina_fgvis.lesions import RegionSettings, find_regions, label_regions, regions_table
 from retina_fgvis.metrics.enrichment import lesion_scores
@@ -234,23 +235,6 @@ class EvalSettings:
 
 
 @dataclass
-class SkippedImage:
-    """An image of the split that could not be used (its photograph or a ground-truth map).
-
-    Why kept: a skipped image is left out of every number, so the tables and summary.md must
-    say which ones are missing, or a sensitivity over 27 images reads as one over 28.
-    """
-
-    image: str    # "image003"
-    file: str     # the unusable file, relative to the data set's resources folder when inside it
-    reason: str   # in words, e.g. "cannot read image: image file is truncated"
-
-    def line(self, full_path: str | None = None) -> str:
-        """The one console line: ``skipped <path>: <reason>`` (as `evaluate faithfulness` says)."""
-        return f"skipped {full_path or self.file}: {self.reason}"
-
-
-@dataclass
 class EvalResult:
     sensitivity: pd.DataFrame
     lesion_level: pd.DataFrame
@@ -271,19 +255,6 @@ def _as_explanation(out: Explanation | np.ndarray) -> Explanation:
     return out if isinstance(out, Explanation) else Explanation(importance=np.asarray(out, dtype=np.float32))
 
 
-def _load_or_skip(dataset: DiaretDB1, fname: str) -> DiaretDB1Image | SkippedImage:
-    """The image, or why it cannot be used: one unreadable file must not stop a run of hours
-    (an unusable FOV mask concerns every image and still raises)."""
-    try:
-        return dataset.load(fname)
-    except DiaretDB1ImageError as exc:
-        try:
-            shown = str(Path(exc.path).relative_to(dataset.resources))
-        except ValueError:
-            shown = exc.path
-        return SkippedImage(image=Path(fname).stem, file=shown, reason=exc.reason)
-
-
 def evaluate_diaretdb1(dataset: DiaretDB1, explainer: Explainer | None, out_dir: str | Path,
                        identity: Mapping[str, Any] | None = None,
                        settings: EvalSettings | None = None, limit: int | None = None,
@@ -297,7 +268,8 @@ def evaluate_diaretdb1(dataset: DiaretDB1, explainer: Explainer | None, out_dir:
     name)`` is called after each image. ``meta`` adds lines to summary.md (weights, split).
     An image whose photograph or ground truth cannot be read is skipped: ``on_skip`` gets the
     line ``skipped <path>: <reason>``, and per_image.csv (column ``skipped``) and summary.md
-    list it. When every image is skipped, :class:`DiaretDB1Error` is raised and nothing is written.
+    list it. When every image is skipped, :class:`DiaretDB1Error` is raised and no table is written (the output folder
+    and its cache folder may already exist).
     """
     settings = settings or EvalSettings()
     out = Path(out_dir)
@@ -316,7 +288,7 @@ def evaluate_diaretdb1(dataset: DiaretDB1, explainer: Explainer | None, out_dir:
     per_image_rows, region_frames = [], []
     skipped: list[SkippedImage] = []
     for i, fname in enumerate(files, start=1):
-        img = _load_or_skip(dataset, fname)
+        img = dataset.load_or_skip(fname)
         if isinstance(img, SkippedImage):
             skipped.append(img)
             per_image_rows.append({"image": img.image, "skipped": f"{img.file}: {img.reason}"})

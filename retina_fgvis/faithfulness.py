@@ -38,6 +38,7 @@ import pandas as pd
 import torch
 from torch import Tensor, nn
 
+from retina_fgvis.skipped import SkippedImage
 from retina_fgvis.baselines import CONTROLS, FGVIS_METHODS, METHODS, explain
 from retina_fgvis.memory_layout import CHANNELS_LAST, CONTIGUOUS, model_layout, resolve_channels_last
 from retina_fgvis.metrics.deletion import deletion, insertion
@@ -247,25 +248,6 @@ def list_images(folder: str | Path) -> list[Path]:
     return files
 
 
-@dataclass(frozen=True)
-class SkippedImage:
-    """An input file left out of a run, and why.
-
-    Why a value and not only a printed line: the outputs (summary.md, run.json) have to say which
-    files a run left out, or its numbers look like they cover the whole folder.
-    ``str()`` is the console line, so a plain ``echo`` callback prints it unchanged.
-    """
-
-    file: str
-    reason: str
-
-    def __str__(self) -> str:
-        return f"skipped {self.file}: {self.reason}"
-
-    def to_json(self) -> dict[str, str]:
-        return {"file": self.file, "reason": self.reason}
-
-
 #: called with each image a loader skips (:class:`SkippedImage`)
 OnSkip = Callable[[SkippedImage], None]
 
@@ -290,7 +272,7 @@ def _skip(on_error: OnSkip | None, path: str | Path, exc: Exception) -> None:
     reason = getattr(exc, "reason", None) or str(exc)
     prefix = f"{path}: "
     reason = reason[len(prefix):] if reason.startswith(prefix) else reason
-    if on_error:
+    if on_error is not None:
         on_error(SkippedImage(file=str(path), reason=reason))
 
 
@@ -298,8 +280,8 @@ def imagenet_images(em: EvalModel, folder: str | Path | None = None,
                     limit: int | None = None, on_error: OnSkip | None = None) -> list[EvalImage]:
     """The scikit-image sample (``folder=None``) or every image in ``folder`` (at most ``limit``).
 
-    A file PIL cannot read is skipped and reported via ``on_error``, as :func:`rdr_images` does;
-    without ``on_error`` its one-line ``ValueError`` is raised.
+    A file PIL cannot read is skipped and reported via ``on_error``; without ``on_error`` its
+    one-line ``ValueError`` is raised (:func:`rdr_images` skips silently then).
     """
     if folder is None:
         items = skimage_photographs()

@@ -28,6 +28,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from retina_fgvis.skipped import SkippedImage
 from retina_fgvis.fgvis.presets import background_reference, fundus_fgvis
 from retina_fgvis.fundus.preprocess import stack_prepared
 from retina_fgvis.metrics.enrichment import lesion_scores
@@ -289,23 +290,19 @@ def plot_curves(curve: pd.DataFrame, setting: str, path: Path) -> None:
 
 
 def load_images(dataset: Any, limit: int | None = None,
-                on_skip: Callable[[str, Exception], None] | None = None) -> list[StudyImage]:
+                on_skip: Callable[[SkippedImage], None] | None = None) -> list[StudyImage]:
     """The first ``limit`` files of the split (skipped ones count, so every run of a study means
     the same images) as study images.
 
-    An image whose photograph or ground truth cannot be read (``DiaretDB1ImageError``) is passed
-    to ``on_skip(name, error)`` and left out; without ``on_skip`` it raises, as before (the probes).
+    An image whose photograph or ground truth cannot be read is passed to ``on_skip`` (as the
+    :class:`SkippedImage` of ``DiaretDB1.load_or_skip``) and left out; without ``on_skip`` its
+    ``DiaretDB1ImageError`` is raised, as before (the probes).
     """
-    from retina_fgvis.datasets.diaretdb1 import DiaretDB1ImageError
-
     images = []
     for fname in dataset.files[:limit]:
-        try:
-            item = dataset.load(fname)
-        except DiaretDB1ImageError as exc:
-            if on_skip is None:
-                raise
-            on_skip(Path(fname).stem, exc)
+        item = dataset.load(fname) if on_skip is None else dataset.load_or_skip(fname)
+        if isinstance(item, SkippedImage):
+            on_skip(item)
             continue
         gt_any = np.zeros(item.fov.shape, bool)
         for mask in item.gt.values():

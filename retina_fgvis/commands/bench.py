@@ -69,7 +69,7 @@ def register(app: typer.Typer, evaluate_app: typer.Typer) -> None:
             typer.echo(line)
             lines.append(line)
         # full defended deletion game at the default settings on real photos (the bundled samples
-        # are found from the package, not from the folder the command is run in)
+        # are found beside the package, in the checkout's data/samples, not in the folder the command is run in)
         paths = list(throughput_images) or sorted(
             p for p in SAMPLES_DIR.glob("*") if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".dcm"))
         prepared = []

@@ -8,6 +8,7 @@ from typing import Any, List, Optional
 import typer
 
 from retina_fgvis.commands.checks import fail, output_folder, resolve_device
+from retina_fgvis.skipped import SkippedImage
 
 
 def register(app: typer.Typer, evaluate_app: typer.Typer) -> None:
@@ -67,10 +68,10 @@ def register(app: typer.Typer, evaluate_app: typer.Typer) -> None:
         skipped: dict[str, str] = {}  # image name -> "file: reason", for per_image.csv and summary.md
         skip_lines: list[str] = []
 
-        def on_skip(name: str, exc: Exception) -> None:
-            skip_lines.append(f"skipped {exc}")
+        def on_skip(skip: SkippedImage) -> None:
+            skip_lines.append(skip.line(str(dataset.resources / skip.file)))
             typer.echo(skip_lines[-1], err=True)
-            skipped[name] = f"{_relative(Path(exc.path), dataset.resources)}: {exc.reason}"
+            skipped[skip.image] = f"{skip.file}: {skip.reason}"
 
         try:  # the layout, the split and every image are read here, before OUT is made
             dataset = DiaretDB1(data_dir, split=split)
@@ -110,15 +111,6 @@ def register(app: typer.Typer, evaluate_app: typer.Typer) -> None:
             _rebuild_summary(out, split, clf, dev, run_time=f"this run {elapsed / 60:.1f} min"
                              + ("" if earlier_rows.empty else ", earlier runs' rows kept (their times: study.log)"))
             log(f"done in {elapsed / 60:.1f} min -> {out / 'summary.md'}")
-
-
-def _relative(path: Path, resources: Path) -> str:
-    """``path`` below the data set's resources folder, as `evaluate diaretdb1` shows it: a committed
-    table names no machine's checkout (the console line names the full path)."""
-    try:
-        return str(path.relative_to(resources))
-    except ValueError:
-        return str(path)
 
 
 def _read_study_table(path: Path) -> Any:

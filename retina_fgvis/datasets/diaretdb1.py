@@ -29,6 +29,8 @@ from typing import Iterator
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from retina_fgvis.skipped import SkippedImage
+
 __all__ = [
     "LESION_TYPES",
     "GT_FOLDERS",
@@ -269,6 +271,17 @@ class DiaretDB1:
     def __iter__(self) -> Iterator[DiaretDB1Image]:
         for fname in self.files:
             yield self.load(fname)
+
+    def load_or_skip(self, fname: str) -> DiaretDB1Image | SkippedImage:
+        """The image, or why it cannot be used (its file shown below the resources folder, as
+        the tables name files): one unreadable file must not stop a run of hours. An unusable
+        FOV mask concerns every image and still raises."""
+        try:
+            return self.load(fname)
+        except DiaretDB1ImageError as exc:
+            path = Path(exc.path)
+            shown = path.relative_to(self.resources) if path.is_relative_to(self.resources) else path
+            return SkippedImage(file=str(shown), reason=exc.reason, image=Path(fname).stem)
 
     def load(self, fname: str) -> DiaretDB1Image:
         """Load one image (file name with or without ``.png``).
