@@ -121,11 +121,14 @@ def run_setting(
     batch_size: int = 4,
     log: Callable[[str], None] = print,
     seed_cache: Any | None = None,
+    on_batch: Callable[[list[dict], list[dict]], None] | None = None,
 ) -> tuple[list[dict], list[dict]]:
     """Explain every image with one setting; return (per-image rows, per-check curve rows).
 
     ``seed_cache`` (an ``evaluation_diaretdb1.ImportanceCache`` whose identity is this very
     game) receives each importance map, so that `evaluate diaretdb1` does not re-run it.
+    ``on_batch(rows, curve_rows)`` gets each batch's rows as soon as its game is done: a setting
+    runs for half an hour on a CPU, and an interrupted run keeps every finished batch.
     """
     overrides = dict(overrides)
     reference_kind = overrides.pop("reference", None)
@@ -134,6 +137,7 @@ def run_setting(
     rows: list[dict] = []
     curve: list[dict] = []
     for batch in _batches(images, batch_size):
+        done_rows, done_curve = len(rows), len(curve)
         prepared, x, fov, gt_model = prepare_batch(classifier, batch, device)
 
         def snapshot(t: int, idx: torch.Tensor, masks: torch.Tensor, probs: torch.Tensor) -> None:
@@ -172,6 +176,8 @@ def run_setting(
             log(f"{name} defense={defense} {im.name}: p {row['p_before']:.3f}->{row['p_after']:.3f} "
                 f"it {row['iterations']} enrich {row['enrichment']:.2f} top1 {row['precision_top1']:.3f} "
                 f"({seconds:.1f} s)")
+        if on_batch is not None:
+            on_batch(rows[done_rows:], curve[done_curve:])
     return rows, curve
 
 
@@ -217,6 +223,17 @@ def _provenance_text(value: Any) -> str:
     if isinstance(value, float) and value.is_integer():
         return str(int(value))
     return str(value)
+
+
+def game_key(setting: str, defense: bool, image: str) -> str:
+    """One game's (setting, defense, image) key, as :func:`_key_text` writes a row's."""
+    return "\x1f".join((str(setting), str(defense), str(image)))
+
+
+def finished_keys(rows: pd.DataFrame) -> set[str]:
+    """The :func:`game_key` of every game ``rows`` hold a result of (skipped images excluded: a
+    file may have been mended since)."""
+    return set() if rows.empty else set(_key_text(rows[~is_skipped(rows)]))
 
 
 def provenance_conflict(earlier: pd.DataFrame, provenance: dict[str, Any]) -> str | None:

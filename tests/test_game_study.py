@@ -296,3 +296,41 @@ def test_a_damaged_curves_table_or_an_old_study_folder_is_one_line_and_the_run_t
     gs.write_csv(out / "per_image.csv", rows.drop(columns=list(gs.PROVENANCE)))  # as written before the merge
     line = _one_error_line(_quick(root, weights, out, "--setting", "adam-prob-lr0.05"))
     assert "cannot be added to; use a new --out" in line and "this study's options" not in line
+
+
+def test_an_interrupted_setting_keeps_its_finished_batches_and_resume_plays_only_the_rest(tmp_path, monkeypatch) -> None:
+    """A setting runs for half an hour on a CPU and its rows were written only at its end: a
+    killed run lost every finished image (12 of 28 in session 17). Rows are now saved after each
+    batch, and --resume plays only the games OUT does not hold yet."""
+    from retina_fgvis import game_study as gs
+    from retina_fgvis.fgvis.games import FGVis
+
+    lesion = {"H": [(20, 20, 26, 26, 189)]}
+    root, weights = _tiny_layout_and_weights(tmp_path, {"image001": lesion, "image002": lesion, "image003": {}})
+    out = tmp_path / "gs"
+    played: list[int] = []
+    real = FGVis.attribute
+
+    def counted(self, x, *args, **kwargs):
+        played.append(int(x.shape[0]))
+        if len(played) == 2 and stop_second:
+            raise KeyboardInterrupt
+        return real(self, x, *args, **kwargs)
+
+    monkeypatch.setattr(FGVis, "attribute", counted)
+    stop_second = True
+    r = _quick(root, weights, out, "--setting", "sgdn-logodds-lr0.3", "--batch-size", "1")
+    assert r.exit_code != 0
+    rows = gs.read_csv(out / "per_image.csv")
+    assert rows.image.tolist() == ["image001"]  # the first batch was kept
+    assert gs.read_csv(out / "summary.csv").images.tolist() == [1]
+    stop_second, played[:] = False, []
+    r = _quick(root, weights, out, "--setting", "sgdn-logodds-lr0.3", "--batch-size", "1", "--resume")
+    assert r.exit_code == 0, r.output
+    assert played == [1, 1]  # image002 and image003 only
+    assert gs.read_csv(out / "per_image.csv").image.tolist() == ["image001", "image002", "image003"]
+    assert gs.read_csv(out / "summary.csv").images.tolist() == [3]
+    played[:] = []
+    r = _quick(root, weights, out, "--setting", "sgdn-logodds-lr0.3", "--batch-size", "1")
+    assert r.exit_code == 0 and played == [1, 1, 1]  # without --resume every game is played again
+    assert gs.read_csv(out / "per_image.csv").image.tolist() == ["image001", "image002", "image003"]

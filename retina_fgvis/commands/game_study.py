@@ -30,6 +30,10 @@ def register(app: typer.Typer, evaluate_app: typer.Typer) -> None:
         summarise_only: bool = typer.Option(
             False, "--summarise-only", help="Run no game: rebuild summary.md/csv and the plots from OUT/per_image.csv "
             "and OUT/curves.csv (e.g. after the summary gained a column)."),
+        resume: bool = typer.Option(
+            False, "--resume", help="Keep the rows OUT already holds for a (setting, defence, image) and play only "
+            "the missing games (after an interruption: rows are saved after every batch). Without it a "
+            "re-run plays every game again and replaces its rows."),
     ) -> None:
         """Compare optimiser / step rule / λ schedule / goal settings of the deletion game.
         Research use only, not a diagnosis."""
@@ -91,8 +95,18 @@ def register(app: typer.Typer, evaluate_app: typer.Typer) -> None:
 
             log_file.write("".join(line + "\n" for line in skip_lines))
             if not earlier_rows.empty:
-                log(f"keeping {len(earlier_rows)} row(s) of an earlier study in {out} (a re-run row replaces its own)")
+                log(f"keeping {len(earlier_rows)} row(s) of an earlier study in {out} "
+                    + ("(their games are not played again)" if resume else "(a re-run row replaces its own)"))
+            done = gs.finished_keys(earlier_rows) if resume else set()
             rows, curves = [], []
+
+            def save(batch_rows: list[dict], batch_curves: list[dict]) -> None:
+                """Merge and write after every batch (and rebuild the summary from what is on disk)."""
+                rows.extend({**row, **provenance} for row in batch_rows)
+                curves.extend(batch_curves)
+                _save_merged(out, earlier_rows, earlier_curves, pd.DataFrame(rows), pd.DataFrame(curves))
+                _rebuild_summary(out, split, clf, dev)
+
             start = time.perf_counter()
             for name in names:
                 for defense in ([True, False] if name in plain else [True]):
@@ -101,12 +115,12 @@ def register(app: typer.Typer, evaluate_app: typer.Typer) -> None:
                         overrides["max_iterations"] = max_iterations
                     seed = (gs.diaretdb1_seed_cache(clf, overrides, seed_diaretdb1)
                             if seed_diaretdb1 is not None and defense else None)
-                    r, c = gs.run_setting(clf, images, name, overrides, defense, batch_size=batch_size, log=log,
-                                          seed_cache=seed)
-                    rows += [{**row, **provenance} for row in r + gs.skipped_rows(name, defense, skipped)]
-                    curves += c
-                    _save_merged(out, earlier_rows, earlier_curves, pd.DataFrame(rows), pd.DataFrame(curves))
-                    _rebuild_summary(out, split, clf, dev)
+                    todo = [im for im in images if gs.game_key(name, defense, im.name) not in done]
+                    if len(todo) < len(images):
+                        log(f"{name} defense={defense}: {len(images) - len(todo)} image(s) kept from earlier rows (--resume)")
+                    gs.run_setting(clf, todo, name, overrides, defense, batch_size=batch_size, log=log,
+                                   seed_cache=seed, on_batch=save)
+                    save(gs.skipped_rows(name, defense, skipped), [])
             elapsed = time.perf_counter() - start
             _rebuild_summary(out, split, clf, dev, run_time=f"this run {elapsed / 60:.1f} min"
                              + ("" if earlier_rows.empty else ", earlier runs' rows kept (their times: study.log)"))
