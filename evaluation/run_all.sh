@@ -20,7 +20,7 @@
 #                                                  summed over its 40 results (run.json seconds_in_results; the committed
 #                                                  results were computed in sessions 8 and 14 and reused)
 #   defence, ImageNet sample                       defense/imagenet/                               103.4 s (run.json)
-#   defence, RDR, 32 eyes                          defense/rdr/                                    1886.8 s = 31.4 min (run.json)
+#   defence, RDR, 50 eyes                          defense/rdr/                                    4528.4 s = 75.5 min (run.json; CPU partly shared)
 #   screening of the bundled samples               samples/ (README "Screening the bundled samples")  114 s (run.json)
 #   checks on the samples (explain, 20 its, no prune) samples/checks/checks.log                  ~12 min under load (checks.log)
 #   only with RDR60=1: faithfulness, RDR, 60 eyes  faithfulness/rdr-cpu-shipped-60/                hours: its run.json sums
@@ -95,8 +95,8 @@ retina-fgvis evaluate faithfulness --model imagenet \
 step "defence, ImageNet sample (record: evaluation/defense/imagenet/run.json's command)"
 retina-fgvis evaluate defense --model imagenet --device auto --batch-size 4 --examples 4 --out "$R/defense-imagenet"
 
-step "defence, RDR, 32 eyes (record: evaluation/defense/rdr/run.json's command)"
-retina-fgvis evaluate defense --model rdr --limit 32 --data-root "$DATA" --device cpu --batch-size 4 \
+step "defence, RDR, 50 eyes (record: evaluation/defense/rdr/run.json's command)"
+retina-fgvis evaluate defense --model rdr --limit 50 --data-root "$DATA" --device cpu --batch-size 4 \
     --max-p-referable 0.05 --examples 4 --out "$R/defense-rdr"
 
 if [ "${RDR60:-0}" = 1 ]; then
