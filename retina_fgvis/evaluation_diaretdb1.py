@@ -35,7 +35,7 @@ from retina_fgvis.datasets.diaretdb1 import (
     LESION_KIND, LESION_TYPES, DiaretDB1, DiaretDB1Error,
 )
 from retina_fgvis.report.files import atomic_write_bytes, atomic_write_text
-from retina_fgvis.skipped import SkippedImage
+from retina_fgvis.skipped import SkippedImage, skipped_last
 from retina_fgvis.report.tables import NOTICE_LINE
 from retina_fgvis.lesions import RegionSettings, find_regions, label_regions, regions_table
 from retina_fgvis.metrics.enrichment import lesion_scores
@@ -291,9 +291,9 @@ def evaluate_diaretdb1(dataset: DiaretDB1, explainer: Explainer | None, out_dir:
         img = dataset.load_or_skip(fname)
         if isinstance(img, SkippedImage):
             skipped.append(img)
-            per_image_rows.append({"image": img.image, "skipped": f"{img.file}: {img.reason}"})
+            per_image_rows.append({"image": img.image, "skipped": img.cell()})
             if on_skip is not None:
-                on_skip(img.line(str(dataset.resources / img.file)))
+                on_skip(img.line())
             if progress is not None:
                 progress(i, len(files), img.image)
             continue
@@ -371,7 +371,7 @@ def evaluate_diaretdb1(dataset: DiaretDB1, explainer: Explainer | None, out_dir:
     ll = lesion_level(scores, settings.overlaps, settings.modes, LESION_TYPES)
     froc = froc_table(froc_scores, settings.overlaps, settings.modes, LESION_TYPES)
     per_image = pd.DataFrame(per_image_rows)
-    per_image = per_image[[c for c in per_image.columns if c != "skipped"] + ["skipped"]]  # last, whatever came first
+    per_image = skipped_last(per_image)
     scored = per_image[per_image.skipped == ""].reset_index(drop=True)  # the ROC is over scored images only
     labels_df = pd.DataFrame({t: scored[f"has_{t}"].astype(bool) for t in LESION_TYPES})
     roc_plain = image_roc_table({t: scored["flagged_fraction"].to_numpy(dtype=float) for t in LESION_TYPES},

@@ -1081,11 +1081,14 @@ def run_defense(em: EvalModel, cases: Sequence[DefenseCase], fgvis_settings: dic
     to_play = {i: [g for g in DEFENSE_GAMES if need_example[i] or (c.image.name, g) not in known]
                for i, c in enumerate(cases)}
     todo = [i for i in range(len(cases)) if to_play[i]]
-    resumed = sum(1 for i, c in enumerate(cases) for g in DEFENSE_GAMES
-                  if (c.image.name, g) in known and g not in to_play[i])
+    resumed = sum(len(DEFENSE_GAMES) - len(to_play[i]) for i in range(len(cases)))  # the rest are in ``known``
     if progress and resumed:
         progress(f"resuming: {resumed} (image, game) results of earlier runs reused; "
                  f"{len(todo)} of {len(cases)} images still have games to play")
+
+    def row_of(c: DefenseCase) -> dict[str, Any]:
+        return _defense_row(em, c, {g: known[(c.image.name, g)] for g in DEFENSE_GAMES})
+
     examples: list[dict[str, Any]] = []
     for batch in _batches(todo, batch_size):
         arrays: dict[tuple[int, str], dict[str, Tensor]] = {}
@@ -1104,14 +1107,14 @@ def run_defense(em: EvalModel, cases: Sequence[DefenseCase], fgvis_settings: dic
                     arrays[(i, game)] = {"explanation": res.explanation[j].cpu(), "mean_mask": res.mean_mask[j].cpu()}
         for i in batch:
             c = cases[i]
-            row = _defense_row(em, c, {g: known[(c.image.name, g)] for g in DEFENSE_GAMES})
+            row = row_of(c)
             if need_example[i]:
                 examples.append(_defense_example(em, c, prints[i], row, arrays, i))
                 if on_example is not None:
                     on_example(examples[-1])
             if progress:
                 progress(_defense_line(em, c, row))
-    rows = [_defense_row(em, c, {g: known[(c.image.name, g)] for g in DEFENSE_GAMES}) for c in cases]
+    rows = [row_of(c) for c in cases]
     return DefenseRun(per_image=pd.DataFrame(rows), examples=examples, zero_image_class=zero_image_class,
                       zero_image_probs=np.zeros(0) if zero_image_probs is None else zero_image_probs,
                       model_kind=em.kind, notes=list(notes), resumed=resumed)

@@ -16,7 +16,6 @@ Only the training split may be used to choose settings (the test split is the be
 """
 from __future__ import annotations
 
-import io
 import json
 import time
 from dataclasses import dataclass
@@ -28,7 +27,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from retina_fgvis.skipped import SkippedImage
+from retina_fgvis.skipped import SkippedImage, skipped_last
 from retina_fgvis.fgvis.presets import background_reference, fundus_fgvis
 from retina_fgvis.fundus.preprocess import stack_prepared
 from retina_fgvis.metrics.enrichment import lesion_scores
@@ -212,7 +211,7 @@ def merge_rows(earlier: pd.DataFrame, new: pd.DataFrame, replaces: pd.DataFrame 
     frames = [f for f in (kept, new) if not f.empty]
     merged = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
     if "skipped" in merged.columns:
-        merged = merged[[c for c in merged.columns if c != "skipped"] + ["skipped"]]
+        merged = skipped_last(merged)
     return merged
 
 
@@ -298,12 +297,9 @@ def plot_curves(curve: pd.DataFrame, setting: str, path: Path) -> None:
     ax.set_title(f"DiaretDB1 train, {setting}")
     ax.legend()
     fig.tight_layout()
-    buf = io.BytesIO()  # written whole or not at all: an interrupted run leaves no half PNG
-    fig.savefig(buf, format="png", dpi=120)
-    plt.close(fig)
-    from retina_fgvis.report.files import atomic_write_bytes
+    from retina_fgvis.report.files import atomic_write_figure
 
-    atomic_write_bytes(path, buf.getvalue())
+    atomic_write_figure(path, fig, dpi=120)
 
 
 def load_images(dataset: Any, limit: int | None = None,

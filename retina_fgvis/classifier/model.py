@@ -296,7 +296,7 @@ def _expected_sha(path: Path) -> str | None:
     return text[0].lower() if text else ""
 
 
-def _load_failure_reason(exc: BaseException) -> str:
+def load_failure_reason(exc: BaseException) -> str:
     """The informative clause of a ``torch.load`` failure, short and on one line.
 
     Why: PyTorch's messages open with paragraphs of advice (``"Weights only load failed. In
@@ -349,7 +349,7 @@ def load_classifier(path: str | Path | None = None, device: str = "cpu",
         ckpt = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001
         raise WeightsError(p, f"not a retina-fgvis checkpoint (torch.load could not read it: "
-                              f"{_load_failure_reason(exc)})") from None
+                              f"{load_failure_reason(exc)})") from None
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "metadata" not in ckpt:
         raise WeightsError(p, "not a retina-fgvis classifier checkpoint (no state_dict/metadata)")
     if ckpt.get("format") != FORMAT:

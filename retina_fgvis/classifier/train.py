@@ -33,8 +33,8 @@ from torch import nn
 from retina_fgvis.classifier.data import (AugmentSettings, CachedFundusDataset, build_cache,
                                           build_split, label_fingerprint, split_fingerprint)
 from retina_fgvis.classifier.metrics import pick_threshold, roc_auc
-from retina_fgvis.classifier.model import (CLASS_NAMES, build_model, default_normalisation, stored_state,
-                                           save_checkpoint)
+from retina_fgvis.classifier.model import (CLASS_NAMES, build_model, default_normalisation, load_failure_reason,
+                                           stored_state, save_checkpoint)
 
 
 @dataclass
@@ -291,8 +291,7 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print,
         try:
             state = torch.load(resume_path, map_location="cpu", weights_only=False)
         except Exception as exc:  # noqa: BLE001 - any unreadable file: one line naming it
-            reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:120]
-            raise ValueError(f"{resume_path}: not a readable resume checkpoint ({reason}); delete it to "
+            raise ValueError(f"{resume_path}: not a readable resume checkpoint ({load_failure_reason(exc)}); delete it to "
                              "start this training anew") from None
         if state.get("config_key") == _config_key(cfg):
             model.load_state_dict(state["model"])

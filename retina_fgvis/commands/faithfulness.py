@@ -7,21 +7,18 @@ atomically and prints progress. The recorded runs live in ``evaluation/faithfuln
 """
 from __future__ import annotations
 
-import io
 import json
 import platform
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Optional
+from typing import Any, Optional
 
 import typer
 
 from retina_fgvis.commands.checks import fail, output_folder, resolve_device
 from retina_fgvis.commands.fgvis_options import check_fgvis_settings, parse_fgvis_settings
-from retina_fgvis.report.files import atomic_write_bytes, atomic_write_text
-
-if TYPE_CHECKING:  # the library imports torch: not at CLI import time
-    from retina_fgvis.faithfulness import SkippedImage
+from retina_fgvis.report.files import atomic_write_bytes, atomic_write_text, atomic_write_figure, sha256_hex
+from retina_fgvis.skipped import SkippedImage
 
 MODEL_HELP = "Model to evaluate: 'rdr' (the referable-DR classifier) or 'imagenet' (EfficientNet-Lite0)."
 IMAGES_HELP = ("Folder of images. Default: rdr -> held-out validation images of ../shared/data "
@@ -39,15 +36,6 @@ def _write_text(path: Path, text: str) -> None:
 
 def _write_csv(path: Path, df) -> None:
     _write_text(path, df.to_csv(index=False, float_format="%.6g"))
-
-
-def _write_figure(path: Path, fig) -> None:
-    import matplotlib.pyplot as plt
-
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
 
 
 def _environment(device: str) -> dict[str, Any]:
@@ -149,10 +137,8 @@ def _model_id(em) -> str:
 def _progress_folder(progress_dir: Path, name: str, identity: dict[str, Any]) -> Path:
     """progress/NAME-HASH/ with its identity.json: the hash of everything a record depends on, so
     a record is only ever reused by a run that would compute the same thing."""
-    import hashlib
-
     identity = json.loads(json.dumps(identity, default=str, sort_keys=True))
-    digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:12]
+    digest = sha256_hex(json.dumps(identity, sort_keys=True))[:12]
     folder = progress_dir / f"{name}-{digest}"
     folder.mkdir(parents=True, exist_ok=True)
     _write_text(folder / "identity.json", json.dumps(identity, indent=2) + "\n")
@@ -327,7 +313,7 @@ def faithfulness_command(
     _write_csv(out / "paired_comparison.csv", F.faithfulness_paired(run))
     _write_csv(out / "mean_deletion_curves.csv", F.mean_curves_table(run))
     _write_text(out / "summary.md", F.faithfulness_markdown(run, em.description, image_desc, cmd))
-    _write_figure(out / "deletion_curves.png", F.curves_figure(run))
+    atomic_write_figure(out / "deletion_curves.png", F.curves_figure(run))
     meta = {"command": cmd, "model": em.description, "images": image_desc,
             "image_names": [i.name for i in imgs], "skipped_images": skips.to_json(),
             "images_evaluated": sorted(run.per_image["image"].unique().tolist()), "notes": run.notes,
@@ -502,7 +488,7 @@ def defense_command(
         _write_text(_record_file(folder, f"{record.game}/{record.image}"), json.dumps(record.to_json()) + "\n")
 
     def draw(example: dict[str, Any]) -> None:
-        _write_figure(_defense_figure_file(folder, example["fingerprint"]), F.defense_figure(example, em.mean, em.std))
+        atomic_write_figure(_defense_figure_file(folder, example["fingerprint"]), F.defense_figure(example, em.mean, em.std))
 
     run = F.run_defense(em, cases, settings, batch_size=batch_size, n_examples=examples, progress=_echo,
                         zero_image_class=zc, zero_image_probs=zp, notes=notes,

@@ -73,9 +73,9 @@ def register(app: typer.Typer, evaluate_app: typer.Typer) -> None:
         skip_lines: list[str] = []
 
         def on_skip(skip: SkippedImage) -> None:
-            skip_lines.append(skip.line(str(dataset.resources / skip.file)))
+            skip_lines.append(skip.line())
             typer.echo(skip_lines[-1], err=True)
-            skipped[skip.image] = f"{skip.file}: {skip.reason}"
+            skipped[skip.image] = skip.cell()
 
         try:  # the layout, the split and every image are read here, before OUT is made
             dataset = DiaretDB1(data_dir, split=split)
@@ -120,7 +120,8 @@ def register(app: typer.Typer, evaluate_app: typer.Typer) -> None:
                         log(f"{name} defense={defense}: {len(images) - len(todo)} image(s) kept from earlier rows (--resume)")
                     gs.run_setting(clf, todo, name, overrides, defense, batch_size=batch_size, log=log,
                                    seed_cache=seed, on_batch=save)
-                    save(gs.skipped_rows(name, defense, skipped), [])
+                    if skipped:
+                        save(gs.skipped_rows(name, defense, skipped), [])
             elapsed = time.perf_counter() - start
             _rebuild_summary(out, split, clf, dev, run_time=f"this run {elapsed / 60:.1f} min"
                              + ("" if earlier_rows.empty else ", earlier runs' rows kept (their times: study.log)"))
@@ -185,7 +186,7 @@ def _save_merged(out: Path, earlier_rows: Any, earlier_curves: Any, rows: Any, c
 
 def _rebuild_summary(out: Path, split: str, clf: object, dev: str, run_time: str = "see study.log") -> None:
     """summary.csv/md and the plots from OUT/per_image.csv and OUT/curves.csv as they are on disk,
-    so that the summary always agrees with the merged table (after each setting, and for
+    so that the summary always agrees with the merged table (after each batch, and for
     --summarise-only). The split shown is the rows' own where they record it; ``run_time`` is
     this run's, once it is known (earlier runs' times are in study.log)."""
     from retina_fgvis import game_study as gs

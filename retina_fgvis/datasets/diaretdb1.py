@@ -281,7 +281,7 @@ class DiaretDB1:
         except DiaretDB1ImageError as exc:
             path = Path(exc.path)
             shown = path.relative_to(self.resources) if path.is_relative_to(self.resources) else path
-            return SkippedImage(file=str(shown), reason=exc.reason, image=Path(fname).stem)
+            return SkippedImage(file=str(shown), reason=exc.reason, image=Path(fname).stem, path=str(path))
 
     def load(self, fname: str) -> DiaretDB1Image:
         """Load one image (file name with or without ``.png``).

@@ -31,12 +31,14 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import io
 import os
 import re
 import secrets
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
@@ -221,12 +223,21 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
     return atomic_write_bytes(path, text.encode("utf-8"))
 
 
+def atomic_write_figure(path: str | Path, fig, **savefig: Any) -> Path:
+    """A matplotlib figure as PNG, written whole or not at all (an interrupted run leaves no half
+    PNG); the figure is closed."""
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", **savefig)
+    plt.close(fig)
+    return atomic_write_bytes(path, buf.getvalue())
+
+
 def atomic_write_image(path: str | Path, rgb, quality: int = 92) -> Path:
     """Encode an (H, W, 3) uint8 RGB array (PNG or JPEG by suffix) and write it atomically.
 
     Encoding happens in memory first, so a crash can never leave a truncated image."""
-    import io
-
     import numpy as np
     from PIL import Image
 
