@@ -6,7 +6,7 @@ defended deletion game with the pure threshold goal (``goal="threshold"``: p(ref
 below the operating threshold, 0.146) for the full budget, without pruning, and prints p at
 each check and the p of the iterate the game returns. Then, at that returned mask, it computes
 the gradient of the log-odds of "referable" with respect to the mask with and without the
-Eq. 6 defence, and prints mean and largest |gradient| over the field of view and their ratios:
+Eq. 6 defence (``FGVis.mask_gradient``: the game's own similarity, reference and defence), and prints mean and largest |gradient| over the field of view and their ratios:
 how much of the gradient the defence lets through once the mask has moved away from 1.
 Usage (from the repository root, ~2 min on a 2-core CPU):
 
@@ -21,23 +21,10 @@ import time
 
 import torch
 
-from retina_fgvis import activation_bounds, load_classifier
+from retina_fgvis import load_classifier
 from retina_fgvis.classifier.model import REFERABLE
 from retina_fgvis.fgvis.presets import fundus_fgvis
 from retina_fgvis.fundus.io import read_fundus
-
-
-def mask_gradient(model: torch.nn.Module, x: torch.Tensor, mask: torch.Tensor, defended: bool) -> torch.Tensor:
-    """d log-odds(referable) / d mask at ``mask`` (zero reference: e = m·x)."""
-    m = mask.clone().requires_grad_()
-    if defended:
-        with activation_bounds(model, x):
-            logits = model(m * x)
-            (logits[:, REFERABLE] - logits[:, 1 - REFERABLE]).sum().backward()
-    else:
-        logits = model(m * x)
-        (logits[:, REFERABLE] - logits[:, 1 - REFERABLE]).sum().backward()
-    return m.grad.detach()
 
 
 def main() -> None:
@@ -50,7 +37,8 @@ def main() -> None:
     prepared = clf.prepare(read_fundus(args.image).rgb)
     x = prepared.tensor[None]
     fov = torch.from_numpy(prepared.fov_model)[None]
-    fgvis = fundus_fgvis(clf, defense=True, goal="threshold", prune_levels=())
+    games = {d: fundus_fgvis(clf, defense=d, goal="threshold", prune_levels=()) for d in (False, True)}
+    fgvis = games[True]
     t0 = time.perf_counter()
     r = fgvis.attribute(x, target=REFERABLE, game="deletion", fov_mask=fov)
     seconds = time.perf_counter() - t0
@@ -58,9 +46,8 @@ def main() -> None:
           f"{float(r.target_prob_after[0]):.3f} (returned iterate), {int(r.iterations[0])} iterations, "
           f"goal reached {bool(r.goal_reached[0])}, {seconds:.1f} s", flush=True)
     print("  p at each check:", " ".join(f"{p:.2f}" for p in r.prob_trajectory[0]), flush=True)
-    model = clf.model.eval()
     in_fov = fov[:, None].expand_as(x).bool()
-    grads = {d: mask_gradient(model, x, r.mask, d)[in_fov].abs() for d in (False, True)}
+    grads = {d: game.mask_gradient(x, r.mask, REFERABLE)[in_fov].abs() for d, game in games.items()}
     for d, g in grads.items():
         print(f"  {'defended  ' if d else 'undefended'} |d log-odds / d m| over the FOV: mean {float(g.mean()):.3e}, "
               f"largest {float(g.max()):.3e}", flush=True)
